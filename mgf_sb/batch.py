@@ -1,0 +1,195 @@
+"""Collate function for pretraining: two views per utterance, and the masks.
+
+The masks are drawn here, in the data loader (as SpeechBrain's BEST-RQ recipe
+does), so that runs differing only in loss weights see identical masks for the
+same seed, and the training step stays free of sampling code.
+
+Two views for free: each utterance's crop is cut into two disjoint halves that
+enter the batch as separate sequences. The utterance-scale loss then needs no
+extra forward pass, and the views cannot see each other through attention.
+"""
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from mgf_sb.masking import sample_frame_mask, sample_spans, spans_to_mask
+
+
+@dataclass
+class MGFBatch:
+    """A pretraining batch of M = n_views * N sequences (views of N utterances).
+
+    Attributes
+    ----------
+    id : list of str
+        (M,) ``<utterance id>/<view>``.
+    wavs : torch.Tensor
+        (M, samples) zero-padded waveforms.
+    wav_lens : torch.Tensor
+        (M,) relative lengths, as SpeechBrain uses them.
+    n_frames : torch.LongTensor
+        (M,) valid encoder frames of each sequence.
+    frame_mask : torch.BoolTensor
+        (M, T) frames masked for the frame scale.
+    span_start, span_len : torch.LongTensor
+        (M, S) phoneme-scale spans (in encoder frames).
+    span_valid : torch.BoolTensor
+        (M, S) which spans exist.
+    partner : torch.LongTensor
+        (M,) index of the other view of the same utterance, -1 if none.
+    """
+
+    id: List[str]
+    wavs: torch.Tensor
+    wav_lens: torch.Tensor
+    n_frames: torch.Tensor
+    frame_mask: torch.Tensor
+    span_start: torch.Tensor
+    span_len: torch.Tensor
+    span_valid: torch.Tensor
+    partner: torch.Tensor
+    _tensor_fields: tuple = field(
+        default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner"),
+        repr=False,
+    )
+
+    @property
+    def span_mask(self):
+        """(M, T) union of the phoneme-scale spans."""
+        return spans_to_mask(self.span_start, self.span_len, self.frame_mask.shape[1])
+
+    @property
+    def input_mask(self):
+        """(M, T) every frame the encoder must not see."""
+        return self.frame_mask | self.span_mask
+
+    def _map(self, fn):
+        kwargs = {k: getattr(self, k) for k in ("id",)}
+        for k in self._tensor_fields:
+            kwargs[k] = fn(getattr(self, k))
+        return MGFBatch(**kwargs)
+
+    def to(self, device, non_blocking=False):
+        """Moves every tensor to ``device`` (SpeechBrain calls this)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        """Pins every tensor (for ``pin_memory=True`` loaders)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self):
+        return len(self.id)
+
+
+def n_encoder_frames(n_samples, hop_length, frame_stack):
+    """Encoder frames for waveforms of ``n_samples`` (tensor or int).
+
+    SpeechBrain's Fbank uses a centred STFT: ``samples // hop + 1`` frames;
+    stacking ``k`` frames pads up to a multiple of ``k``.
+    """
+    fbank_frames = n_samples // hop_length + 1
+    return (fbank_frames + frame_stack - 1) // frame_stack
+
+
+class MGFCollate:
+    """Builds an :class:`MGFBatch` from SpeechBrain dataset items.
+
+    Arguments
+    ---------
+    sample_rate : int
+    hop_length_ms : float
+        Fbank hop (10 ms = 100 frames/s).
+    frame_stack : int
+        Fbank frames stacked per encoder frame (1 = 100 Hz, 2 = 50 Hz).
+    crop_seconds : float
+        Longest audio taken from one utterance (both views together).
+    n_views : int
+        1 or 2 views per utterance (2 is needed by the utterance scale).
+    frame_mask_ratio, frame_span_min, frame_span_max :
+        Frame-scale mask (spans in encoder frames).
+    span_mask_ratio, span_min, span_max, max_spans :
+        Phoneme-scale spans (in encoder frames).
+    sig_key : str
+        Dataset key of the waveform.
+    random_crop : bool
+        Random crop position (training) or the start of the file (validation).
+    """
+
+    def __init__(
+        self,
+        sample_rate=16000,
+        hop_length_ms=10.0,
+        frame_stack=1,
+        crop_seconds=8.0,
+        n_views=2,
+        frame_mask_ratio=0.15,
+        frame_span_min=1,
+        frame_span_max=3,
+        span_mask_ratio=0.3,
+        span_min=5,
+        span_max=20,
+        max_spans=None,
+        sig_key="sig",
+        random_crop=True,
+    ):
+        if n_views not in (1, 2):
+            raise ValueError(f"n_views must be 1 or 2, got {n_views}")
+        self.hop = int(round(sample_rate * hop_length_ms / 1000.0))
+        self.frame_stack = frame_stack
+        self.crop = int(crop_seconds * sample_rate)
+        self.n_views = n_views
+        self.frame_args = (frame_mask_ratio, frame_span_min, frame_span_max)
+        self.span_args = (span_mask_ratio, span_min, span_max)
+        self.max_spans = max_spans
+        self.sig_key = sig_key
+        self.random_crop = random_crop
+
+    def _views(self, sig):
+        """Crops one waveform (samples,) into ``n_views`` disjoint pieces."""
+        n = sig.shape[0]
+        if n > self.crop:
+            off = int(torch.randint(0, n - self.crop + 1, (1,))) if self.random_crop else 0
+            sig = sig[off : off + self.crop]
+            n = self.crop
+        if self.n_views == 1:
+            return [sig]
+        half = n // 2
+        return [sig[:half], sig[half : 2 * half]]
+
+    def __call__(self, items):
+        ids, views = [], []
+        for item in items:  # a loop over utterances, not frames
+            for v, piece in enumerate(self._views(item[self.sig_key])):
+                ids.append(f"{item['id']}/{v}")
+                views.append(piece)
+        M, N = len(views), len(items)
+        n_samples = torch.tensor([p.shape[0] for p in views])
+        wavs = torch.zeros(M, int(n_samples.max()))
+        for i, p in enumerate(views):
+            wavs[i, : p.shape[0]] = p
+        n_frames = n_encoder_frames(n_samples, self.hop, self.frame_stack)
+        T = int(n_encoder_frames(wavs.shape[1], self.hop, self.frame_stack))
+
+        span_start, span_len, span_valid = sample_spans(n_frames, *self.span_args, max_spans=self.max_spans)
+        frame_mask = sample_frame_mask(
+            n_frames, T, *self.frame_args, exclude=spans_to_mask(span_start, span_len, T)
+        )
+        if self.n_views == 2:
+            utt = torch.arange(M) // 2
+            partner = utt * 2 + (1 - torch.arange(M) % 2)
+        else:
+            partner = torch.full((M,), -1)
+        del N
+        return MGFBatch(
+            id=ids,
+            wavs=wavs,
+            wav_lens=n_samples.float() / wavs.shape[1],
+            n_frames=n_frames,
+            frame_mask=frame_mask,
+            span_start=span_start,
+            span_len=span_len,
+            span_valid=span_valid,
+            partner=partner,
+        )

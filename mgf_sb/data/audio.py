@@ -1,0 +1,170 @@
+"""Audio scanning and validation shared by every ``*_prepare.py``.
+
+Decided at prep time, never mid-epoch: every file is decoded once; files that
+cannot be used are skipped with a reason, files in another format are
+converted (downmixed / resampled) into a cache folder, and the manifest points
+at audio the training loop can read as 16 kHz mono without surprises.
+"""
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file and the fix."""
+
+
+def scan_audio(folder, extensions=AUDIO_EXTENSIONS):
+    """Sorted list of audio files under ``folder`` (recursive, case-insensitive).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` does not exist.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder!r} does not exist (check --data_folder)")
+    exts = tuple(e.lower() for e in extensions)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(exts))
+    return found
+
+
+def read_audio(path):
+    """Decodes a whole file with soundfile.
+
+    Returns
+    -------
+    samples : np.ndarray
+        (frames, channels) float32.
+    sample_rate : int
+
+    Raises
+    ------
+    AudioError
+        Unreadable, truncated or not audio at all.
+    """
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError...)
+        raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
+    return data, sr
+
+
+def to_mono_16k(data, sr, sample_rate=16000):
+    """(frames, channels) float array -> (samples,) float32 tensor at ``sample_rate``.
+
+    Channels are averaged; other rates are resampled with torchaudio's
+    band-limited sinc resampler.
+    """
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if sr != sample_rate:
+        import torchaudio.functional as AF  # functional ops need no torchcodec
+
+        wav = AF.resample(wav, sr, sample_rate)
+    return wav.float()
+
+
+@dataclass
+class AudioCheck:
+    """Outcome of :func:`check_audio`.
+
+    ``reason`` is None for a usable file; ``path`` is what the manifest should
+    point at (the converted copy if one was written); ``note`` says what was
+    done to it (e.g. "resampled 44100->16000 Hz, downmixed 2->1 channels").
+    """
+
+    source: str
+    path: Optional[str]
+    duration: float
+    reason: Optional[str] = None
+    note: Optional[str] = None
+
+    @property
+    def ok(self):
+        return self.reason is None
+
+
+def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, convert_dir=None):
+    """Decodes one file and decides what to do with it.
+
+    Arguments
+    ---------
+    path : str
+    sample_rate : int
+        Required rate; other rates are resampled into ``convert_dir``.
+    min_duration, max_duration : float
+        Seconds; outside this range the file is skipped.
+    convert_dir : str, optional
+        Where converted copies go; without it, files that need conversion are
+        skipped with a reason instead.
+
+    Returns
+    -------
+    AudioCheck
+    """
+    try:
+        data, sr = read_audio(path)
+    except AudioError as e:
+        return AudioCheck(path, None, 0.0, reason=str(e).split(": ", 1)[1])
+    if data.shape[0] == 0:
+        return AudioCheck(path, None, 0.0, reason="empty (zero samples)")
+    if not np.isfinite(data).all():
+        return AudioCheck(path, None, 0.0, reason="NaN or Inf samples")
+    duration = data.shape[0] / sr
+    if not np.any(data):
+        return AudioCheck(path, None, duration, reason="silent (every sample is zero)")
+    if duration < min_duration:
+        return AudioCheck(path, None, duration, reason=f"too short ({duration:.2f} s < min_duration {min_duration} s)")
+    if max_duration is not None and duration > max_duration:
+        return AudioCheck(path, None, duration, reason=f"too long ({duration:.1f} s > max_duration {max_duration} s)")
+    notes = []
+    if data.shape[1] > 1:
+        notes.append(f"downmixed {data.shape[1]}->1 channels")
+    if sr != sample_rate:
+        notes.append(f"resampled {sr}->{sample_rate} Hz")
+    if not notes:
+        return AudioCheck(path, path, duration)
+    if convert_dir is None:
+        return AudioCheck(path, None, duration, reason="needs conversion (" + ", ".join(notes) + ") but no convert_dir")
+    wav = to_mono_16k(data, sr, sample_rate).numpy()
+    peak = np.abs(wav).max()
+    if peak > 1.0:  # resampling overshoot; PCM_16 would clip
+        wav = wav / peak
+    os.makedirs(convert_dir, exist_ok=True)
+    digest = hashlib.sha1(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(convert_dir, f"{stem}-{digest}.wav")
+    sf.write(out, wav, sample_rate, subtype="PCM_16")
+    return AudioCheck(path, out, wav.shape[0] / sample_rate, note=", ".join(notes))
+
+
+def _check_star(args):
+    return check_audio(*args)
+
+
+def check_many(paths, num_workers=1, desc="checking audio", **kwargs):
+    """:func:`check_audio` over many files, with a progress bar (and processes)."""
+    from tqdm import tqdm
+
+    jobs = [(p, kwargs.get("sample_rate", 16000), kwargs.get("min_duration", 0.0),
+             kwargs.get("max_duration"), kwargs.get("convert_dir")) for p in paths]
+    if num_workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(num_workers) as pool:
+            return list(tqdm(pool.imap(_check_star, jobs, chunksize=16), total=len(jobs), desc=desc))
+    return [check_audio(*j) for j in tqdm(jobs, desc=desc)]

@@ -1,0 +1,135 @@
+"""The MGF encoder: SpeechBrain's TransformerEncoder over (masked) features.
+
+It returns every layer, because the best layer for a downstream task is often
+not the last (speaker and phone probes like early layers).
+"""
+
+import torch
+from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
+
+
+class ConvPositionalEncoding(torch.nn.Module):
+    """wav2vec 2.0-style relative position: a grouped convolution over time.
+
+    Unlike a sinusoidal table it has no maximum length, so a 10-minute file is
+    no special case.
+
+    Arguments
+    ---------
+    d_model : int
+    kernel_size : int (odd)
+    groups : int
+    """
+
+    def __init__(self, d_model, kernel_size=65, groups=16):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"conv_pos_kernel must be odd, got {kernel_size}")
+        self.conv = torch.nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=groups)
+        self.act = torch.nn.GELU()
+
+    def forward(self, x):
+        """(B, T, D) -> (B, T, D) positional signal to add to ``x``."""
+        return self.act(self.conv(x.transpose(1, 2))).transpose(1, 2)
+
+
+class MGFEncoder(torch.nn.Module):
+    """Transformer encoder over features, with a learned mask embedding.
+
+    Arguments
+    ---------
+    input_size : int
+        Feature dimension (n_mels * frame_stack).
+    d_model, num_layers, nhead, d_ffn : int
+        Transformer size.
+    dropout : float
+    layerdrop_prob : float
+    conv_pos_kernel, conv_pos_groups : int
+        Convolutional positional encoding.
+
+    Example
+    -------
+    >>> enc = MGFEncoder(input_size=80, d_model=32, num_layers=2, nhead=4, d_ffn=64)
+    >>> hs = enc(torch.randn(3, 50, 80), torch.tensor([50, 40, 10]))
+    >>> len(hs), hs[-1].shape
+    (3, torch.Size([3, 50, 32]))
+    """
+
+    def __init__(
+        self,
+        input_size=80,
+        d_model=256,
+        num_layers=4,
+        nhead=4,
+        d_ffn=1024,
+        dropout=0.1,
+        layerdrop_prob=0.0,
+        conv_pos_kernel=65,
+        conv_pos_groups=16,
+    ):
+        super().__init__()
+        # Kept verbatim so a checkpoint folder can rebuild this module (see checkpoint.py).
+        self.config = dict(
+            input_size=input_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            nhead=nhead,
+            d_ffn=d_ffn,
+            dropout=dropout,
+            layerdrop_prob=layerdrop_prob,
+            conv_pos_kernel=conv_pos_kernel,
+            conv_pos_groups=conv_pos_groups,
+        )
+        self.input_proj = torch.nn.Linear(input_size, d_model)
+        self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
+        self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups)
+        self.input_norm = torch.nn.LayerNorm(d_model)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.transformer = TransformerEncoder(
+            num_layers=num_layers,
+            nhead=nhead,
+            d_ffn=d_ffn,
+            d_model=d_model,
+            dropout=dropout,
+            activation=torch.nn.GELU,
+            normalize_before=True,
+            layerdrop_prob=layerdrop_prob,
+            output_hidden_states=True,
+        )
+
+    @property
+    def num_layers(self):
+        return self.config["num_layers"]
+
+    @property
+    def output_size(self):
+        return self.config["d_model"]
+
+    def forward(self, feats, n_frames, mask=None):
+        """Encodes features.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            (B, T, input_size) features.
+        n_frames : torch.LongTensor
+            (B,) valid frames per sequence.
+        mask : torch.BoolTensor, optional
+            (B, T) frames replaced by the mask embedding before encoding.
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``num_layers + 1`` tensors (B, T, d_model): the input embedding, then
+            each layer; the last one after the final LayerNorm.
+        """
+        T = feats.shape[1]
+        pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
+        x = self.input_proj(feats)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        x = x.masked_fill(pad[..., None], 0.0)
+        x = x + self.pos(x)
+        x = self.dropout(self.input_norm(x))
+        out, _, hidden = self.transformer(x, src_key_padding_mask=pad)
+        return list(hidden[:-1]) + [out]

@@ -1,0 +1,150 @@
+"""Front end: SpeechBrain's Fbank + global InputNormalization (+ frame stacking).
+
+Global (corpus) statistics, not per-utterance CMVN: per-utterance
+normalisation erases the level and spectral offsets that speaker and emotion
+probes rely on.
+"""
+
+import torch
+from speechbrain.lobes.features import Fbank
+from speechbrain.processing.features import InputNormalization
+
+from mgf_sb.batch import n_encoder_frames
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Waveforms -> normalised (stacked) log-Mel frames.
+
+    Arguments
+    ---------
+    sample_rate : int
+    n_mels : int
+    win_length_ms, hop_length_ms : float
+    frame_stack : int
+        Consecutive fbank frames concatenated per encoder frame (2 halves the
+        encoder's frame rate and roughly halves its cost).
+    update_until_epoch : int
+        The global statistics are accumulated during training until this epoch.
+
+    Example
+    -------
+    >>> fe = FeatureExtractor(n_mels=40, frame_stack=2)
+    >>> feats, n = fe(torch.randn(2, 16000), torch.tensor([1.0, 0.5]))
+    >>> feats.shape, n.tolist()
+    (torch.Size([2, 51, 80]), [51, 26])
+    """
+
+    def __init__(
+        self,
+        sample_rate=16000,
+        n_mels=80,
+        win_length_ms=25.0,
+        hop_length_ms=10.0,
+        frame_stack=1,
+        update_until_epoch=2,
+    ):
+        super().__init__()
+        self.config = dict(
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            win_length_ms=win_length_ms,
+            hop_length_ms=hop_length_ms,
+            frame_stack=frame_stack,
+            update_until_epoch=update_until_epoch,
+        )
+        self.fbank = Fbank(
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            win_length=win_length_ms,
+            hop_length=hop_length_ms,
+            n_fft=int(2 ** torch.ceil(torch.log2(torch.tensor(sample_rate * win_length_ms / 1000.0)))),
+        )
+        self.normalizer = InputNormalization(norm_type="global", update_until_epoch=update_until_epoch)
+        self.hop = int(round(sample_rate * hop_length_ms / 1000.0))
+        self.frame_stack = frame_stack
+        self.sample_rate = sample_rate
+
+    @property
+    def output_size(self):
+        """Feature dimension per encoder frame."""
+        return self.config["n_mels"] * self.frame_stack
+
+    @property
+    def frame_rate(self):
+        """Encoder frames per second."""
+        return self.sample_rate / self.hop / self.frame_stack
+
+    def n_frames(self, wavs, wav_lens):
+        """(B,) valid encoder frames for padded ``wavs`` (B, samples)."""
+        n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
+        return n_encoder_frames(n_samples, self.hop, self.frame_stack)
+
+    def forward(self, wavs, wav_lens, epoch=None):
+        """Computes features.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, samples) zero-padded 16 kHz waveforms.
+        wav_lens : torch.Tensor
+            (B,) relative lengths.
+        epoch : int, optional
+            Current epoch (statistics stop updating after ``update_until_epoch``).
+
+        Returns
+        -------
+        feats : torch.Tensor
+            (B, T, n_mels * frame_stack) normalised features, zero on padding.
+        n_frames : torch.LongTensor
+            (B,) valid frames.
+        """
+        with torch.no_grad():
+            fb = self.fbank(wavs.float())  # (B, Tf, n_mels)
+            Tf = fb.shape[1]
+            n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
+            n_fb = (n_samples // self.hop + 1).clamp(max=Tf)
+            nrm = self.normalizer
+            if nrm.count > 0:  # its statistics are plain attributes, not buffers
+                nrm.glob_mean = nrm.glob_mean.to(fb.device)
+                nrm.glob_std = nrm.glob_std.to(fb.device)
+            elif not (self.training and nrm._should_update(epoch)):
+                raise RuntimeError(
+                    "FeatureExtractor has no normalisation statistics yet: run it in "
+                    "training mode first, or load a pretrained folder"
+                )
+            fb = nrm(fb, n_fb.float() / Tf, epoch=epoch)
+            valid = torch.arange(Tf, device=fb.device)[None, :] < n_fb[:, None]
+            fb = fb * valid[..., None]
+            k = self.frame_stack
+            if k > 1:
+                pad = (-Tf) % k
+                fb = torch.nn.functional.pad(fb, (0, 0, 0, pad))
+                fb = fb.reshape(fb.shape[0], -1, k * fb.shape[2])
+            n_frames = (n_fb + k - 1) // k
+        return fb, n_frames
+
+    def normalizer_state(self):
+        """The global statistics as a plain dict of tensors (for saving)."""
+        n = self.normalizer
+        if n.count == 0:
+            return {"glob_mean": torch.zeros(0), "glob_std": torch.zeros(0), "count": torch.tensor(0)}
+        return {
+            "glob_mean": torch.as_tensor(n.glob_mean).detach().cpu(),
+            "glob_std": torch.as_tensor(n.glob_std).detach().cpu(),
+            "count": torch.as_tensor(n.count),
+        }
+
+    # The statistics travel inside state_dict(), so SpeechBrain's Checkpointer
+    # and the pretrained-folder format both keep them with the weights.
+    def get_extra_state(self):
+        return self.normalizer_state()
+
+    def set_extra_state(self, state):
+        self.load_normalizer_state(state)
+
+    def load_normalizer_state(self, state):
+        """Restores statistics saved by :meth:`normalizer_state`."""
+        n = self.normalizer
+        n.glob_mean = state["glob_mean"].float()
+        n.glob_std = state["glob_std"].float()
+        n.count = int(state["count"])

@@ -1,0 +1,126 @@
+"""What every scale's objective receives, and the shared masked-prediction core.
+
+An objective knows nothing of the others: it gets the encoder's layers, the
+batch and the targets, and returns ``(loss, stats)``. The Brain sums the
+enabled ones with their YAML weights.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from mgf_sb.batch import MGFBatch
+from mgf_sb.objectives.losses import info_nce, regression_loss, sample_negatives
+from mgf_sb.target import layer_norm_target
+
+LOSSES = ("l1", "l2", "infonce")
+
+
+@dataclass
+class ObjectiveInputs:
+    """Everything an objective may use.
+
+    Attributes
+    ----------
+    hidden : list of torch.Tensor
+        Online encoder layers, each (M, T, D), computed on the masked input.
+    feats : torch.Tensor
+        (M, T, F) unmasked normalised features (the generative targets).
+    teacher : torch.Tensor or None
+        (M, T, D) stop-gradient target-network output on the unmasked input;
+        only computed when an enabled objective has ``target: teacher``.
+    batch : MGFBatch
+    """
+
+    hidden: List[torch.Tensor]
+    feats: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    batch: MGFBatch
+
+
+class MaskedPrediction(torch.nn.Module):
+    """Predict a target for each masked unit; units are defined by subclasses.
+
+    Arguments
+    ---------
+    d_model : int
+        Encoder width.
+    feat_dim : int
+        Feature dimension (target size for ``target: fbank``).
+    loss : str
+        ``l1`` / ``l2`` (generative: regress the target) or ``infonce``
+        (contrastive: pick the own target among distractors, cosine/temperature).
+    target : str
+        ``fbank`` (the unmasked features) or ``teacher`` (the target network).
+    layer : int
+        Which encoder layer makes the prediction (-1: last).
+    n_negatives_same, n_negatives_batch : int
+        Distractors from the same sequence / from the whole batch (infonce).
+    temperature : float
+    proj_dim : int
+        Shared space for infonce.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        feat_dim,
+        loss="l1",
+        target="fbank",
+        layer=-1,
+        n_negatives_same=10,
+        n_negatives_batch=10,
+        temperature=0.1,
+        proj_dim=256,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"{type(self).__name__}: loss must be one of {LOSSES}, got {loss!r}")
+        if target not in ("fbank", "teacher"):
+            raise ValueError(f"{type(self).__name__}: target must be 'fbank' or 'teacher', got {target!r}")
+        self.loss_type, self.target = loss, target
+        self.layer = layer
+        self.n_same, self.n_batch = n_negatives_same, n_negatives_batch
+        self.temperature = temperature
+        target_dim = feat_dim if target == "fbank" else d_model
+        if loss == "infonce":
+            self.head = torch.nn.Linear(d_model, proj_dim)
+            self.target_proj = torch.nn.Linear(target_dim, proj_dim)
+        else:
+            self.head = torch.nn.Sequential(
+                torch.nn.Linear(d_model, d_model), torch.nn.GELU(), torch.nn.Linear(d_model, target_dim)
+            )
+            self.target_proj = None
+
+    @property
+    def needs_teacher(self):
+        return self.target == "teacher"
+
+    def units(self, x, batch):
+        """Gathers units: (M, T, C) -> ((N, C), group (N,)). Subclasses define it."""
+        raise NotImplementedError
+
+    def forward(self, inputs):
+        """Returns ``(loss, stats)`` for one batch (see :class:`ObjectiveInputs`)."""
+        if self.target == "teacher":
+            if inputs.teacher is None:
+                raise RuntimeError(f"{type(self).__name__} has target 'teacher' but no teacher output was given")
+            tgt_frames = inputs.teacher
+        else:
+            tgt_frames = inputs.feats
+        pred, group = self.units(inputs.hidden[self.layer], inputs.batch)
+        tgt, _ = self.units(tgt_frames, inputs.batch)
+        tgt = tgt.detach()
+        if pred.shape[0] == 0:  # nothing masked in this batch (e.g. all very short)
+            zero = inputs.hidden[self.layer].sum() * 0.0
+            return zero, {"units": 0.0}
+        pred = self.head(pred)
+        if self.loss_type == "infonce":
+            idx, valid = sample_negatives(group, self.n_same, self.n_batch)
+            loss, acc = info_nce(pred, self.target_proj(tgt), idx, valid, self.temperature)
+            return loss, {"acc": float(acc), "units": float(pred.shape[0])}
+        if self.target == "teacher":
+            tgt = layer_norm_target(tgt)
+        loss = regression_loss(pred, tgt, self.loss_type)
+        return loss, {"units": float(pred.shape[0])}

@@ -1,0 +1,147 @@
+"""Loss functions shared by the per-scale objectives.
+
+Everything is vectorised over units (frames, spans or utterance views) and is
+computed in float32 whatever the autocast dtype: similarities divided by a small
+temperature and L1 sums overflow or lose precision in fp16/bf16.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def regression_loss(pred, target, kind="l1"):
+    """Generative loss between predictions and targets.
+
+    Arguments
+    ---------
+    pred, target : torch.Tensor
+        (N, D) predictions and (stop-gradient) targets.
+    kind : str
+        ``"l1"`` or ``"l2"``.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar, mean over units and dimensions.
+    """
+    pred, target = pred.float(), target.float()
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    raise ValueError(f"unknown regression loss {kind!r}; use 'l1' or 'l2'")
+
+
+def sample_negatives(group, n_same, n_any, generator=None):
+    """Draws distractor indices for each unit, without the unit itself.
+
+    Units are flattened in group order (all units of sequence 0, then 1, ...),
+    as ``tensor[mask]`` produces them.
+
+    Arguments
+    ---------
+    group : torch.LongTensor
+        (N,) sorted group (sequence) index of each unit.
+    n_same : int
+        Distractors drawn from the same group (the hard ones: same voice).
+    n_any : int
+        Distractors drawn from all units of the batch.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    idx : torch.LongTensor
+        (N, n_same + n_any) indices into the N units.
+    valid : torch.BoolTensor
+        (N, n_same + n_any); False where no distractor exists (a group with a
+        single unit has no same-group distractor; a batch of one unit none).
+    """
+    N = group.shape[0]
+    device = group.device
+    own = torch.arange(N, device=device)
+    parts, valids = [], []
+    if n_same > 0:
+        counts = torch.bincount(group)
+        offset = counts.cumsum(0) - counts  # first unit of each group
+        n_grp = counts[group]  # (N,)
+        local = own - offset[group]
+        r = (torch.rand(N, n_same, generator=generator).to(device) * (n_grp[:, None] - 1).clamp(min=0)).long()
+        r = r + (r >= local[:, None]).long()  # skip the unit itself
+        parts.append(offset[group][:, None] + r.clamp(max=(n_grp[:, None] - 1)))
+        valids.append((n_grp[:, None] > 1).expand(N, n_same))
+    if n_any > 0:
+        r = (torch.rand(N, n_any, generator=generator).to(device) * max(N - 1, 0)).long()
+        r = r + (r >= own[:, None]).long()
+        parts.append(r.clamp(max=max(N - 1, 0)))
+        valids.append(torch.full((N, n_any), N > 1, device=device, dtype=torch.bool))
+    if not parts:
+        raise ValueError("a contrastive loss needs at least one distractor (n_same + n_any > 0)")
+    return torch.cat(parts, 1), torch.cat(valids, 1)
+
+
+def info_nce(query, positive, negatives_idx, negatives_valid, temperature):
+    """InfoNCE with cosine similarity: pick the own target among distractors.
+
+    Arguments
+    ---------
+    query : torch.Tensor
+        (N, D) predictions.
+    positive : torch.Tensor
+        (N, D) targets; target n is the positive of query n and the
+        distractors of query n are ``positive[negatives_idx[n]]``.
+    negatives_idx : torch.LongTensor
+        (N, K) distractor indices (from :func:`sample_negatives`).
+    negatives_valid : torch.BoolTensor
+        (N, K) which distractors exist.
+    temperature : float
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Scalar cross-entropy with the positive at index 0.
+    accuracy : torch.Tensor
+        Scalar fraction of units whose positive scores highest.
+    """
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(positive.float(), dim=-1)
+    pos = (q * k).sum(-1, keepdim=True)  # (N, 1)
+    neg = torch.einsum("nd,nkd->nk", q, k[negatives_idx])  # (N, K)
+    # A distractor identical to the target (e.g. a repeated frame) is no distractor.
+    same = (k[negatives_idx] == k[:, None, :]).all(-1)
+    neg = neg.masked_fill(~negatives_valid | same, float("-inf"))
+    logits = torch.cat([pos, neg], 1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(1) == 0).float().mean()
+    return loss, accuracy
+
+
+def nt_xent(z, partner, temperature):
+    """NT-Xent (SimCLR): each view must find its partner among all other views.
+
+    Arguments
+    ---------
+    z : torch.Tensor
+        (M, D) view embeddings.
+    partner : torch.LongTensor
+        (M,) index of the other view of the same utterance (-1: none, ignored).
+    temperature : float
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Scalar mean cross-entropy over views that have a partner.
+    accuracy : torch.Tensor
+        Scalar fraction of those views whose partner scores highest.
+    """
+    z = F.normalize(z.float(), dim=-1)
+    sim = z @ z.t() / temperature
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    has = partner >= 0
+    if not bool(has.any()):
+        raise ValueError("nt_xent needs at least one pair of views in the batch")
+    logits, labels = sim[has], partner[has]
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(1) == labels).float().mean()
+    return loss, accuracy

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""MGF pretraining recipe.
+
+    python recipes/pretrain/train.py hparams/mgf.yaml [--overrides]
+
+Pretrains one Transformer encoder with one objective per time scale (frame,
+phoneme, utterance; see hparams/mgf.yaml). Re-running the same command resumes
+from the last checkpoint. After every epoch the encoder is exported to
+``<output_folder>/pretrained`` (the folder downstream recipes load).
+"""
+
+import logging
+import os
+import sys
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from mgf_sb.batch import MGFCollate
+from mgf_sb.checkpoint import save_pretrained
+from mgf_sb.data.prepare_audio import prepare_pretraining
+from mgf_sb.objectives import ObjectiveInputs
+
+logger = logging.getLogger(__name__)
+
+
+class MGFBrain(sb.Brain):
+    """Sums the enabled scales' losses; logs each scale's loss per epoch."""
+
+    def compute_forward(self, batch, stage):
+        """Features -> masked online encoding (+ teacher encoding when needed)."""
+        batch = batch.to(self.device)
+        epoch = self.hparams.epoch_counter.current if stage == sb.Stage.TRAIN else None
+        feats, n_frames = self.modules.features(batch.wavs, batch.wav_lens, epoch=epoch)
+        hidden = self.modules.encoder(feats, n_frames, mask=batch.input_mask)
+        teacher = None
+        if self.hparams.objectives.needs_teacher:
+            teacher = self.hparams.target(self.hparams.encoder, feats, n_frames)
+        return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Weighted sum over the enabled scales (see mgf_sb.objectives.ScaleSet)."""
+        total, losses, stats = self.modules.objectives(predictions)
+        for name, loss in losses.items():
+            self.scale_sums[name] = self.scale_sums.get(name, 0.0) + float(loss.detach())
+        for name, value in stats.items():
+            if name.endswith("_acc"):
+                self.scale_sums[name] = self.scale_sums.get(name, 0.0) + value
+        self.scale_batches += 1
+        return total
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Warmup + decay LR, set right before each optimiser step."""
+        if should_step:
+            self.hparams.lr_scheduler(self.optimizer)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """EMA teacher update after each optimiser step."""
+        if should_step:
+            self.hparams.target.update(self.hparams.encoder)
+
+    def on_stage_start(self, stage, epoch=None):
+        self.scale_sums, self.scale_batches = {}, 0
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs each scale's mean loss; checkpoints and exports after validation."""
+        stats = {"loss": stage_loss}
+        stats.update({k: v / max(self.scale_batches, 1) for k, v in sorted(self.scale_sums.items())})
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        if stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": lr, "step": int(self.hparams.target.step)},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"], num_to_keep=2)
+            if if_main_process():
+                save_pretrained(
+                    self.hparams.pretrained_folder,
+                    self.hparams.features,
+                    self.hparams.encoder,
+                    meta={"epoch": epoch, "step": int(self.hparams.target.step), "valid": stats},
+                )
+
+
+def dataio_prepare(hparams):
+    """Train/valid datasets, dynamic batch sampler and the masking collate."""
+    datasets = {}
+    for split in ("train", "valid"):
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(hparams["manifest_folder"], f"{split}.csv"))
+        datasets[split] = ds
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig"])
+
+    crop = hparams["crop_seconds"]
+    sampler = sb.dataio.sampler.DynamicBatchSampler(
+        datasets["train"],
+        max_batch_length=hparams["max_batch_length"],
+        num_buckets=hparams["num_buckets"],
+        length_func=lambda x: min(float(x["duration"]), crop),
+        shuffle=True,
+        batch_ordering="random",
+        seed=hparams["seed"],
+    )
+    train_opts = {
+        "batch_sampler": sampler,
+        "num_workers": hparams["num_workers"],
+        "collate_fn": MGFCollate(**hparams["collate_args"]),
+    }
+    valid_opts = {
+        "batch_size": 8,
+        "num_workers": hparams["num_workers"],
+        "collate_fn": MGFCollate(**hparams["collate_args"], random_crop=False),
+    }
+    return datasets, train_opts, valid_opts
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    if hparams.get("num_threads"):
+        torch.set_num_threads(int(hparams["num_threads"]))
+
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
+    )
+    if not hparams["skip_prep"]:
+        run_on_main(
+            prepare_pretraining,
+            kwargs=dict(
+                data_folder=hparams["data_folder"],
+                save_folder=hparams["manifest_folder"],
+                train_splits=hparams["train_splits"],
+                valid_splits=hparams["valid_splits"],
+                valid_fraction=hparams["valid_fraction"],
+                min_duration=hparams["min_duration"],
+                max_duration=hparams["max_duration"],
+                sample_rate=hparams["sample_rate"],
+                num_workers=hparams["prep_workers"],
+                seed=hparams["seed"],
+            ),
+        )
+    datasets, train_opts, valid_opts = dataio_prepare(hparams)
+
+    # The EMA teacher starts as a copy of the encoder; it must exist before
+    # the checkpointer restores it.
+    hparams["target"].attach(hparams["encoder"])
+    n_params = sum(p.numel() for p in hparams["encoder"].parameters())
+    logger.info(f"MGF encoder: {n_params / 1e6:.2f} M parameters; scales: {hparams['objectives'].weights}")
+
+    brain = MGFBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=train_opts,
+        valid_loader_kwargs=valid_opts,
+    )
+    logger.info(f"pretrained encoder: {hparams['pretrained_folder']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
