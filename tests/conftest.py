@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny sizes so the whole suite runs in minutes on 2 cores."""
+
+import glob
+import os
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(REPO, "samples")
+sys.path.insert(0, REPO)
+
+torch.set_num_threads(int(os.environ.get("MGF_TEST_THREADS", "2")))
+
+TINY_ENCODER = dict(d_model=32, num_layers=2, nhead=4, d_ffn=64, conv_pos_kernel=9, conv_pos_groups=4, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A tiny pretrained-MGF folder (random weights, real normaliser statistics).
+
+    Built directly with :func:`mgf_sb.checkpoint.save_pretrained` from a few
+    bundled LibriSpeech-sample files, so downstream tests need no pretraining run.
+    """
+    from mgf_sb.checkpoint import save_pretrained
+    from mgf_sb.encoder import MGFEncoder
+    from mgf_sb.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("tiny_pretrained"))
+    features = FeatureExtractor(n_mels=80)
+    files = sorted(glob.glob(os.path.join(SAMPLES, "LibriSpeech", "train-clean-100", "*", "*", "*.flac")))[:4]
+    assert files, "bundled LibriSpeech sample missing"
+    features.train()
+    for f in files:
+        wav, _ = sf.read(f, dtype="float32")
+        features(torch.from_numpy(wav)[None], torch.ones(1), epoch=0)
+    encoder = MGFEncoder(input_size=80, **TINY_ENCODER)
+    save_pretrained(folder, features, encoder, meta={"step": 0, "note": "test fixture"})
+    return folder
+
+
+def run_recipe(script, hparams, overrides, cwd=REPO, timeout=900):
+    """Runs a recipe as a user would (a subprocess); returns CompletedProcess."""
+    import subprocess
+
+    cmd = [sys.executable, script, hparams] + [f"--{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
