@@ -66,7 +66,7 @@ def voices() -> List[Voice]:
         V("espeak", "en-us+m3", 1.00, 0.0, 1.0, "M", "esp_us_m3"),
         V("espeak", "en-gb+m5", 0.90, -2.0, 0.8, "M", "esp_gb_m5"),
         V("espeak", "en-us+f2", 1.00, 0.0, 1.0, "F", "esp_us_f2"),
-        V("espeak", "en-gb+f3", 0.95, 1.0, 1.2, "F", "esp_gb_f3"),
+        V("espeak", "en-gb+f3", 0.95, 5.0, 1.2, "F", "esp_gb_f3"),
         V("espeak", "en-us+f4", 1.10, -1.0, 1.4, "F", "esp_us_f4"),
         V("espeak", "en-gb-scotland+f1", 0.95, 2.0, 1.0, "F", "esp_sc_f1"),
     ]
