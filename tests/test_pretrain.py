@@ -1,0 +1,160 @@
+"""The pretraining recipe as a user runs it: prep, ablations, overfitting, resume."""
+
+import glob
+import importlib.util
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, SAMPLES
+
+TINY = {
+    "d_model": 32, "num_layers": 2, "nhead": 4, "d_ffn": 64, "proj_dim": 32, "conv_pos_kernel": 9,
+    "conv_pos_groups": 4, "dropout": 0.0, "max_batch_length": 40, "crop_seconds": 3.0, "num_buckets": 2,
+    "ckpt_interval_minutes": 0,
+}
+
+# Every ablation the README documents: (name, overrides, scales expected in the log)
+ABLATIONS = [
+    ("full", {}, {"frame", "phoneme", "utterance"}),
+    ("frame_only", {"use_phoneme": False, "use_utterance": False}, {"frame"}),
+    ("phoneme_only", {"use_frame": False, "use_utterance": False}, {"phoneme"}),
+    ("utterance_only", {"use_frame": False, "use_phoneme": False}, {"utterance"}),
+    ("frame_contrastive", {"frame_loss": "infonce"}, {"frame", "phoneme", "utterance"}),
+    ("phoneme_generative", {"phoneme_loss": "l1", "phoneme_target": "fbank"}, {"frame", "phoneme", "utterance"}),
+    ("phoneme_l2_teacher", {"phoneme_loss": "l2"}, {"frame", "phoneme", "utterance"}),
+    ("utterance_generative", {"utterance_loss": "l1", "utterance_target": "fbank"}, {"frame", "phoneme", "utterance"}),
+    ("online_teacher", {"target_mode": "online"}, {"frame", "phoneme", "utterance"}),
+    ("frame_stack2", {"frame_stack": 2, "phoneme_span_min": 3, "phoneme_span_max": 10}, {"frame", "phoneme", "utterance"}),
+    ("weight_zero", {"utterance_weight": 0.0}, {"frame", "phoneme"}),
+]
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("pretrain_train", os.path.join(REPO, "recipes", "pretrain", "train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return _load_recipe()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """6 training and 2 validation files in LibriSpeech layout."""
+    root = tmp_path_factory.mktemp("ls")
+    src = os.path.join(SAMPLES, "LibriSpeech")
+    for split, n in (("train-clean-100", 6), ("dev-clean", 2)):
+        for f in sorted(glob.glob(os.path.join(src, split, "*", "*", "*.flac")))[:n]:
+            rel = os.path.relpath(f, src)
+            os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+            shutil.copy(f, root / rel)
+    return str(root)
+
+
+def run(recipe, out, data, **overrides):
+    args = {**TINY, "data_folder": data, "output_folder": out, **overrides}
+    recipe.main([os.path.join(REPO, "hparams", "mgf.yaml")] + [f"--{k}={v}" for k, v in args.items()])
+    return parse_log(os.path.join(out, "train_log.txt"))
+
+
+def parse_log(path):
+    """train_log.txt -> list of {epoch, step, train {scale: loss}}."""
+    rows = []
+    for line in open(path):
+        epoch = int(re.search(r"epoch: (\d+)", line).group(1))
+        step = int(re.search(r"step: (\d+)", line).group(1))
+        train = dict((k, float(v)) for k, v in re.findall(r"train (\w+): ([-\d.e+]+)", line))
+        rows.append({"epoch": epoch, "step": step, "train": train})
+    return rows
+
+
+@pytest.mark.parametrize("name,overrides,scales", ABLATIONS, ids=[a[0] for a in ABLATIONS])
+def test_ablation_builds_and_trains(recipe, small_corpus, tmp_path, name, overrides, scales):
+    log = run(recipe, str(tmp_path / name), small_corpus, number_of_epochs=1, **overrides)
+    logged = {k for k in log[0]["train"] if k in ("frame", "phoneme", "utterance")}
+    assert logged == scales
+    assert log[0]["step"] > 0 and np.isfinite(log[0]["train"]["loss"])
+    assert os.path.isfile(tmp_path / name / "pretrained" / "encoder.ckpt")
+
+
+def test_overfit_every_scale_loss_drops(recipe, small_corpus, tmp_path):
+    log = run(recipe, str(tmp_path / "overfit"), small_corpus, number_of_epochs=30, lr=0.003, lr_warmup_steps=3,
+              lr_total_steps=120, crop_seconds=4.0, max_batch_length=60)
+    first, last = log[0]["train"], log[-1]["train"]
+    # L1 on normalised log-Mel starts near 0.8 (predicting the mean); the
+    # contrastive losses start near log(1 + distractors).
+    for scale, factor in (("frame", 0.85), ("phoneme", 0.7), ("utterance", 0.7)):
+        assert last[scale] < factor * first[scale], (scale, first[scale], last[scale])
+
+
+def test_resume_continues_from_checkpoint(recipe, small_corpus, tmp_path):
+    out = str(tmp_path / "resume")
+    log1 = run(recipe, out, small_corpus, number_of_epochs=1)
+    log2 = run(recipe, out, small_corpus, number_of_epochs=2)  # same command, one more epoch
+    assert [r["epoch"] for r in log2] == [1, 2]
+    assert log2[1]["step"] == 2 * log1[0]["step"]  # the step counter came back from the checkpoint
+    assert "Loading a checkpoint" in open(os.path.join(out, "log.txt")).read()
+
+
+def _write(path, data, sr=16000, subtype="PCM_16"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, data, sr, subtype=subtype)
+
+
+def test_prep_handles_bad_files(tmp_path):
+    from mgf_sb.data.manifest import read_manifest
+    from mgf_sb.data.prepare_audio import prepare_pretraining
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "audio"
+    speech = lambda s, sr=16000: (0.1 * rng.standard_normal(int(s * sr))).astype("float32")
+    _write(str(root / "good" / "a.wav"), speech(2.0))
+    _write(str(root / "good" / "b.flac"), speech(1.5))
+    _write(str(root / "x" / "stereo 8k é.wav"), np.stack([speech(2.0, 8000)] * 2, 1), sr=8000)
+    _write(str(root / "x" / "hi.wav"), speech(2.0, 44100), sr=44100)
+    _write(str(root / "bad" / "short.wav"), speech(0.3))
+    _write(str(root / "bad" / "silent.wav"), np.zeros(32000, dtype="float32"))
+    nan = speech(2.0)
+    nan[100] = np.nan
+    _write(str(root / "bad" / "nan.wav"), nan, subtype="FLOAT")
+    (root / "bad" / "text.wav").write_text("this is not audio")
+    (root / "bad" / "empty.flac").write_bytes(b"")
+    flac = root / "good" / "b.flac"
+    (root / "bad" / "truncated.flac").write_bytes(flac.read_bytes()[: len(flac.read_bytes()) // 3])
+    out = tmp_path / "prep"
+    prepare_pretraining(str(root), str(out), train_splits=[], valid_splits=[], valid_fraction=0.25, min_duration=1.0)
+    rows = read_manifest(str(out / "train.csv")) + read_manifest(str(out / "valid.csv"))
+    ids = sorted(r["ID"] for r in rows)
+    assert ids == ["good/a", "good/b", "x/hi", "x/stereo 8k é"]
+    for r in rows:  # everything in the manifest is 16 kHz mono now
+        info = sf.info(r["wav"])
+        assert info.samplerate == 16000 and info.channels == 1
+        assert abs(float(r["duration"]) - 2.0) < 0.01 or r["ID"] == "good/b"
+    skipped = dict(line.rstrip("\n").split("\t") for line in open(out / "train_skipped.tsv", encoding="utf-8"))
+    reasons = {os.path.basename(p): r for p, r in skipped.items() if p != "path"}
+    assert reasons["short.wav"].startswith("too short")
+    assert reasons["silent.wav"].startswith("silent")
+    assert reasons["nan.wav"].startswith("NaN")
+    assert reasons["text.wav"].startswith("unreadable")
+    assert reasons["empty.flac"].startswith("unreadable") or reasons["empty.flac"].startswith("empty")
+    assert "truncated.flac" in reasons
+    converted = open(out / "train_converted.tsv", encoding="utf-8").read()
+    assert "resampled 8000->16000 Hz" in converted and "downmixed 2->1" in converted and "44100" in converted
+
+
+def test_prep_empty_folder_is_a_clear_error(tmp_path):
+    from mgf_sb.data.prepare_audio import prepare_pretraining
+
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no usable audio in .*nothing"):
+        prepare_pretraining(str(tmp_path / "nothing"), str(tmp_path / "o"), train_splits=[], valid_splits=[])
+    with pytest.raises(FileNotFoundError, match="train-clean-100.*not found"):
+        prepare_pretraining(str(tmp_path / "nothing"), str(tmp_path / "o"), train_splits=["train-clean-100"])
