@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""IEMOCAP emotion recognition on top of an upstream (fbank | random | MGF).
+
+    python recipes/IEMOCAP/train.py hparams/emotion.yaml [--test_session=1] [--upstream=...]
+
+One leave-one-session-out fold: trains upstream -> layer selector -> pooling
+-> classifier on four sessions (one of them for validation, see
+iemocap_prepare.py), keeps the checkpoint with the best validation UA and
+reports on the test session:
+
+- WA: weighted accuracy (plain accuracy over utterances);
+- UA: unweighted accuracy (mean per-class recall);
+- the confusion matrix (rows: reference, columns: prediction).
+
+They are logged and written to ``<output_folder>/test_results.{json,md}`` and
+``confusion_matrix.tsv``. Then the trained classifier is exported to
+``<output_folder>/model`` (:func:`export_classifier_folder`) for inference.
+Re-running the same command resumes. All five folds and their mean +- std:
+``python recipes/IEMOCAP/run_folds.py hparams/emotion.yaml``.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iemocap_prepare import CLASSES, prepare_iemocap  # noqa: E402
+
+from mgf_sb.checkpoint import CONFIG_FILE, FEATURES_FILE, FORMAT, FORMAT_VERSION, save_pretrained  # noqa: E402
+from mgf_sb.data.manifest import read_manifest  # noqa: E402
+from mgf_sb.downstream import DownstreamBrain, announce_data, write_results  # noqa: E402
+from mgf_sb.upstream import describe_source  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class EmotionBrain(DownstreamBrain):
+    """Utterance classification: upstream -> layer selector -> pooling -> classifier."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats, n_frames = self.encode(wavs, wav_lens, stage)
+        return self.modules.head(feats, n_frames)
+
+    def compute_objectives(self, logits, batch, stage):
+        targets = batch.emo_encoded.data[:, 0]
+        loss = torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights)
+        if stage != sb.Stage.TRAIN:
+            preds = logits.argmax(-1)
+            for t, p in zip(targets.tolist(), preds.tolist()):
+                self.confusion[t, p] += 1
+            self.class_stats.append(batch.id, [CLASSES[p] for p in preds.tolist()],
+                                    [CLASSES[t] for t in targets.tolist()])
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        self.confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+        self.class_stats = sb.utils.metric_stats.ClassificationStats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+            return
+        metrics = emotion_metrics(self.confusion)
+        stats = {"loss": stage_loss, "UA": metrics["UA"], "WA": metrics["WA"]}
+        if stage == sb.Stage.VALID:
+            old_lr, new_lr = self.hparams.lr_annealing(1.0 - metrics["UA"])
+            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            meta = {"epoch": epoch, "lr": old_lr}
+            weights = self.layer_weights()
+            if weights is not None:
+                meta["layer_weights"] = " ".join(f"{w:.3f}" for w in weights)
+            self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={"UA": metrics["UA"], "WA": metrics["WA"]},
+                                                 max_keys=["UA"], num_to_keep=1)
+        elif stage == sb.Stage.TEST:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
+            )
+            self.test_metrics = dict(metrics, loss=stage_loss)
+            if if_main_process():
+                write_test_results(vars(self.hparams), metrics, stage_loss, self.class_stats, self.layer_weights())
+
+
+def emotion_metrics(confusion):
+    """WA, UA and per-class recall from a confusion matrix (rows: reference).
+
+    UA is the mean recall over the classes that occur in the reference (a
+    class absent from the test set has no recall and is left out).
+
+    Example
+    -------
+    >>> m = emotion_metrics(np.array([[8, 2], [1, 1]]))
+    >>> round(m["WA"], 4), round(m["UA"], 4)
+    (0.75, 0.65)
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    support = confusion.sum(1)
+    total = support.sum()
+    present = support > 0
+    recall = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=present)
+    return {
+        "WA": float(np.trace(confusion) / total) if total else 0.0,
+        "UA": float(recall[present].mean()) if present.any() else 0.0,
+        "recall": {c: (float(r) if p else None) for c, r, p in zip(CLASSES, recall, present)},
+        "support": {c: int(s) for c, s in zip(CLASSES, support)},
+        "confusion": confusion.astype(np.int64).tolist(),
+        "n_utterances": int(total),
+    }
+
+
+def confusion_table(confusion, classes=CLASSES):
+    """Markdown table of a confusion matrix (rows: reference, columns: prediction)."""
+    lines = ["| reference \\ predicted | " + " | ".join(classes) + " |",
+             "|---|" + "---|" * len(classes)]
+    for c, row in zip(classes, confusion):
+        lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_test_results(hparams, metrics, loss, class_stats, layer_weights):
+    """test_results.{json,md}, confusion_matrix.tsv and classification_stats.txt; logs them too."""
+    folder = hparams["output_folder"]
+    results = {
+        "task": "emotion",
+        "upstream": str(hparams["upstream"]),
+        "upstream_name": describe_source(hparams["upstream"]),
+        "freeze": bool(hparams["freeze"]),
+        "layer": hparams["layer"],
+        "test_session": int(hparams["test_session"]),
+        "data_folder": hparams["data_folder"],
+        "classes": list(CLASSES),
+        "loss": float(loss),
+        "layer_weights": layer_weights,
+        **metrics,
+    }
+    table = confusion_table(metrics["confusion"])
+    md = (f"# IEMOCAP emotion, test session {results['test_session']}\n\n"
+          f"upstream: `{results['upstream']}` (freeze={results['freeze']}, layer={results['layer']})\n\n"
+          f"| UA | WA | utterances |\n|---|---|---|\n"
+          f"| {100 * metrics['UA']:.2f} | {100 * metrics['WA']:.2f} | {metrics['n_utterances']} |\n\n"
+          f"Confusion matrix:\n\n{table}\n")
+    write_results(folder, "test_results", results, md)
+    with open(os.path.join(folder, "confusion_matrix.tsv"), "w") as f:
+        f.write("reference\\predicted\t" + "\t".join(CLASSES) + "\n")
+        for c, row in zip(CLASSES, metrics["confusion"]):
+            f.write(c + "\t" + "\t".join(str(v) for v in row) + "\n")
+    with open(os.path.join(folder, "classification_stats.txt"), "w") as f:
+        class_stats.write_stats(f)
+    logger.info(f"IEMOCAP session {results['test_session']}: UA {100 * metrics['UA']:.2f} "
+                f"WA {100 * metrics['WA']:.2f} ({metrics['n_utterances']} utterances)\n{table}")
+
+
+def export_classifier_folder(folder, upstream, layer_selector, head, upstream_source, layer, pooling,
+                             hidden_size, classes=CLASSES, meta=None):
+    """Writes the trained classifier for inference (mgf_sb.inference reads it)::
+
+        <folder>/upstream/      pretrained-folder format (mgf_config.json, features.ckpt,
+                                encoder.ckpt); for fbank only features.ckpt and a config
+                                with "encoder": null
+        <folder>/head.ckpt      {"layer_selector": state_dict, "classifier": state_dict}
+        <folder>/head_config.json
+        <folder>/labels.txt     one class name per line, in output-index order
+
+    Arguments
+    ---------
+    folder : str
+    upstream : mgf_sb.upstream.Upstream
+    layer_selector : mgf_sb.upstream.LayerSelector
+    head : mgf_sb.heads.UtteranceClassifier
+    upstream_source : str
+        What the recipe was given as ``upstream``.
+    layer : int or None
+    pooling : str
+    hidden_size : int
+    classes : sequence of str
+    meta : dict, optional
+        Stored in the upstream's ``mgf_config.json``.
+    """
+    up_folder = os.path.join(folder, "upstream")
+    os.makedirs(up_folder, exist_ok=True)
+    meta = dict(meta or {}, exported_by="recipes/IEMOCAP/train.py", upstream_source=str(upstream_source))
+    if upstream.encoder is None:
+        if upstream.features.normalizer.count == 0:
+            raise ValueError("refusing to export a FeatureExtractor without normalisation statistics")
+        torch.save(upstream.features.state_dict(), os.path.join(up_folder, FEATURES_FILE))
+        stale = os.path.join(up_folder, "encoder.ckpt")
+        if os.path.exists(stale):
+            os.remove(stale)
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "features": upstream.features.config,
+                  "encoder": None, "meta": meta}
+        with open(os.path.join(up_folder, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+    else:
+        save_pretrained(up_folder, upstream.features, upstream.encoder, meta=meta)
+    torch.save({"layer_selector": layer_selector.state_dict(), "classifier": head.state_dict()},
+               os.path.join(folder, "head.ckpt"))
+    head_config = {
+        "task": "emotion",
+        "upstream_source": str(upstream_source),
+        "layer": None if layer is None else int(layer),
+        "num_layers": int(upstream.num_layers),
+        "input_size": int(upstream.output_size),
+        "pooling": pooling,
+        "hidden_size": int(hidden_size),
+        "n_classes": len(classes),
+    }
+    with open(os.path.join(folder, "head_config.json"), "w") as f:
+        json.dump(head_config, f, indent=2)
+    with open(os.path.join(folder, "labels.txt"), "w") as f:
+        f.write("".join(c + "\n" for c in classes))
+    logger.info(f"classifier exported to {folder}")
+    return folder
+
+
+def dataio_prepare(hparams):
+    """Train/valid/test datasets (audio + class index) and loader options."""
+    label_index = {c: i for i, c in enumerate(CLASSES)}
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("emo")
+    @sb.utils.data_pipeline.provides("emo_encoded")
+    def label_pipeline(emo):
+        return torch.tensor([label_index[emo]], dtype=torch.long)
+
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(
+            os.path.join(hparams["split_folder"], f"{split}.csv"),
+            dynamic_items=[audio_pipeline, label_pipeline],
+            output_keys=["id", "sig", "emo_encoded"],
+        )
+        datasets[split] = ds
+    train_opts = {"batch_size": hparams["batch_size"], "num_workers": hparams["num_workers"]}
+    sorting = hparams["sorting"]
+    if sorting in ("ascending", "descending"):
+        datasets["train"] = datasets["train"].filtered_sorted(sort_key="duration", reverse=sorting == "descending")
+        train_opts["shuffle"] = False
+    elif sorting == "random":
+        train_opts["shuffle"] = True
+    else:
+        raise ValueError(f"sorting must be random, ascending or descending, got {sorting!r}")
+    eval_opts = {"batch_size": hparams["batch_size"], "num_workers": hparams["num_workers"]}
+    return datasets, train_opts, eval_opts
+
+
+def class_weights(train_csv, balanced):
+    """Inverse-frequency cross-entropy weights (mean 1) or None."""
+    if not balanced:
+        return None
+    counts = np.array([0.0] * len(CLASSES))
+    for row in read_manifest(train_csv):
+        counts[CLASSES.index(row["emo"])] += 1
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(CLASSES), 0.0)
+    return torch.tensor(w, dtype=torch.float)
+
+
+def check_run_config(hparams):
+    """Refuses to resume a folder that was trained with another upstream/head."""
+    keys = ("upstream", "upstream_reference", "freeze", "layer", "pooling", "hidden_size", "test_session",
+            "valid_session", "improvised_only", "data_folder")
+    config = {k: hparams[k] for k in keys}
+    config = json.loads(json.dumps(config, default=str))
+    path = os.path.join(hparams["output_folder"], "run_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            raise RuntimeError(
+                f"{hparams['output_folder']} holds a run with other settings ({diff}, old -> new); "
+                f"pass another --output_folder (or --experiment_folder) or delete that folder"
+            )
+    else:
+        os.makedirs(hparams["output_folder"], exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    if hparams.get("num_threads"):
+        torch.set_num_threads(int(hparams["num_threads"]))
+
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
+    )
+    announce_data(hparams["data_folder"])
+    check_run_config(hparams)
+    if not hparams["skip_prep"]:
+        run_on_main(
+            prepare_iemocap,
+            kwargs=dict(
+                data_folder=hparams["data_folder"],
+                manifest_folder=hparams["manifest_folder"],
+                split_folder=hparams["split_folder"],
+                test_session=hparams["test_session"],
+                valid_session=hparams["valid_session"],
+                valid_fraction=hparams["valid_fraction"],
+                improvised_only=hparams["improvised_only"],
+                min_duration=hparams["min_duration"],
+                max_duration=hparams["max_duration"],
+                sample_rate=hparams["sample_rate"],
+                num_workers=hparams["prep_workers"],
+                seed=hparams["seed"],
+            ),
+        )
+    datasets, train_opts, eval_opts = dataio_prepare(hparams)
+
+    brain = EmotionBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    weights = class_weights(os.path.join(hparams["split_folder"], "train.csv"), hparams["class_balanced_loss"])
+    brain.class_weights = None if weights is None else weights.to(brain.device)
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=train_opts,
+        valid_loader_kwargs=eval_opts,
+    )
+    brain.evaluate(datasets["test"], max_key="UA", test_loader_kwargs=eval_opts)
+    if if_main_process():
+        export_classifier_folder(
+            hparams["model_folder"],
+            hparams["upstream_model"],
+            hparams["layer_selector"],
+            hparams["head"],
+            upstream_source=hparams["upstream"],
+            layer=hparams["layer"],
+            pooling=hparams["pooling"],
+            hidden_size=hparams["hidden_size"],
+            meta={"test_session": int(hparams["test_session"]), "UA": brain.test_metrics["UA"],
+                  "WA": brain.test_metrics["WA"]},
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
