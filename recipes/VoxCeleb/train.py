@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""VoxCeleb1 speaker identification (+ verification) on an upstream.
+
+    python recipes/VoxCeleb/train.py hparams/voxceleb.yaml [--upstream=fbank|random|<folder>]
+
+Trains a pooling + linear (or cosine/AAM-softmax) head on the speakers of the
+identification split (random crops), picks the checkpoint with the best dev
+accuracy, reports top-1 accuracy on the test split (whole utterances), then
+scores the verification trials (``trial_file``) with the cosine similarity of
+pooled embeddings and reports EER and minDCF (``verify.py`` does only that
+last part, from the best checkpoint). Re-running the command resumes.
+Results: ``<output_folder>/results.json`` and ``.md``.
+"""
+
+import csv
+import logging
+import os
+import sys
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import run_on_main
+
+from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
+from mgf_sb.heads import Classifier, StatisticsPooling
+from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
+from mgf_sb.upstream import BASELINES, describe_source
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from voxceleb_prepare import prepare_voxceleb  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class SpeakerHead(torch.nn.Module):
+    """Pooling -> standardisation -> [embedding] -> linear or cosine classifier.
+
+    Arguments
+    ---------
+    input_size : int
+        Upstream feature size.
+    n_speakers : int
+    pooling : str
+        ``mean`` | ``mean+std`` | ``attentive`` (mgf_sb.heads.StatisticsPooling).
+    classifier : str
+        ``linear`` (logits, cross-entropy) or ``cosine`` (cosine similarity to
+        one learned vector per speaker, for AAM-softmax; SpeechBrain's ECAPA
+        ``Classifier``).
+    emb_dim : int
+        0: classify the standardised pooled statistics (a linear probe, the
+        BatchNorm has no affine part); >0: a Linear + BatchNorm embedding first.
+    dropout : float
+
+    Example
+    -------
+    >>> head = SpeakerHead(8, 3, emb_dim=4, classifier="cosine")
+    >>> head(torch.randn(2, 5, 8), torch.tensor([5, 3])).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, input_size, n_speakers, pooling="mean+std", classifier="linear", emb_dim=0, dropout=0.0):
+        super().__init__()
+        if classifier not in ("linear", "cosine"):
+            raise ValueError(f"head must be linear or cosine, got {classifier!r}")
+        self.pool = StatisticsPooling(input_size, pooling)
+        size = self.pool.output_size
+        self.norm = torch.nn.BatchNorm1d(size, affine=False)
+        self.embedding = None
+        if emb_dim:
+            self.embedding = torch.nn.Sequential(torch.nn.Linear(size, emb_dim), torch.nn.BatchNorm1d(emb_dim))
+            size = emb_dim
+        self.kind = classifier
+        if classifier == "linear":
+            self.classifier = Classifier(size, n_speakers, dropout=dropout)
+        else:
+            from speechbrain.lobes.models.ECAPA_TDNN import Classifier as CosineClassifier
+
+            self.dropout = torch.nn.Dropout(dropout)
+            self.classifier = CosineClassifier(size, lin_blocks=0, out_neurons=n_speakers)
+
+    def embed(self, x, n_frames, which="embedding"):
+        """(B, T, D), (B,) -> (B, E): the standardised pooled features
+        (``pooled``) or the embedding layer's output (``embedding``; the pooled
+        features when there is no embedding layer)."""
+        z = self.norm(self.pool(x, n_frames))
+        if which == "pooled" or self.embedding is None:
+            return z
+        return self.embedding(z)
+
+    def forward(self, x, n_frames):
+        """Logits (linear) or cosine similarities (cosine), (B, n_speakers)."""
+        z = self.embed(x, n_frames)
+        if self.kind == "linear":
+            return self.classifier(z)
+        return self.classifier(self.dropout(z).unsqueeze(1)).squeeze(1)
+
+
+class SpeakerBrain(DownstreamBrain):
+    """Speaker identification on top of :class:`~mgf_sb.downstream.DownstreamBrain`."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats, n_frames = self.encode(wavs, wav_lens, stage)
+        return self.modules.head(feats, n_frames)
+
+    def compute_objectives(self, predictions, batch, stage):
+        targets = batch.spk_id_encoded.data.view(-1)
+        if self.hparams.head == "cosine":
+            loss = self.hparams.aam_loss(predictions.unsqueeze(1), targets.unsqueeze(1))
+        else:
+            loss = torch.nn.functional.cross_entropy(predictions, targets)
+        predicted = predictions.argmax(-1)
+        self.n_correct += int((predicted == targets).sum())
+        self.n_seen += targets.numel()
+        if stage != sb.Stage.TRAIN:
+            decode = self.hparams.label_encoder.decode_ndim
+            self.accuracy.append(batch.id, predictions=decode(predicted.tolist()), targets=decode(targets.tolist()))
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        self.n_correct, self.n_seen = 0, 0
+        if stage != sb.Stage.TRAIN:
+            self.accuracy = self.hparams.accuracy_stats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss, "acc": self.n_correct / max(self.n_seen, 1)}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats["acc"] = self.accuracy.summarize()["accuracy"]
+        if stage == sb.Stage.VALID:
+            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            weights = self.layer_weights()
+            if weights is not None:
+                meta["layer_weights"] = " ".join(f"{w:.2f}" for w in weights)
+            self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={"acc": stats["acc"]}, max_keys=["acc"], num_to_keep=1)
+        if stage == sb.Stage.TEST:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
+            )
+            self.test_stats = stats
+
+    @torch.no_grad()
+    def embed_dataset(self, dataset, which, batch_size):
+        """{utterance ID: embedding} of whole utterances (eval mode)."""
+        loader = self.make_dataloader(dataset, stage=sb.Stage.TEST, batch_size=batch_size)
+        self.modules.eval()
+        out = {}
+        for batch in loader:
+            batch = batch.to(self.device)
+            feats, n_frames = self.encode(*batch.sig, sb.Stage.TEST)
+            emb = self.modules.head.embed(feats, n_frames, which=which).float().cpu()
+            out.update(zip(batch.id, emb))
+        return out
+
+
+def dataio_prepare(hparams):
+    """Datasets (train crops, whole-utterance dev/test/trial audio) and the speaker encoder."""
+    folder = hparams["manifest_folder"]
+    datasets = {}
+    for split in ("train", "dev", "test"):
+        datasets[split] = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, f"{split}.csv"))
+    trials_csv = os.path.join(folder, "veri_trials.csv")
+    if hparams["trial_file"] and os.path.isfile(trials_csv):
+        datasets["veri"] = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, "veri_utts.csv"))
+
+    sr, crop = hparams["sample_rate"], hparams["crop_seconds"]
+
+    @sb.utils.data_pipeline.takes("wav", "duration")
+    @sb.utils.data_pipeline.provides("sig")
+    def crop_pipeline(wav, duration):
+        """A random ``crop_seconds`` window (the whole file when shorter)."""
+        n = int(float(duration) * sr)
+        length = int(crop * sr)
+        if n <= length:
+            return sb.dataio.dataio.read_audio(wav)
+        start = int(torch.randint(0, n - length + 1, (1,)))
+        return sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": start + length})
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def whole_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    label_encoder = sb.dataio.encoder.CategoricalEncoder()
+
+    @sb.utils.data_pipeline.takes("spk_id")
+    @sb.utils.data_pipeline.provides("spk_id", "spk_id_encoded")
+    def label_pipeline(spk_id):
+        yield spk_id
+        yield label_encoder.encode_sequence_torch([spk_id])
+
+    sb.dataio.dataset.add_dynamic_item([datasets["train"]], crop_pipeline)
+    evaluated = [d for k, d in datasets.items() if k != "train"]
+    sb.dataio.dataset.add_dynamic_item(evaluated, whole_pipeline)
+    for name in ("dev", "test") + (("veri",) if "veri" in datasets else ()):
+        datasets[name] = datasets[name].filtered_sorted(sort_key="duration")  # less padding
+    sb.dataio.dataset.add_dynamic_item([datasets[s] for s in ("train", "dev", "test")], label_pipeline)
+    label_encoder.load_or_create(
+        path=os.path.join(hparams["save_folder"], "label_encoder.txt"),
+        from_didatasets=[datasets["train"]],
+        output_key="spk_id",
+    )
+    sb.dataio.dataset.set_output_keys([datasets[s] for s in ("train", "dev", "test")], ["id", "sig", "spk_id_encoded"])
+    if "veri" in datasets:
+        sb.dataio.dataset.set_output_keys([datasets["veri"]], ["id", "sig"])
+    return datasets, label_encoder
+
+
+def run_verification(brain, hparams, datasets):
+    """Scores every trial; returns {eer, min_dcf, ...} and writes the scores."""
+    with open(os.path.join(hparams["manifest_folder"], "veri_trials.csv"), newline="") as f:
+        trials = list(csv.DictReader(f))
+    brain.on_evaluate_start(max_key="acc")
+    which = hparams["verification_embedding"]
+    if which == "embedding" and not hparams["emb_dim"]:
+        raise ValueError("verification_embedding: embedding needs an embedding layer (emb_dim > 0)")
+    emb = brain.embed_dataset(datasets["veri"], which, hparams["eval_batch_size"])
+    matrix = torch.stack(list(emb.values()))
+    center = matrix.mean(0) if hparams["verification_center"] else None
+    enrol = torch.stack([emb[t["enrol"]] for t in trials])
+    test = torch.stack([emb[t["test"]] for t in trials])
+    scores = cosine_scores(enrol, test, center)
+    labels = torch.tensor([int(t["label"]) for t in trials], dtype=torch.bool)
+    eer, threshold = compute_eer(scores[labels], scores[~labels])
+    min_dcf, _ = compute_min_dcf(scores[labels], scores[~labels], p_target=hparams["dcf_p_target"],
+                                 c_miss=hparams["dcf_c_miss"], c_fa=hparams["dcf_c_fa"])
+    path = os.path.join(hparams["output_folder"], "veri_scores.txt")
+    with open(path, "w") as f:
+        for t, s in zip(trials, scores.tolist()):
+            f.write(f"{t['enrol']} {t['test']} {t['label']} {s:.6f}\n")
+    results = {"eer": eer, "eer_threshold": threshold, "min_dcf": min_dcf, "dcf_p_target": hparams["dcf_p_target"],
+               "n_trials": len(trials), "n_target": int(labels.sum()), "embedding": which}
+    logger.info(f"verification: EER {100 * eer:.2f}%, minDCF(p={hparams['dcf_p_target']}) {min_dcf:.4f} "
+                f"on {len(trials)} trials (scores in {path})")
+    return results
+
+
+def build_brain(hparams, run_opts, n_speakers):
+    """The Brain with the speaker head added to modules and checkpointer."""
+    head = SpeakerHead(
+        input_size=hparams["upstream_model"].output_size,
+        n_speakers=n_speakers,
+        pooling=hparams["pooling"],
+        classifier=hparams["head"],
+        emb_dim=hparams["emb_dim"],
+        dropout=hparams["dropout"],
+    )
+    hparams["modules"]["head"] = head
+    upstream = hparams["upstream_model"]
+    # A frozen pretrained folder is reloaded from that folder; baselines and
+    # fine-tuned encoders are checkpointed whole (normaliser statistics included).
+    frozen_pretrained = hparams["freeze"] and str(hparams["upstream"]) not in BASELINES
+    hparams["checkpointer"].add_recoverable("upstream", upstream.features if frozen_pretrained else upstream)
+    hparams["checkpointer"].add_recoverable("head", head)
+    return SpeakerBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+
+
+def main(argv, mode="train"):
+    """``mode``: ``train`` (fit, test, verification) or ``verify`` (verification only)."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    if hparams.get("num_threads"):
+        torch.set_num_threads(int(hparams["num_threads"]))
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
+    )
+    announce_data(hparams["data_folder"])
+    run_on_main(
+        prepare_voxceleb,
+        kwargs=dict(
+            data_folder=hparams["data_folder"],
+            save_folder=hparams["manifest_folder"],
+            split_file=hparams["split_file"],
+            trial_file=hparams["trial_file"],
+            wav_folders=hparams["wav_folders"],
+            exclude_trial_speakers=hparams["exclude_trial_speakers"],
+            min_duration=hparams["min_duration"],
+            max_duration=hparams["max_duration"],
+            sample_rate=hparams["sample_rate"],
+            num_workers=hparams["prep_workers"],
+            skip_prep=hparams["skip_prep"],
+        ),
+    )
+    datasets, label_encoder = dataio_prepare(hparams)
+    hparams["label_encoder"] = label_encoder
+    n_speakers = len(label_encoder)
+    brain = build_brain(hparams, run_opts, n_speakers)
+    results = {"upstream": describe_source(hparams["upstream"]), "n_speakers": n_speakers,
+               "chance_acc": 1.0 / n_speakers}
+    if mode == "train":
+        logger.info(f"speaker identification: {n_speakers} speakers, {len(datasets['train'])} training utterances")
+        eval_opts = {"batch_size": hparams["eval_batch_size"], "num_workers": hparams["num_workers"]}
+        brain.fit(
+            brain.hparams.epoch_counter,
+            datasets["train"],
+            datasets["dev"],
+            train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True,
+                                 "num_workers": hparams["num_workers"]},
+            valid_loader_kwargs=eval_opts,
+        )
+        brain.evaluate(datasets["test"], max_key="acc", test_loader_kwargs=eval_opts)
+        results.update(sid_test_acc=brain.test_stats["acc"], sid_test_loss=brain.test_stats["loss"],
+                       n_test=len(datasets["test"]), layer_weights=brain.layer_weights())
+        logger.info(f"speaker identification: test accuracy {100 * brain.test_stats['acc']:.2f}% "
+                    f"(chance {100 / n_speakers:.2f}%)")
+    if hparams["verification"] and "veri" in datasets:
+        results.update(run_verification(brain, hparams, datasets))
+    elif mode == "verify":
+        raise ValueError("no verification trials: set --trial_file (veri_test2.txt) and --verification=True")
+    lines = [f"# VoxCeleb1, upstream {results['upstream']}", "", "| metric | value |", "|---|---|"]
+    for key in ("sid_test_acc", "chance_acc", "eer", "min_dcf"):
+        if key in results:
+            lines.append(f"| {key} | {100 * results[key]:.2f}% |" if key != "min_dcf" else f"| {key} | {results[key]:.4f} |")
+    write_results(hparams["output_folder"], "results" if mode == "train" else "verification", results,
+                  "\n".join(lines) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
