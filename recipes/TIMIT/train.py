@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""TIMIT frame-wise phoneme classification: frozen upstream + linear probe.
+
+    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>]
+
+The upstream's layers are combined by a learned weighted sum (or one layer,
+``--layer``) and a linear layer classifies every encoder frame into the 39
+folded TIMIT phones (see timit_prepare.py for the protocol). The checkpoint
+with the best dev frame accuracy is evaluated on dev and on the 24-speaker
+core test set; results go to ``<output_folder>/results.{json,md}`` and the
+per-phone accuracies to ``<output_folder>/per_phone_{dev,test}.txt``.
+Re-running the same command resumes from the last checkpoint.
+
+Frame labels follow the upstream's frame rate: each encoder frame gets the
+label of the phone segment containing its centre (100 fps labels at
+``frame_stack: 1``; at ``frame_stack: 2`` the centre of the two stacked 10 ms
+frames). Frames of deleted ``q`` segments are ignored.
+"""
+
+import logging
+import os
+import sys
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import run_on_main
+
+from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
+from mgf_sb.heads import valid_mask
+from mgf_sb.upstream import describe_source
+from timit_prepare import PHONES_39, decode_segments, frame_labels, prepare_timit
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PHONE_INDEX = {p: i for i, p in enumerate(PHONES_39)}
+
+
+class TIMITBrain(DownstreamBrain):
+    """Frame-wise cross-entropy; frame accuracy from a 39x39 confusion matrix."""
+
+    def compute_forward(self, batch, stage):
+        """Waveforms -> (B, T, 39) logits and (B,) valid frames."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats, n_frames = self.encode(wavs, wav_lens, stage)
+        return self.modules.probe(feats), n_frames
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Cross-entropy over the labelled valid frames; updates the confusion matrix."""
+        logits, n_frames = predictions
+        labels, _ = batch.labels
+        if labels.shape[1] != logits.shape[1]:
+            raise RuntimeError(
+                f"{labels.shape[1]} frame labels for {logits.shape[1]} upstream frames "
+                f"(batch {batch.id}): the label frame rate does not match the upstream's"
+            )
+        mask = valid_mask(n_frames, logits.shape[1], logits.device) & (labels >= 0)
+        targets = labels[mask]
+        logits = logits[mask]
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        n = self.hparams.n_classes
+        pairs = targets * n + logits.argmax(-1)
+        self.confusion += torch.bincount(pairs.cpu(), minlength=n * n).view(n, n)
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        self.confusion = torch.zeros(self.hparams.n_classes, self.hparams.n_classes, dtype=torch.long)
+
+    def frame_stats(self):
+        """Accuracy and the majority-class frequency (chance) of the current stage."""
+        total = int(self.confusion.sum())
+        counts = self.confusion.sum(1)
+        return {
+            "acc": float(self.confusion.diag().sum()) / max(total, 1),
+            "frames": total,
+            "majority_class": PHONES_39[int(counts.argmax())],
+            "majority_frequency": float(counts.max()) / max(total, 1),
+        }
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss, "acc": self.frame_stats()["acc"]}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+        elif stage == sb.Stage.VALID:
+            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            weights = self.layer_weights()
+            if weights is not None:
+                meta["layer_weights"] = " ".join(f"{w:.3f}" for w in weights)
+            self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={"acc": stats["acc"]}, max_keys=["acc"], num_to_keep=1)
+        else:
+            name = self.eval_name
+            self.hparams.train_logger.log_stats(
+                stats_meta={f"{name}, epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
+            )
+            result = self.frame_stats()
+            result["loss"] = stage_loss
+            self.eval_results[name] = result
+            self.write_per_phone(os.path.join(self.hparams.output_folder, f"per_phone_{name}.txt"))
+
+    def write_per_phone(self, path):
+        """One line per phone: frames, accuracy, most frequent confusion."""
+        c = self.confusion
+        with open(path, "w") as f:
+            f.write("phone\tframes\taccuracy\tmost_confused_with\n")
+            for i, p in enumerate(PHONES_39):
+                row = c[i].clone()
+                n = int(row.sum())
+                acc = float(row[i]) / n if n else float("nan")
+                row[i] = -1
+                confused = PHONES_39[int(row.argmax())] if n and int(row.max()) > 0 else "-"
+                f.write(f"{p}\t{n}\t{acc:.4f}\t{confused}\n")
+        logger.info(f"per-phone accuracy written to {path}")
+
+
+def dataio_prepare(hparams):
+    """train/dev/test datasets: audio + one label per upstream frame."""
+    features = hparams["upstream_model"].features
+    hop, stack = features.hop, features.frame_stack
+
+    @sb.utils.data_pipeline.takes("wav", "segments")
+    @sb.utils.data_pipeline.provides("sig", "labels")
+    def pipeline(wav, segments):
+        sig = sb.dataio.dataio.read_audio(wav)
+        yield sig
+        labels = frame_labels(decode_segments(segments), len(sig), hop, stack)
+        yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels])
+
+    datasets = {}
+    for split in ("train", "dev", "test"):
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(hparams["manifest_folder"], f"{split}.csv"))
+        if split != "train":
+            ds = ds.filtered_sorted(sort_key="duration")
+        datasets[split] = ds
+    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), pipeline)
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "labels"])
+    return datasets
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    if hparams.get("num_threads"):
+        torch.set_num_threads(int(hparams["num_threads"]))
+
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
+    )
+    announce_data(hparams["data_folder"])
+    if not hparams["skip_prep"]:
+        run_on_main(
+            prepare_timit,
+            kwargs=dict(
+                data_folder=hparams["data_folder"],
+                save_folder=hparams["manifest_folder"],
+                exclude_sa=hparams["exclude_sa"],
+                sample_rate=hparams["sample_rate"],
+                hop_length=hparams["hop_length"],
+            ),
+        )
+    datasets = dataio_prepare(hparams)
+
+    upstream = hparams["upstream_model"]
+    if not hparams["freeze"] and upstream.encoder is not None:
+        hparams["checkpointer"].add_recoverable("upstream_encoder", upstream.encoder)
+    logger.info(
+        f"upstream {describe_source(hparams['upstream'])}: {upstream.num_layers} representations of size "
+        f"{upstream.output_size} at {upstream.frame_rate:g} Hz; layer={hparams['layer']}; freeze={hparams['freeze']}"
+    )
+
+    brain = TIMITBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    loader = {"batch_size": hparams["batch_size"], "num_workers": hparams["num_workers"]}
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["dev"],
+        train_loader_kwargs=dict(loader, shuffle=True),
+        valid_loader_kwargs=loader,
+    )
+
+    brain.eval_results = {}
+    for name in ("dev", "test"):
+        brain.eval_name = name
+        brain.evaluate(datasets[name], max_key=hparams["test_max_key"], test_loader_kwargs=loader)
+    results = {
+        "upstream": describe_source(hparams["upstream"]),
+        "upstream_source": str(hparams["upstream"]),
+        "layer": hparams["layer"],
+        "layer_weights": brain.layer_weights(),
+        "frame_rate": upstream.frame_rate,
+        "data_folder": hparams["data_folder"],
+        **brain.eval_results,
+    }
+    lines = [
+        f"# TIMIT frame accuracy (39 phones), upstream {results['upstream']}\n",
+        "| set | frame accuracy | frames | chance (majority class) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("dev", "test"):
+        r = brain.eval_results[name]
+        lines.append(
+            f"| {name} | {100 * r['acc']:.2f} % | {r['frames']} | "
+            f"{100 * r['majority_frequency']:.2f} % ({r['majority_class']}) |"
+        )
+    write_results(hparams["output_folder"], "results", results, "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
