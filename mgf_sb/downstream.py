@@ -11,10 +11,12 @@ import os
 
 import speechbrain as sb
 
+from mgf_sb.distributed import CPUFriendlyDDP
+
 logger = logging.getLogger(__name__)
 
 
-class DownstreamBrain(sb.Brain):
+class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
     """Brain with an upstream (frozen or fine-tuned) and a layer selector.
 
     Expects ``modules.upstream`` (:class:`~mgf_sb.upstream.Upstream`) and

@@ -98,7 +98,8 @@ class FeatureExtractor(torch.nn.Module):
         n_frames : torch.LongTensor
             (B,) valid frames.
         """
-        with torch.no_grad():
+        # Always float32: STFT and log under fp16/bf16 autocast lose the low-energy detail.
+        with torch.no_grad(), torch.autocast(device_type=wavs.device.type, enabled=False):
             fb = self.fbank(wavs.float())  # (B, Tf, n_mels)
             Tf = fb.shape[1]
             n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()

@@ -16,17 +16,18 @@ import sys
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import if_main_process, run_on_main
+from speechbrain.utils.distributed import ddp_all_reduce, if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
 from mgf_sb.checkpoint import save_pretrained
 from mgf_sb.data.prepare_audio import prepare_pretraining
+from mgf_sb.distributed import CPUFriendlyDDP
 from mgf_sb.objectives import ObjectiveInputs
 
 logger = logging.getLogger(__name__)
 
 
-class MGFBrain(sb.Brain):
+class MGFBrain(CPUFriendlyDDP, sb.Brain):
     """Sums the enabled scales' losses; logs each scale's loss per epoch."""
 
     def compute_forward(self, batch, stage):
@@ -43,6 +44,7 @@ class MGFBrain(sb.Brain):
     def compute_objectives(self, predictions, batch, stage):
         """Weighted sum over the enabled scales (see mgf_sb.objectives.ScaleSet)."""
         total, losses, stats = self.modules.objectives(predictions)
+        self.scale_sums["loss"] = self.scale_sums.get("loss", 0.0) + float(total.detach())
         for name, loss in losses.items():
             self.scale_sums[name] = self.scale_sums.get(name, 0.0) + float(loss.detach())
         for name, value in stats.items():
@@ -61,13 +63,21 @@ class MGFBrain(sb.Brain):
         if should_step:
             self.hparams.target.update(self.hparams.encoder)
 
+    def _reduced_scale_stats(self):
+        """Per-scale means over every batch of every process (DDP-safe)."""
+        names = sorted(self.scale_sums)
+        sums = torch.tensor([self.scale_sums[k] for k in names] + [float(self.scale_batches)], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = ddp_all_reduce(sums.to(self.device), torch.distributed.ReduceOp.SUM).cpu()
+        means = {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-1])}
+        return {"loss": means.pop("loss", float("nan")), **means}
+
     def on_stage_start(self, stage, epoch=None):
         self.scale_sums, self.scale_batches = {}, 0
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs each scale's mean loss; checkpoints and exports after validation."""
-        stats = {"loss": stage_loss}
-        stats.update({k: v / max(self.scale_batches, 1) for k, v in sorted(self.scale_sums.items())})
+        stats = self._reduced_scale_stats()  # includes "loss", averaged over all processes
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
             return
@@ -78,7 +88,7 @@ class MGFBrain(sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
-            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"], num_to_keep=2)
+            self.checkpointer.save_and_keep_only(meta={"loss": stats["loss"]}, min_keys=["loss"], num_to_keep=2)
             if if_main_process():
                 save_pretrained(
                     self.hparams.pretrained_folder,
@@ -95,15 +105,28 @@ def dataio_prepare(hparams):
         ds = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(hparams["manifest_folder"], f"{split}.csv"))
         datasets[split] = ds
 
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+    crop = hparams["crop_seconds"]
+    sr = hparams["sample_rate"]
 
-    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
+    # Long files (an hour-long recording) are never decoded whole: read only
+    # a random crop_seconds window (validation: the first one).
+    def make_audio_pipeline(random_crop):
+        @sb.utils.data_pipeline.takes("wav", "duration")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(wav, duration):
+            n = int(float(duration) * sr)
+            want = int(crop * sr)
+            if n <= want:
+                return sb.dataio.dataio.read_audio(wav)
+            start = int(torch.randint(0, n - want + 1, (1,))) if random_crop else 0
+            return sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": start + want})
+
+        return audio_pipeline
+
+    sb.dataio.dataset.add_dynamic_item([datasets["train"]], make_audio_pipeline(random_crop=True))
+    sb.dataio.dataset.add_dynamic_item([datasets["valid"]], make_audio_pipeline(random_crop=False))
     sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig"])
 
-    crop = hparams["crop_seconds"]
     sampler = sb.dataio.sampler.DynamicBatchSampler(
         datasets["train"],
         max_batch_length=hparams["max_batch_length"],
@@ -128,6 +151,8 @@ def dataio_prepare(hparams):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain single-process run.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     if hparams.get("num_threads"):
