@@ -33,15 +33,14 @@ import sys
 import torch
 
 from mgf_sb import checkpoint as ckpt
-from mgf_sb.encoder import MGFEncoder as EncoderModule
 from mgf_sb.features import FeatureExtractor
 from mgf_sb.heads import UtteranceClassifier
+from mgf_sb.inference import MODEL_HEADER as HEADER
 from mgf_sb.upstream import LayerSelector
 
 logger = logging.getLogger(__name__)
 
 HEAD_FILES = ("head.ckpt", "head_config.json", "labels.txt")
-HEADER = "# mgf-sb model folder"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from mgf_sb.batch import n_encoder_frames
 logger = logging.getLogger(__name__)
 
 HPARAMS_FILE = "hyperparams.yaml"
+MODEL_HEADER = "# mgf-sb model folder"  # first line of an exported hyperparams.yaml
 EXPORT_HINT = "Export (or re-export) the trained folder with `python -m mgf_sb.export <trained folder> <model folder>`."
 
 # Never touch the network: local sources are linked/copied, anything else is refused.
@@ -106,6 +107,15 @@ def check_model_folder(source):
         raise FileNotFoundError(
             f"model folder {folder!r} is incomplete: missing {HPARAMS_FILE} (it holds {present}). "
             f"A pretraining or downstream output folder is not a model folder yet. {EXPORT_HINT}"
+        )
+    # A recipe's output folder also holds a hyperparams.yaml (the training one): do not run it.
+    training_marks = [m for m in ("pretrained", "save", "model", "train_log.txt") if os.path.exists(os.path.join(folder, m))]
+    with open(os.path.join(folder, HPARAMS_FILE), encoding="utf-8") as f:
+        exported = f.readline().startswith(MODEL_HEADER)
+    if training_marks and not exported:
+        raise ValueError(
+            f"{folder!r} is a training output folder (it holds {', '.join(training_marks)}), not a model "
+            f"folder: its hyperparams.yaml is the training configuration. {EXPORT_HINT}"
         )
     return folder
 

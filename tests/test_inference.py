@@ -77,6 +77,7 @@ attempt("missing_source", lambda: MGFEncoder.from_hparams(source=cfg["missing"])
 attempt("hub_id", lambda: MGFEncoder.from_hparams(source="speechbrain/emotion-recognition-wav2vec2-IEMOCAP"))
 attempt("url", lambda: MGFEncoder.from_hparams(source="https://example.com/model"))
 attempt("not_exported", lambda: MGFEncoder.from_hparams(source=cfg["pretrained"]))
+attempt("training_output", lambda: MGFEncoder.from_hparams(source=cfg["pretrain_run"]))
 attempt("incomplete", lambda: MGFEncoder.from_hparams(source=cfg["incomplete"]))
 attempt("wrong_class", lambda: MGFEmotionClassifier.from_hparams(source=cfg["encoder_model"]))
 for bad in ("empty", "notaudio", "nosamples", "nofile"):
@@ -108,7 +109,7 @@ def _training_modules(folder):
     return up
 
 
-def _build_classifier_folder(root, upstream_src, layer, seed):
+def _build_classifier_folder(root, upstream_src, layer, seed, pooling="mean+std", hidden_size=16):
     """A downstream ``<output_folder>/model`` folder exactly as the IEMOCAP recipe writes it."""
     from mgf_sb.heads import UtteranceClassifier
     from mgf_sb.upstream import LayerSelector, Upstream
@@ -132,13 +133,13 @@ def _build_classifier_folder(root, upstream_src, layer, seed):
     if selector.weights is not None:
         with torch.no_grad():
             selector.weights.normal_()
-    clf = UtteranceClassifier(up.output_size, len(LABELS), "mean+std", 16)
+    clf = UtteranceClassifier(up.output_size, len(LABELS), pooling, hidden_size)
     torch.save({"layer_selector": selector.state_dict(), "classifier": clf.state_dict()},
                os.path.join(model, "head.ckpt"))
     with open(os.path.join(model, "head_config.json"), "w") as f:
         json.dump({"task": "emotion", "upstream_source": str(upstream_src), "layer": layer,
-                   "num_layers": up.num_layers, "input_size": up.output_size, "pooling": "mean+std",
-                   "hidden_size": 16, "n_classes": len(LABELS)}, f)
+                   "num_layers": up.num_layers, "input_size": up.output_size, "pooling": pooling,
+                   "hidden_size": hidden_size, "n_classes": len(LABELS)}, f)
     with open(os.path.join(model, "labels.txt"), "w") as f:
         f.write("\n".join(LABELS) + "\n")
     up.eval(), selector.eval(), clf.eval()
@@ -160,11 +161,14 @@ def setup(tiny_pretrained, tmp_path_factory):
     run = os.path.join(tmp, "pretrain_run")
     shutil.copytree(tiny_pretrained, os.path.join(run, "pretrained"))
     os.makedirs(os.path.join(run, "save"))
+    with open(os.path.join(run, "hyperparams.yaml"), "w") as f:  # the training config SpeechBrain copies there
+        f.write("seed: 1986\noutput_folder: !ref results/mgf/<seed>\n")
     enc_model = os.path.join(tmp, "models", "mgf")
     _ok(_run(["-m", "mgf_sb.export", run, enc_model]))
 
     mgf_root, mgf_mods = _build_classifier_folder(os.path.join(tmp, "iemocap_mgf"), tiny_pretrained, None, 1)
-    fb_root, fb_mods = _build_classifier_folder(os.path.join(tmp, "iemocap_fbank"), "fbank", 0, 2)
+    fb_root, fb_mods = _build_classifier_folder(os.path.join(tmp, "iemocap_fbank"), "fbank", 0, 2,
+                                               pooling="attentive", hidden_size=0)
     mgf_clf_model = os.path.join(tmp, "models", "mgf_emotion")
     _ok(_run([os.path.join("recipes", "export.py"), mgf_root, mgf_clf_model]))
     from mgf_sb.export import export
@@ -213,7 +217,7 @@ def setup(tiny_pretrained, tmp_path_factory):
 
     cfg = dict(encoder_model=enc_model, mgf_classifier=mgf_clf_model, fbank_classifier=fb_clf_model,
                savedir=os.path.join(tmp, "savedir"), audio=a, batch=os.path.join(tmp, "batch.pt"),
-               missing=os.path.join(tmp, "no", "such", "model"), pretrained=tiny_pretrained,
+               missing=os.path.join(tmp, "no", "such", "model"), pretrained=tiny_pretrained, pretrain_run=run,
                incomplete=incomplete, out=os.path.join(tmp, "out.pt"), errors=os.path.join(tmp, "errors.json"))
     with open(os.path.join(tmp, "cfg.json"), "w") as f:
         json.dump(cfg, f)
@@ -316,6 +320,7 @@ def test_loading_errors_are_clear_and_offline(setup):
     assert e["url"].startswith("ValueError") and "local folders only" in e["url"]
     assert e["not_exported"].startswith("FileNotFoundError") and "hyperparams.yaml" in e["not_exported"]
     assert "mgf_sb.export" in e["not_exported"]
+    assert e["training_output"].startswith("ValueError") and "training output folder" in e["training_output"]
     assert e["incomplete"].startswith("FileNotFoundError") and "missing encoder.ckpt" in e["incomplete"]
     assert e["wrong_class"].startswith("ValueError") and "classifier" in e["wrong_class"]
 
