@@ -80,7 +80,7 @@ attempt("not_exported", lambda: MGFEncoder.from_hparams(source=cfg["pretrained"]
 attempt("training_output", lambda: MGFEncoder.from_hparams(source=cfg["pretrain_run"]))
 attempt("incomplete", lambda: MGFEncoder.from_hparams(source=cfg["incomplete"]))
 attempt("wrong_class", lambda: MGFEmotionClassifier.from_hparams(source=cfg["encoder_model"]))
-for bad in ("empty", "notaudio", "nosamples", "nofile"):
+for bad in ("empty", "notaudio", "nosamples", "tooshort", "nofile"):
     attempt("audio_" + bad, lambda: enc.encode_file(cfg["audio"][bad]))
 
 torch.save(out, cfg["out"])
@@ -182,7 +182,7 @@ def setup(tiny_pretrained, tmp_path_factory):
     a = {k: os.path.join(tmp, "audio", v) for k, v in dict(
         speech="speech.wav", stereo16="stereo16.wav", stereo44="stereo44.flac", mono8k="mono8k.wav",
         mid20="mid20.wav", long60="long60.flac", empty="empty.wav", notaudio="notaudio.wav",
-        nosamples="nosamples.wav", nofile="does_not_exist.wav").items()}
+        nosamples="nosamples.wav", tooshort="tooshort.wav", nofile="does_not_exist.wav").items()}
     os.makedirs(os.path.join(tmp, "audio"))
     sf.write(a["speech"], speech, 16000, subtype="FLOAT")
     sf.write(a["stereo16"], torch.stack([torch.from_numpy(speech)] * 2, 1).numpy(), 16000, subtype="FLOAT")
@@ -203,6 +203,7 @@ def setup(tiny_pretrained, tmp_path_factory):
     with open(a["notaudio"], "w") as f:
         f.write("this is not audio\n" * 100)
     sf.write(a["nosamples"], torch.zeros(0).numpy(), 16000)
+    sf.write(a["tooshort"], torch.zeros(50).numpy(), 8000)
 
     # A padded batch of two utterances.
     n2 = len(speech) // 2
@@ -331,6 +332,7 @@ def test_audio_errors_are_clear(setup):
     assert e["audio_notaudio"].startswith("ValueError") and a["notaudio"] in e["audio_notaudio"]
     assert "cannot read" in e["audio_notaudio"]
     assert e["audio_nosamples"].startswith("ValueError") and "no samples" in e["audio_nosamples"]
+    assert e["audio_tooshort"].startswith("ValueError") and "too short" in e["audio_tooshort"]
     assert e["audio_nofile"].startswith("FileNotFoundError") and a["nofile"] in e["audio_nofile"]
 
 
