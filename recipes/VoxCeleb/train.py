@@ -204,6 +204,13 @@ def dataio_prepare(hparams):
         from_didatasets=[datasets["train"]],
         output_key="spk_id",
     )
+    with datasets["train"].output_keys_as(["spk_id"]):
+        speakers = {item["spk_id"] for item in datasets["train"]}
+    if set(label_encoder.lab2ind) != speakers:
+        raise ValueError(
+            f"{hparams['save_folder']}/label_encoder.txt lists {len(label_encoder)} speakers but the training "
+            f"manifest has {len(speakers)}: this output_folder holds a run on other data; use another --output_folder"
+        )
     sb.dataio.dataset.set_output_keys([datasets[s] for s in ("train", "dev", "test")], ["id", "sig", "spk_id_encoded"])
     if "veri" in datasets:
         sb.dataio.dataset.set_output_keys([datasets["veri"]], ["id", "sig"])
