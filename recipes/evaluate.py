@@ -251,8 +251,13 @@ def build_plan(hp):
                              {"upstream_reference": reference} if reference else {})
         rows["main"].append(u)
     if hp["run_ablations"]:
-        for variant, extra in (hp.get("ablations") or {}).items():
-            extra = dict(extra or {})
+        grid = hp.get("ablations") or {}
+        chosen = list(hp.get("ablation_variants") or grid)
+        unknown = [v for v in chosen if v not in grid]
+        if unknown:
+            raise ValueError(f"unknown ablation variant(s) {unknown}: define them under `ablations` ({list(grid)})")
+        for variant in chosen:
+            extra = dict(grid[variant] or {})
             if not extra and mgf_source:  # the full model: the same probes as the mgf row
                 key = "mgf" if "mgf" in row_source else variant
                 row_source.setdefault(key, (mgf_source, mgf_step, {}))
