@@ -98,7 +98,7 @@ class ASRBrain(DownstreamBrain):
             if weights is not None and len(weights) > 1:
                 meta["layer_weights"] = " ".join(f"{w:.2f}" for w in weights)
             self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"],
+            self.checkpointer.save_and_keep_only(meta=dict(stats), min_keys=[self.hparams.select_metric],
                                                  num_to_keep=self.hparams.ckpt_to_keep)
             return
         # TEST: one split at a time (self.test_split)
@@ -211,7 +211,8 @@ def main(argv):
         max_duration=hparams["max_duration"],
         sample_rate=hparams["sample_rate"],
         num_workers=hparams["prep_workers"],
-    ) if not hparams["skip_prep"] else list(hparams["test_splits"])
+    ) if not hparams["skip_prep"] else [s for s in hparams["test_splits"]
+                                        if os.path.isfile(os.path.join(hparams["manifest_folder"], f"{s}.csv"))]
     tokenizer = train_tokenizer(hparams)
     datasets = dataio_prepare(hparams, tokenizer, test_names)
 
@@ -241,7 +242,8 @@ def main(argv):
     brain.test_results = {}
     for name in test_names:
         brain.test_split = name
-        brain.evaluate(datasets[name], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
+        brain.evaluate(datasets[name], min_key=hparams["select_metric"],
+                       test_loader_kwargs=hparams["test_dataloader_opts"])
 
     results = {"upstream": describe_source(hparams["upstream"]), "freeze": hparams["freeze"],
                "layer": hparams["layer"], "layer_weights": brain.layer_weights(), "token_type": hparams["token_type"],
