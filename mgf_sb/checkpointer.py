@@ -38,8 +38,9 @@ class Checkpointer(_SBCheckpointer):
         for d in dirs:
             if (d / MARKER).exists():
                 continue
-            logger.warning(f"ignoring incomplete checkpoint {d} (interrupted while saving)")
+            # Only the main process decides (other DDP ranks may look while rank 0 is still writing).
             if if_main_process():
+                logger.warning(f"ignoring incomplete checkpoint {d} (interrupted while saving)")
                 try:
                     os.replace(d, d.parent / f"incomplete-{d.name}")
                 except OSError:

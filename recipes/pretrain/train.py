@@ -127,20 +127,21 @@ def dataio_prepare(hparams):
     sb.dataio.dataset.add_dynamic_item([datasets["valid"]], make_audio_pipeline(random_crop=False))
     sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig"])
 
-    sampler = sb.dataio.sampler.DynamicBatchSampler(
-        datasets["train"],
-        max_batch_length=hparams["max_batch_length"],
-        num_buckets=hparams["num_buckets"],
-        length_func=lambda x: min(float(x["duration"]), crop),
-        shuffle=True,
-        batch_ordering="random",
-        seed=hparams["seed"],
-    )
-    train_opts = {
-        "batch_sampler": sampler,
-        "num_workers": hparams["num_workers"],
-        "collate_fn": MGFCollate(**hparams["collate_args"]),
-    }
+    collate = MGFCollate(**hparams["collate_args"])
+    if hparams["dynamic_batching"]:
+        sampler = sb.dataio.sampler.DynamicBatchSampler(
+            datasets["train"],
+            max_batch_length=hparams["max_batch_length"],
+            num_buckets=hparams["num_buckets"],
+            length_func=lambda x: min(float(x["duration"]), crop),
+            shuffle=True,
+            batch_ordering="random",
+            seed=hparams["seed"],
+        )
+        train_opts = {"batch_sampler": sampler, "num_workers": hparams["num_workers"], "collate_fn": collate}
+    else:  # fixed number of utterances per batch (per process under DDP)
+        train_opts = {"batch_size": hparams["batch_size"], "shuffle": True, "num_workers": hparams["num_workers"],
+                      "collate_fn": collate}
     valid_opts = {
         "batch_size": 8,
         "num_workers": hparams["num_workers"],
