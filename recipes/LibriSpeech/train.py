@@ -107,7 +107,7 @@ class ASRBrain(DownstreamBrain):
             stats["beam_WER"] = self.beam_wer_metric.summarize("error_rate")
             stats["beam_CER"] = self.beam_cer_metric.summarize("error_rate")
         self.hparams.train_logger.log_stats(
-            stats_meta={"split": split, "epochs trained": self.hparams.epoch_counter.current}, test_stats=stats
+            stats_meta={"split": split, "checkpoint epoch": self.hparams.epoch_counter.current}, test_stats=stats
         )
         if if_main_process():
             out = self.hparams.output_folder
