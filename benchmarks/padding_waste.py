@@ -24,6 +24,8 @@ import platform
 import numpy as np
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
+from mgf_sb.data.batching import quantile_boundaries  # what recipes/pretrain/train.py uses
+
 
 def librispeech_like(n, seed=0):
     rng = np.random.RandomState(seed)
@@ -43,11 +45,6 @@ class _Durations:
 
     def __getitem__(self, i):
         return {"duration": float(self.d[i])}
-
-
-def quantile_boundaries(lengths, num_buckets):
-    """Bucket upper edges at the length quantiles (what ``bucket_boundaries`` can be given)."""
-    return sorted({float(v) for v in np.quantile(lengths, np.linspace(1 / num_buckets, 1, num_buckets))})
 
 
 def waste(durations, max_batch_length, num_buckets, crop_seconds, boundaries=False, seed=1986):
@@ -85,9 +82,9 @@ def main():
           f"mode bin {edges[hist.argmax()]:.0f}-{edges[hist.argmax()] + 2:.0f} s")
     # (name, max_batch_length, num_buckets, crop, quantile bucket_boundaries?)
     settings = [
-        ("pretraining, sample config (hparams/mgf.yaml)", 30, 10, 6.0, False),
-        ("pretraining, LibriSpeech-960 command (README)", 1200, 10, 6.0, False),
-        ("same + quantile bucket_boundaries", 1200, 10, 6.0, True),
+        ("pretraining recipe, sample config (hparams/mgf.yaml)", 30, 10, 6.0, True),
+        ("pretraining recipe, LibriSpeech-960 command (README)", 1200, 10, 6.0, True),
+        ("LibriSpeech-960 command, SpeechBrain's default buckets", 1200, 10, 6.0, False),
         ("pretraining, 16 s crops", 1200, 10, 16.0, False),
         ("16 s crops + quantile bucket_boundaries", 1200, 10, 16.0, True),
         ("no crop (whole utterances), 10 buckets", 1200, 10, None, False),

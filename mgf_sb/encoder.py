@@ -6,6 +6,22 @@ not the last (speaker and phone probes like early layers).
 
 import torch
 from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
+from speechbrain.nnet.attention import MultiheadAttention
+
+
+class _NoWeightsMHA(MultiheadAttention):
+    """SpeechBrain's MultiheadAttention without returning attention weights.
+
+    Asking torch for the (heads, T, T) weights forces the slow path that
+    materialises them; without them torch uses scaled_dot_product_attention
+    (flash / memory-efficient kernels). Same parameters, same state_dict.
+    """
+
+    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, return_attn_weights=False,
+                pos_embs=None):
+        out = super().forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                              return_attn_weights=False, pos_embs=pos_embs)
+        return out, None
 
 
 class ConvPositionalEncoding(torch.nn.Module):
@@ -96,6 +112,9 @@ class MGFEncoder(torch.nn.Module):
             layerdrop_prob=layerdrop_prob,
             output_hidden_states=True,
         )
+        for layer in self.transformer.layers:
+            if type(layer.self_att) is MultiheadAttention:
+                layer.self_att.__class__ = _NoWeightsMHA
 
     @property
     def num_layers(self):

@@ -29,7 +29,7 @@ ABLATIONS = [
     ("phoneme_l2_teacher", {"phoneme_loss": "l2"}, {"frame", "phoneme", "utterance"}),
     ("utterance_generative", {"utterance_loss": "l1", "utterance_target": "fbank"}, {"frame", "phoneme", "utterance"}),
     ("online_teacher", {"target_mode": "online"}, {"frame", "phoneme", "utterance"}),
-    ("frame_stack2", {"frame_stack": 2, "phoneme_span_min": 3, "phoneme_span_max": 10}, {"frame", "phoneme", "utterance"}),
+    ("frame_stack2", {"frame_stack": 2}, {"frame", "phoneme", "utterance"}),
     ("weight_zero", {"utterance_weight": 0.0}, {"frame", "phoneme"}),
 ]
 

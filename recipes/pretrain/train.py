@@ -20,6 +20,7 @@ from speechbrain.utils.distributed import ddp_all_reduce, if_main_process, run_o
 
 from mgf_sb.batch import MGFCollate
 from mgf_sb.checkpoint import save_pretrained
+from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
 from mgf_sb.distributed import CPUFriendlyDDP
 from mgf_sb.objectives import ObjectiveInputs
@@ -129,13 +130,11 @@ def dataio_prepare(hparams):
 
     collate = MGFCollate(**hparams["collate_args"])
     if hparams["dynamic_batching"]:
-        sampler = sb.dataio.sampler.DynamicBatchSampler(
+        sampler = dynamic_batch_sampler(
             datasets["train"],
             max_batch_length=hparams["max_batch_length"],
             num_buckets=hparams["num_buckets"],
             length_func=lambda x: min(float(x["duration"]), crop),
-            shuffle=True,
-            batch_ordering="random",
             seed=hparams["seed"],
         )
         train_opts = {"batch_sampler": sampler, "num_workers": hparams["num_workers"], "collate_fn": collate}
