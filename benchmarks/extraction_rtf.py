@@ -24,6 +24,7 @@ speed-up of MGF over wav2vec 2.0 (goal >= 1.5). A benchmark (printed table), not
 """
 
 import argparse
+import copy
 import glob
 import os
 import platform
@@ -33,6 +34,8 @@ import time
 import soundfile as sf
 import torch
 from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
+
+from mgf_sb.encoder import _NoWeightsMHA
 from speechbrain.lobes.models.wav2vec import EncoderWrapper, W2VLatentExtractor
 
 from mgf_sb.encoder import MGFEncoder
@@ -140,6 +143,13 @@ def main():
         target = n_params(models["MGF 100 Hz"])
         w2v, how = matched_w2v(cfg, target)
         models["wav2vec 2.0 (SB modules)"] = w2v.eval()
+        # The same wav2vec 2.0 with MGF's attention path (no attention weights
+        # returned -> torch's SDPA kernels): isolates the front-end/frame-rate
+        # difference from SpeechBrain's default attention implementation.
+        w2v_fast = copy.deepcopy(w2v).eval()
+        for layer in w2v_fast.wrapper.latent_encoder.layers:
+            layer.self_att.__class__ = _NoWeightsMHA
+        models["wav2vec 2.0, MGF's attention path"] = w2v_fast
         times = {k: [] for k in models}
         with torch.no_grad():
             for m in models.values():  # warm-up

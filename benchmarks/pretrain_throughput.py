@@ -83,10 +83,12 @@ def main(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     args, rest = p.parse_known_args(argv)
+    import yaml
+
     overrides = {}
-    for item in rest:
+    for item in rest:  # --key=value, parsed as YAML values like SpeechBrain's command line
         k, v = item.lstrip("-").split("=", 1)
-        overrides[k] = v
+        overrides[k] = yaml.safe_load(v)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
