@@ -12,7 +12,7 @@ import logging
 import os
 
 from speechbrain.utils.checkpoints import Checkpointer as _SBCheckpointer
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ class Checkpointer(_SBCheckpointer):
                 f.write("ok\n")
                 f.flush()
                 os.fsync(f.fileno())
+        # Every DDP process must see the marker before it lists checkpoints
+        # again: save_and_keep_only's deletions are collectives (SpeechBrain's
+        # main_process_only broadcasts), so the processes must agree on the list.
+        ddp_barrier()
         return ckpt
 
     def _list_checkpoint_dirs(self):

@@ -35,3 +35,75 @@ def world_size():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+def unwrap(module):
+    """The module inside a DDP / DataParallel wrapper (the module itself otherwise)."""
+    if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return module.module
+    return module
+
+
+def ddp_sum(values):
+    """Sums a list of numbers over the DDP processes (unchanged without DDP).
+
+    For statistics of a stage whose data is sharded across processes (the
+    training set under torchrun); every process must call it.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def gather_for_contrast(z, group):
+    """Every process's embeddings as contrastive keys (SimCLR / CLIP style).
+
+    Under DDP a contrastive loss over the local batch alone sees 1/N of the
+    negatives, so its value (and what it learns) depends on the number of
+    processes. The other processes' embeddings are gathered without gradient;
+    the local rows stay the local tensor, so gradients flow through them.
+
+    Arguments
+    ---------
+    z : torch.Tensor
+        (M, D) local embeddings (sizes may differ across processes).
+    group : torch.LongTensor
+        (M,) local utterance index of each row.
+
+    Returns
+    -------
+    keys : torch.Tensor
+        (sum of M, D).
+    key_group : torch.LongTensor
+        (sum of M,) utterance indices made unique across processes.
+    offset : int
+        Row of the local ``z[0]`` in ``keys``.
+    """
+    n = world_size()
+    if n == 1:
+        return z, group, 0
+    dist = torch.distributed
+    rank = dist.get_rank()
+    sizes = [torch.zeros(2, dtype=torch.long, device=z.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([z.shape[0], int(group.max()) + 1], device=z.device))
+    sizes = [tuple(int(v) for v in s) for s in sizes]
+    width = max(s[0] for s in sizes)
+    pad_z = torch.zeros(width, z.shape[1], dtype=z.dtype, device=z.device)
+    pad_z[: z.shape[0]] = z.detach()
+    pad_g = torch.zeros(width, dtype=torch.long, device=z.device)
+    pad_g[: z.shape[0]] = group
+    all_z = [torch.empty_like(pad_z) for _ in range(n)]
+    all_g = [torch.empty_like(pad_g) for _ in range(n)]
+    dist.all_gather(all_z, pad_z)
+    dist.all_gather(all_g, pad_g)
+    keys, key_group, g_offset = [], [], 0
+    for r, ((m, n_groups), zr, gr) in enumerate(zip(sizes, all_z, all_g)):
+        keys.append(z if r == rank else zr[:m])
+        key_group.append(gr[:m] + g_offset)
+        g_offset += n_groups
+    offset = sum(s[0] for s in sizes[:rank])
+    return torch.cat(keys), torch.cat(key_group), offset

@@ -11,7 +11,7 @@ import os
 
 import speechbrain as sb
 
-from mgf_sb.distributed import CPUFriendlyDDP
+from mgf_sb.distributed import CPUFriendlyDDP, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
         return self.modules.layer_selector(layers), n_frames
 
     def init_optimizers(self):
-        upstream = self.modules.upstream
+        upstream = unwrap(self.modules.upstream)  # DDP-wrapped when fine-tuned under torchrun
         up_params = {id(p) for p in upstream.parameters()}
         head_params = [p for p in self.modules.parameters() if id(p) not in up_params and p.requires_grad]
         self.optimizer = self.opt_class(head_params)
@@ -47,7 +47,7 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        if not self.modules.upstream.statistics_ready():
+        if not unwrap(self.modules.upstream).statistics_ready():
             raise RuntimeError(
                 "the upstream has no feature-normalisation statistics: train at least one epoch "
                 "(or give a pretrained folder as upstream / upstream_reference) before evaluating"
