@@ -23,9 +23,14 @@ Bad input is decided here, before any training:
 
 - a wrong ``data_folder`` (no ``Session1..5``): error saying which layout was expected;
 - a dialog folder with no ``EmoEvaluation`` file (or the reverse): error naming the file;
-- a malformed summary line, a label without audio, audio without a label, an
-  unreadable/empty/silent wav, a duplicated utterance ID: the utterance is skipped,
-  listed in ``iemocap_skipped.tsv`` (path, reason) and counted in the log.
+- a malformed or non-UTF-8 summary line, a label without audio, audio without a
+  label, an unreadable wav (empty file, text named .wav, truncated FLAC stream),
+  one with zero samples, NaN/Inf samples or only zeros, a duplicated utterance
+  ID: the utterance is skipped, listed in ``iemocap_skipped.tsv`` (path,
+  reason) and counted in the log;
+- other sample rates and stereo files are converted to 16 kHz mono copies
+  (``<manifest_folder>/converted``, listed in ``iemocap_converted.tsv``); a
+  truncated WAV keeps its readable part (its real duration in the manifest).
 
 Decoding every file is the slow part; it is done once into
 ``<manifest_folder>/iemocap_all.csv`` and reused by every fold (re-done only
@@ -104,9 +109,15 @@ def parse_emo_evaluation(path, dialog, skipped):
         utterance ID -> raw label (``neu``, ``exc``...).
     """
     labels = OrderedDict()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.startswith("["):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.startswith(b"["):
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skipped.add(f"{path}:{n}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} in "
+                                           f"{raw.strip()[:80]!r}); fix the file's encoding")
                 continue
             m = SUMMARY_LINE.match(line.rstrip("\r\n"))
             if m is None:

@@ -17,6 +17,15 @@ They are logged and written to ``<output_folder>/test_results.{json,md}`` and
 ``<output_folder>/model`` (:func:`export_classifier_folder`) for inference.
 Re-running the same command resumes. All five folds and their mean +- std:
 ``python recipes/IEMOCAP/run_folds.py hparams/emotion.yaml``.
+
+Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
+
+    torchrun --nproc_per_node=4 recipes/IEMOCAP/train.py hparams/emotion.yaml --test_session=1
+
+shards the training set over the processes (``batch_size`` is per process);
+validation and test are not sharded, so every process scores the whole set
+and rank 0 writes the results and the export. ``--precision=bf16`` trains
+under autocast.
 """
 
 import json
@@ -35,6 +44,7 @@ from iemocap_prepare import CLASSES, prepare_iemocap  # noqa: E402
 
 from mgf_sb.checkpoint import CONFIG_FILE, FEATURES_FILE, FORMAT, FORMAT_VERSION, save_pretrained  # noqa: E402
 from mgf_sb.data.manifest import read_manifest  # noqa: E402
+from mgf_sb.distributed import ddp_sum  # noqa: E402
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results  # noqa: E402
 from mgf_sb.upstream import describe_source  # noqa: E402
 
@@ -66,8 +76,9 @@ class EmotionBrain(DownstreamBrain):
         self.class_stats = sb.utils.metric_stats.ClassificationStats()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:  # DDP: mean over the processes' shards (equal batch counts)
+            loss_sum, world = ddp_sum([stage_loss, 1.0])
+            self.train_stats = {"loss": loss_sum / world}
             return
         metrics = emotion_metrics(self.confusion)
         stats = {"loss": stage_loss, "UA": metrics["UA"], "WA": metrics["WA"]}
@@ -291,6 +302,8 @@ def check_run_config(hparams):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain single-process run.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     if hparams.get("num_threads"):
@@ -300,7 +313,7 @@ def main(argv):
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
     )
     announce_data(hparams["data_folder"])
-    check_run_config(hparams)
+    run_on_main(check_run_config, args=[hparams])  # reads/writes run_config.json once
     if not hparams["skip_prep"]:
         run_on_main(
             prepare_iemocap,

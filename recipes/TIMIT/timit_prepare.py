@@ -32,9 +32,18 @@ segments too, so the recipe derives labels for any upstream frame rate with
 ``frame_stack: 2`` frame ``j`` stacks fbank frames ``2j`` and ``2j+1``, centre
 sample ``(2j + 0.5) * 160``).
 
-Bad input stops the preparation with an error naming the file: a WAV without
-PHN, an unreadable SPHERE file, a sample rate other than 16 kHz, PHN offsets
-beyond the audio, an unknown phone symbol, a malformed PHN line.
+TIMIT is a fixed benchmark (a smaller test set gives incomparable numbers),
+so a file that cannot be used stops the preparation with an error naming the
+file and the fix, never a silent skip: a WAV without PHN; an empty, truncated
+(header only), unreadable or non-audio file (text named .WAV); audio with no
+samples, NaN/Inf samples or only zeros; PHN offsets beyond the audio (a
+truncated WAV); an unknown phone symbol, a malformed or non-ASCII PHN line.
+Audio in another format is converted instead (16 kHz mono copies in
+``<save_folder>/converted``, listed in ``timit_converted.tsv``): other sample
+rates are resampled (the PHN offsets are rescaled; they are read in the
+file's own rate, or in 16 kHz samples when that is what matches the audio's
+length) and stereo is downmixed. Paths with spaces or non-ASCII characters
+are fine.
 
 Outputs in ``save_folder``: ``train.csv``, ``dev.csv``, ``test.csv`` (columns
 ID, duration, wav, spk_id, n_samples, segments, frame_labels) and
@@ -46,9 +55,10 @@ import os
 import re
 
 import numpy as np
+import soundfile as sf
 
-from mgf_sb.data.audio import AudioError, read_audio
-from mgf_sb.data.manifest import mark_prep_done, prep_is_done, write_manifest
+from mgf_sb.data.audio import AudioError, check_audio, read_audio
+from mgf_sb.data.manifest import SkipReport, mark_prep_done, prep_is_done, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +185,17 @@ def read_phn(phn_path, n_samples):
         Sample offsets, sorted; ``q`` segments and empty segments removed.
     """
     segments = []
-    with open(phn_path, encoding="ascii", errors="replace") as f:
-        lines = f.read().splitlines()
+    with open(phn_path, "rb") as f:
+        raw = f.read().splitlines()
+    lines = []
+    for k, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("ascii"))
+        except UnicodeDecodeError as e:
+            raise TIMITError(
+                f"{phn_path}:{k}: not ASCII text (byte 0x{line[e.start]:02x}); TIMIT's PHN files are plain "
+                "ASCII 'start end phone' lines: restore the file from the corpus"
+            ) from None
     for k, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -256,13 +275,22 @@ def decode_segments(text):
     return out
 
 
-def read_utterance(wav_path, sample_rate=16000, hop_length=160):
+def read_utterance(wav_path, sample_rate=16000, hop_length=160, convert_dir=None):
     """Decodes one utterance and its PHN; errors name the file.
+
+    Arguments
+    ---------
+    wav_path : str
+    sample_rate, hop_length : int
+    convert_dir : str, optional
+        Where 16 kHz mono copies of other rates / stereo files go; without it
+        such files are an error.
 
     Returns
     -------
     dict
-        n_samples, duration, segments, frame_labels (100 fps).
+        wav (the converted copy if one was written), note (what was
+        converted, or None), n_samples, duration, segments, frame_labels (100 fps).
     """
     phn_path = find_phn(wav_path)
     try:
@@ -272,15 +300,45 @@ def read_utterance(wav_path, sample_rate=16000, hop_length=160):
             f"{e}; TIMIT's .WAV must be NIST SPHERE with uncompressed 16-bit PCM (convert it with "
             "sph2pipe -f wav, keeping the name, or restore it from the corpus)"
         ) from e
+    n_orig = data.shape[0]
+    restore = "restore it from the corpus (or remove the WAV and its PHN)"
+    if n_orig == 0:
+        raise TIMITError(f"{wav_path}: empty audio (zero samples); {restore}")
+    if not np.isfinite(data).all():
+        raise TIMITError(f"{wav_path}: NaN or Inf samples; {restore}")
+    if not np.any(data):
+        raise TIMITError(f"{wav_path}: silent (every sample is zero); {restore}")
+    path, note, n_samples = wav_path, None, n_orig
     if sr != sample_rate or data.shape[1] != 1:
-        raise TIMITError(f"{wav_path}: {sr} Hz, {data.shape[1]} channels; TIMIT is {sample_rate} Hz mono")
-    n_samples = data.shape[0]
-    if n_samples == 0:
-        raise TIMITError(f"{wav_path}: empty audio (zero samples)")
-    segments = read_phn(phn_path, n_samples)
+        if convert_dir is None:
+            raise TIMITError(f"{wav_path}: {sr} Hz, {data.shape[1]} channels; TIMIT is {sample_rate} Hz mono")
+        check = check_audio(wav_path, sample_rate, convert_dir=convert_dir)
+        if not check.ok:
+            raise TIMITError(f"{wav_path}: {check.reason}; {restore}")
+        path, note, n_samples = check.path, check.note, sf.info(check.path).frames
+    if sr == sample_rate:
+        segments = read_phn(phn_path, n_samples)
+    else:
+        # Offsets in the file's own samples (a consistently resampled copy) or
+        # still in 16 kHz samples (only the audio was resampled): the unit whose
+        # last offset is nearest the audio's length.
+        n_target = int(round(n_orig * sample_rate / sr))
+        segments = read_phn(phn_path, max(n_orig, n_target))
+        last = max(e for _, e, _ in segments)
+        if abs(last - n_orig) <= abs(last - n_target):
+            segments = read_phn(phn_path, n_orig)
+            ratio = sample_rate / sr
+            segments = [(int(round(a * ratio)), min(int(round(b * ratio)), n_samples), p) for a, b, p in segments]
+            segments = [(a, b, p) for a, b, p in segments if b > a]
+            note += f"; PHN offsets rescaled from {sr} Hz"
+        else:
+            segments = [(a, min(b, n_samples), p) for a, b, p in read_phn(phn_path, n_target) if a < n_samples]
+            note += f"; PHN offsets already in {sample_rate} Hz samples"
     return dict(
+        wav=path,
+        note=note,
         n_samples=n_samples,
-        duration=n_samples / sr,
+        duration=n_samples / sample_rate,
         segments=segments,
         frame_labels=frame_labels(segments, n_samples, hop_length, 1),
     )
@@ -320,7 +378,7 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
             raise ValueError(f"unknown TIMIT split {s!r}; choose from {SPLITS}")
     options = dict(
         data_folder=os.path.abspath(data_folder), splits=splits, exclude_sa=exclude_sa,
-        sample_rate=sample_rate, hop_length=hop_length, version=1,
+        sample_rate=sample_rate, hop_length=hop_length, version=2,
     )
     outputs = [os.path.join(save_folder, f"{s}.csv") for s in splits]
     if prep_is_done(save_folder, "timit_prep", options) and all(os.path.isfile(p) for p in outputs):
@@ -328,6 +386,7 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
         return
 
     root, sets = find_timit_root(data_folder)
+    report = SkipReport("timit")  # nothing is skipped (errors instead); converted files are listed
     rows = {s: [] for s in splits}
     unused = {"SA sentences": 0, "TEST speakers outside dev/core": 0}
     speakers = {s: set() for s in splits}
@@ -339,12 +398,14 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
                 continue
             if split not in rows:
                 continue
-            utt = read_utterance(wav, sample_rate, hop_length)
+            utt = read_utterance(wav, sample_rate, hop_length, convert_dir=os.path.join(save_folder, "converted"))
+            if utt["note"]:
+                report.note(os.path.abspath(wav), utt["note"])
             speakers[split].add(speaker)
             rows[split].append(dict(
                 ID=f"{speaker}_{sentence}",
                 duration=utt["duration"],
-                wav=os.path.abspath(wav),
+                wav=os.path.abspath(utt["wav"]),
                 spk_id=speaker,
                 n_samples=utt["n_samples"],
                 segments=encode_segments(utt["segments"]),
@@ -361,4 +422,5 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
                        ["spk_id", "n_samples", "segments", "frame_labels"])
         logger.info(f"TIMIT {split}: {len(rows[split])} utterances, {n_spk} speakers")
     logger.info("TIMIT: not used: " + ", ".join(f"{n} {k}" for k, n in unused.items()))
+    report.write(save_folder)
     mark_prep_done(save_folder, "timit_prep", options)

@@ -11,6 +11,14 @@ core test set; results go to ``<output_folder>/results.{json,md}`` and the
 per-phone accuracies to ``<output_folder>/per_phone_{dev,test}.txt``.
 Re-running the same command resumes from the last checkpoint.
 
+Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
+
+    torchrun --nproc_per_node=4 recipes/TIMIT/train.py hparams/timit.yaml
+
+shards the training set over the processes (``batch_size`` is per process);
+dev/test are not sharded, so every process scores the whole set and rank 0
+writes the results. ``--precision=bf16`` trains under autocast.
+
 Frame labels follow the upstream's frame rate: each encoder frame gets the
 label of the phone segment containing its centre (100 fps labels at
 ``frame_stack: 1``; at ``frame_stack: 2`` the centre of the two stacked 10 ms
@@ -24,8 +32,9 @@ import sys
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import valid_mask
 from mgf_sb.upstream import describe_source
@@ -80,9 +89,16 @@ class TIMITBrain(DownstreamBrain):
         }
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            # Under DDP each process saw its shard of the training set: sum
+            # the confusion matrices, average the losses (equal batch counts).
+            n = self.hparams.n_classes
+            *counts, loss_sum, world = ddp_sum(self.confusion.flatten().tolist() + [stage_loss, 1.0])
+            self.confusion = torch.tensor(counts, dtype=torch.long).view(n, n)
+            stage_loss = loss_sum / world
         stats = {"loss": stage_loss, "acc": self.frame_stats()["acc"]}
         if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
+            self.train_stats = dict(stats, frames=int(self.confusion.sum()))  # all processes' frames
         elif stage == sb.Stage.VALID:
             meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             weights = self.layer_weights()
@@ -98,7 +114,8 @@ class TIMITBrain(DownstreamBrain):
             result = self.frame_stats()
             result["loss"] = stage_loss
             self.eval_results[name] = result
-            self.write_per_phone(os.path.join(self.hparams.output_folder, f"per_phone_{name}.txt"))
+            if if_main_process():  # every process scored the whole set (not sharded)
+                self.write_per_phone(os.path.join(self.hparams.output_folder, f"per_phone_{name}.txt"))
 
     def write_per_phone(self, path):
         """One line per phone: frames, accuracy, most frequent confusion."""
@@ -141,6 +158,8 @@ def dataio_prepare(hparams):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain single-process run.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     if hparams.get("num_threads"):
@@ -211,8 +230,9 @@ def main(argv):
             f"| {name} | {100 * r['acc']:.2f} % | {r['frames']} | "
             f"{100 * r['majority_frequency']:.2f} % ({r['majority_class']}) |"
         )
-    write_results(hparams["output_folder"], "results", results, "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    if if_main_process():
+        write_results(hparams["output_folder"], "results", results, "\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

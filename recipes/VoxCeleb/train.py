@@ -10,6 +10,14 @@ scores the verification trials (``trial_file``) with the cosine similarity of
 pooled embeddings and reports EER and minDCF (``verify.py`` does only that
 last part, from the best checkpoint). Re-running the command resumes.
 Results: ``<output_folder>/results.json`` and ``.md``.
+
+Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
+
+    torchrun --nproc_per_node=4 recipes/VoxCeleb/train.py hparams/voxceleb.yaml
+
+shards the training set over the processes (``batch_size`` is per process);
+dev/test/trial audio is not sharded, so every process scores the whole set and
+rank 0 writes the results. ``--precision=bf16`` trains under autocast.
 """
 
 import csv
@@ -20,8 +28,9 @@ import sys
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from mgf_sb.distributed import ddp_sum, unwrap
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import Classifier, StatisticsPooling
 from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
@@ -125,6 +134,9 @@ class SpeakerBrain(DownstreamBrain):
             self.accuracy = self.hparams.accuracy_stats()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:  # DDP: each process trained on its shard; combine them
+            self.n_correct, self.n_seen, loss_sum, world = ddp_sum([self.n_correct, self.n_seen, stage_loss, 1.0])
+            stage_loss = loss_sum / world
         stats = {"loss": stage_loss, "acc": self.n_correct / max(self.n_seen, 1)}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
@@ -152,7 +164,7 @@ class SpeakerBrain(DownstreamBrain):
         for batch in loader:
             batch = batch.to(self.device)
             feats, n_frames = self.encode(*batch.sig, sb.Stage.TEST)
-            emb = self.modules.head.embed(feats, n_frames, which=which).float().cpu()
+            emb = unwrap(self.modules.head).embed(feats, n_frames, which=which).float().cpu()
             out.update(zip(batch.id, emb))
         return out
 
@@ -236,9 +248,10 @@ def run_verification(brain, hparams, datasets):
     min_dcf, _ = compute_min_dcf(scores[labels], scores[~labels], p_target=hparams["dcf_p_target"],
                                  c_miss=hparams["dcf_c_miss"], c_fa=hparams["dcf_c_fa"])
     path = os.path.join(hparams["output_folder"], "veri_scores.txt")
-    with open(path, "w") as f:
-        for t, s in zip(trials, scores.tolist()):
-            f.write(f"{t['enrol']} {t['test']} {t['label']} {s:.6f}\n")
+    if if_main_process():  # every process scored every trial (the trial audio is not sharded)
+        with open(path, "w") as f:
+            for t, s in zip(trials, scores.tolist()):
+                f.write(f"{t['enrol']} {t['test']} {t['label']} {s:.6f}\n")
     results = {"eer": eer, "eer_threshold": threshold, "min_dcf": min_dcf, "dcf_p_target": hparams["dcf_p_target"],
                "n_trials": len(trials), "n_target": int(labels.sum()), "embedding": which}
     logger.info(f"verification: EER {100 * eer:.2f}%, minDCF(p={hparams['dcf_p_target']}) {min_dcf:.4f} "
@@ -275,6 +288,8 @@ def build_brain(hparams, run_opts, n_speakers):
 def main(argv, mode="train"):
     """``mode``: ``train`` (fit, test, verification) or ``verify`` (verification only)."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain single-process run.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     if hparams.get("num_threads"):
@@ -329,8 +344,9 @@ def main(argv, mode="train"):
     for key in ("sid_test_acc", "chance_acc", "eer", "min_dcf"):
         if key in results:
             lines.append(f"| {key} | {100 * results[key]:.2f}% |" if key != "min_dcf" else f"| {key} | {results[key]:.4f} |")
-    write_results(hparams["output_folder"], "results" if mode == "train" else "verification", results,
-                  "\n".join(lines) + "\n")
+    if if_main_process():
+        write_results(hparams["output_folder"], "results" if mode == "train" else "verification", results,
+                      "\n".join(lines) + "\n")
     return results
 
 

@@ -15,8 +15,13 @@ Outputs in ``save_folder``: ``train.csv``, ``dev.csv``, ``test.csv`` (columns
 ``veri_trials.csv`` (``ID, label, enrol, test``), and skip reports
 ``voxceleb_skipped.tsv`` / ``voxceleb_trials_skipped.tsv``. Everything that
 could fail mid-epoch is decided here: every file is decoded once; malformed
-lines, missing, unreadable, empty or too short files and dev/test utterances of
-speakers without training data are skipped, listed and counted.
+or non-UTF-8 lines, missing, unreadable (empty file, text named .wav, a
+truncated FLAC stream), empty (zero samples), NaN/Inf, all-zero or too short
+files and dev/test utterances of speakers without training data are skipped,
+listed and counted; other sample rates and stereo files are converted to
+16 kHz mono copies in ``<save_folder>/converted`` (listed in
+``voxceleb_converted.tsv``); a truncated WAV keeps its readable part (its real
+duration goes to the manifest).
 """
 
 import logging
@@ -89,6 +94,24 @@ def resolve(rel, where, roots):
     return None
 
 
+def _text_lines(path, skips):
+    """Non-empty stripped lines of a meta file as (line number, text).
+
+    A line that is not valid UTF-8 is listed in ``skips`` (with its bytes) and
+    left out, instead of a UnicodeDecodeError or a silently mangled path.
+    """
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                skips.add(f"{path}:{n}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} in {raw.strip()[:80]!r}); "
+                                         "fix the file's encoding")
+                continue
+            if line:
+                yield n, line
+
+
 def read_split_file(path, skips):
     """Parses ``iden_split.txt``; malformed and duplicate lines go to ``skips``.
 
@@ -102,21 +125,17 @@ def read_split_file(path, skips):
             f"into the data folder (or pass --split_file=/path/to/iden_split.txt)"
         )
     entries, seen = [], set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split()
-            where = f"{path}:{n}"
-            if len(fields) != 2 or fields[0] not in SPLITS or not _REL_PATH.match(fields[1]):
-                skips.add(where, f"malformed split line ({line[:80]!r}; expected '1|2|3 <id>/<video>/<file>.wav')")
-                continue
-            if fields[1] in seen:
-                skips.add(where, f"duplicate entry ({fields[1]} is listed earlier)")
-                continue
-            seen.add(fields[1])
-            entries.append((SPLITS[fields[0]], fields[1]))
+    for n, line in _text_lines(path, skips):
+        fields = line.split()
+        where = f"{path}:{n}"
+        if len(fields) != 2 or fields[0] not in SPLITS or not _REL_PATH.match(fields[1]):
+            skips.add(where, f"malformed split line ({line[:80]!r}; expected '1|2|3 <id>/<video>/<file>.wav')")
+            continue
+        if fields[1] in seen:
+            skips.add(where, f"duplicate entry ({fields[1]} is listed earlier)")
+            continue
+        seen.add(fields[1])
+        entries.append((SPLITS[fields[0]], fields[1]))
     if not entries:
         raise ValueError(f"{path}: no valid line (expected '1|2|3 <id>/<video>/<file>.wav' per line)")
     return entries
@@ -125,17 +144,13 @@ def read_split_file(path, skips):
 def read_trial_file(path, skips):
     """Parses ``veri_test2.txt``; returns [(label, enrol rel, test rel)]."""
     trials = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split()
-            if (len(fields) != 3 or fields[0] not in ("0", "1")
-                    or not _REL_PATH.match(fields[1]) or not _REL_PATH.match(fields[2])):
-                skips.add(f"{path}:{n}", f"malformed trial line ({line[:80]!r}; expected '0|1 <enrol>.wav <test>.wav')")
-                continue
-            trials.append((int(fields[0]), fields[1], fields[2]))
+    for n, line in _text_lines(path, skips):
+        fields = line.split()
+        if (len(fields) != 3 or fields[0] not in ("0", "1")
+                or not _REL_PATH.match(fields[1]) or not _REL_PATH.match(fields[2])):
+            skips.add(f"{path}:{n}", f"malformed trial line ({line[:80]!r}; expected '0|1 <enrol>.wav <test>.wav')")
+            continue
+        trials.append((int(fields[0]), fields[1], fields[2]))
     return trials
 
 
