@@ -19,7 +19,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from mgf_sb.batch import MGFCollate
-from mgf_sb.objectives import ObjectiveInputs
+from mgf_sb.pretraining import mgf_forward
 
 
 def build(hparams_file, overrides):
@@ -39,13 +39,12 @@ def make_step(hp, device, dtype, mode):
 
     def step(batch):
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            feats, n = features(batch.wavs, batch.wav_lens, epoch=0)
-            hidden = encoder(feats, n, mask=batch.input_mask)
+            inputs = mgf_forward(features, encoder, target, batch,
+                                 needs_teacher=mode != "encoder" and objectives.needs_teacher, epoch=0)
             if mode == "encoder":
-                loss = hidden[-1].float().pow(2).mean()
+                loss = inputs.hidden[-1].float().pow(2).mean()
             else:
-                teacher = target(encoder, feats, n) if objectives.needs_teacher else None
-                loss, _, _ = objectives(ObjectiveInputs(hidden, feats, teacher, batch))
+                loss, _, _ = objectives(inputs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -100,7 +99,7 @@ def main(argv):
     sr = base["sample_rate"]
     items = [{"id": str(i), "sig": 0.1 * torch.randn(int(args.utt_seconds * sr))} for i in range(args.batch_utts)]
     batch = collate(items).to(device)
-    audio_s = args.batch_utts * args.utt_seconds
+    audio_s = args.batch_utts * args.utt_seconds  # distinct audio (mask copies not counted)
 
     # Statistics for the normaliser (one pass in train mode).
     # Interleaved rounds (A B C A B C ...) so that drifting machine load hits
@@ -126,7 +125,8 @@ def main(argv):
     print(f"\nMGF pretraining throughput - {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"device {device}, {args.precision}, threads {torch.get_num_threads()}")
     print(f"encoder {n_params / 1e6:.2f} M params, frame_stack {base['frame_stack']}, batch {args.batch_utts} x "
-          f"{args.utt_seconds:.1f} s ({2 * args.batch_utts} views), median of {args.repeats}\n")
+          f"{args.utt_seconds:.1f} s ({len(batch)} student sequences: views x mask_copies "
+          f"{base['collate_args'].get('mask_copies', 1)}), median of {args.repeats}\n")
     print("| step | time per batch (s) | audio s / s |")
     print("|---|---|---|")
     for name, t, thr in rows:

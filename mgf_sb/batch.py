@@ -7,6 +7,10 @@ same seed, and the training step stays free of sampling code.
 Two views for free: each utterance's crop is cut into two disjoint halves that
 enter the batch as separate sequences. The utterance-scale loss then needs no
 extra forward pass, and the views cannot see each other through attention.
+
+Several masks per view (``mask_copies``, as data2vec 2.0 does): each view is
+encoded by the student K times with independent masks while the features and
+the target network run once per view, which amortises the teacher's cost.
 """
 
 from dataclasses import dataclass, field
@@ -19,16 +23,22 @@ from mgf_sb.masking import sample_frame_mask, sample_spans, spans_to_mask
 
 @dataclass
 class MGFBatch:
-    """A pretraining batch of M = n_views * N sequences (views of N utterances).
+    """A pretraining batch: U = n_views * N views of N utterances, each masked
+    K = mask_copies times, giving M = K * U student sequences.
 
     Attributes
     ----------
     id : list of str
         (M,) ``<utterance id>/<view>``.
     wavs : torch.Tensor
-        (M, samples) zero-padded waveforms.
+        (U, samples) zero-padded waveforms of the distinct views.
     wav_lens : torch.Tensor
-        (M,) relative lengths, as SpeechBrain uses them.
+        (U,) relative lengths, as SpeechBrain uses them.
+    source : torch.LongTensor
+        (M,) which view (row of ``wavs``) each student sequence encodes.
+    utt : torch.LongTensor
+        (M,) utterance index of each sequence (copies and views of one
+        utterance share it; they are never each other's negatives).
     n_frames : torch.LongTensor
         (M,) valid encoder frames of each sequence.
     frame_mask : torch.BoolTensor
@@ -50,10 +60,20 @@ class MGFBatch:
     span_len: torch.Tensor
     span_valid: torch.Tensor
     partner: torch.Tensor
+    source: torch.Tensor = None
+    utt: torch.Tensor = None
     _tensor_fields: tuple = field(
-        default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner"),
+        default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner",
+                 "source", "utt"),
         repr=False,
     )
+
+    def __post_init__(self):
+        M = self.frame_mask.shape[0]
+        if self.source is None:
+            self.source = torch.arange(M)
+        if self.utt is None:
+            self.utt = torch.arange(M)
 
     @property
     def span_mask(self):
@@ -66,7 +86,7 @@ class MGFBatch:
         return self.frame_mask | self.span_mask
 
     def _map(self, fn):
-        kwargs = {k: getattr(self, k) for k in ("id",)}
+        kwargs = {"id": self.id}
         for k in self._tensor_fields:
             kwargs[k] = fn(getattr(self, k))
         return MGFBatch(**kwargs)
@@ -111,6 +131,8 @@ class MGFCollate:
         Frame-scale mask (spans in encoder frames).
     span_mask_ratio, span_min, span_max, max_spans :
         Phoneme-scale spans (in encoder frames).
+    mask_copies : int
+        Independently masked student copies of each view (K).
     sig_key : str
         Dataset key of the waveform.
     random_crop : bool
@@ -131,6 +153,7 @@ class MGFCollate:
         span_min=5,
         span_max=20,
         max_spans=None,
+        mask_copies=1,
         sig_key="sig",
         random_crop=True,
     ):
@@ -143,6 +166,9 @@ class MGFCollate:
         self.frame_args = (frame_mask_ratio, frame_span_min, frame_span_max)
         self.span_args = (span_mask_ratio, span_min, span_max)
         self.max_spans = max_spans
+        if int(mask_copies) < 1:
+            raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
+        self.mask_copies = int(mask_copies)
         self.sig_key = sig_key
         self.random_crop = random_crop
 
@@ -164,26 +190,27 @@ class MGFCollate:
             for v, piece in enumerate(self._views(item[self.sig_key])):
                 ids.append(f"{item['id']}/{v}")
                 views.append(piece)
-        M, N = len(views), len(items)
+        U, K = len(views), self.mask_copies
         n_samples = torch.tensor([p.shape[0] for p in views])
-        wavs = torch.zeros(M, int(n_samples.max()))
+        wavs = torch.zeros(U, int(n_samples.max()))
         for i, p in enumerate(views):
             wavs[i, : p.shape[0]] = p
-        n_frames = n_encoder_frames(n_samples, self.hop, self.frame_stack)
+        # Student sequence m = k * U + u is copy k of view u.
+        source = torch.arange(U).repeat(K)
+        n_frames = n_encoder_frames(n_samples, self.hop, self.frame_stack)[source]
         T = int(n_encoder_frames(wavs.shape[1], self.hop, self.frame_stack))
 
         span_start, span_len, span_valid = sample_spans(n_frames, *self.span_args, max_spans=self.max_spans)
         frame_mask = sample_frame_mask(
             n_frames, T, *self.frame_args, exclude=spans_to_mask(span_start, span_len, T)
         )
-        if self.n_views == 2:
-            utt = torch.arange(M) // 2
-            partner = utt * 2 + (1 - torch.arange(M) % 2)
+        utt = source // self.n_views
+        if self.n_views == 2:  # the other half of the same crop, same copy
+            partner = torch.arange(U * K) + 1 - 2 * (source % 2)
         else:
-            partner = torch.full((M,), -1)
-        del N
+            partner = torch.full((U * K,), -1)
         return MGFBatch(
-            id=ids,
+            id=[f"{ids[u]}/{k}" if K > 1 else ids[u] for k in range(K) for u in range(U)],
             wavs=wavs,
             wav_lens=n_samples.float() / wavs.shape[1],
             n_frames=n_frames,
@@ -192,4 +219,6 @@ class MGFCollate:
             span_len=span_len,
             span_valid=span_valid,
             partner=partner,
+            source=source,
+            utt=utt,
         )

@@ -107,3 +107,46 @@ def gather_for_contrast(z, group):
         g_offset += n_groups
     offset = sum(s[0] for s in sizes[:rank])
     return torch.cat(keys), torch.cat(key_group), offset
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics cover every DDP process, also on CPU.
+
+    On GPUs SpeechBrain converts it to SyncBatchNorm like any BatchNorm; on CPU
+    (gloo), where SyncBatchNorm does not exist, it all-reduces the batch sums
+    itself (with autograd), so a contrastive head normalised by batch
+    statistics behaves as in a single process with the global batch.
+    """
+
+    def forward(self, x):
+        if not (self.training and world_size() > 1 and x.device.type == "cpu"):
+            return super().forward(x)
+        C = x.shape[1]
+        stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        stats = _AllReduceSum.apply(stats)  # differentiable sum over processes
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C : 2 * C] / n - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+            self.num_batches_tracked += 1
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y

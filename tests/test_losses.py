@@ -117,3 +117,16 @@ def test_unsupported_combinations_fail_clearly():
         assert "not supported" in str(e)
     else:
         raise AssertionError("l1 to the other view would collapse; must be refused")
+
+
+def test_nt_xent_group_excludes_other_copies_of_the_same_utterance():
+    torch.manual_seed(0)
+    base = torch.randn(4, 16)
+    # 2 copies x (2 utterances x 2 views); copies of one utterance are identical vectors
+    z = base[[0, 1, 2, 3, 0, 1, 2, 3]]
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    group = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    with_group, _ = nt_xent(z + 0.01 * torch.randn_like(z), partner, 0.1, group=group)
+    without, _ = nt_xent(z + 0.01 * torch.randn_like(z), partner, 0.1)
+    # without the group, a view's own copy (near-identical) is a negative: the loss is much larger
+    assert with_group < without - 0.5

@@ -65,3 +65,15 @@ def test_collate_frame_stack_halves_frames():
     c2 = MGFCollate(frame_stack=2, n_views=1)
     items = [{"id": "a", "sig": torch.randn(32000)}]
     assert c2(items).n_frames.item() == (c1(items).n_frames.item() + 1) // 2
+
+
+def test_mask_copies_share_audio_but_not_masks():
+    c = MGFCollate(crop_seconds=4.0, mask_copies=3)
+    b = c([{"id": f"u{i}", "sig": torch.randn(32000)} for i in range(2)])
+    U, K = 4, 3
+    assert b.wavs.shape[0] == U and len(b) == U * K
+    assert b.source.tolist() == list(range(U)) * K
+    assert b.utt.tolist() == [0, 0, 1, 1] * K
+    # partner: the other view, same copy
+    assert b.partner.tolist() == [m + 1 - 2 * (m % 2) for m in range(U * K)]
+    assert not torch.equal(b.input_mask[0], b.input_mask[U])  # copies are masked independently

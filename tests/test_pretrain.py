@@ -31,6 +31,7 @@ ABLATIONS = [
     ("online_teacher", {"target_mode": "online"}, {"frame", "phoneme", "utterance"}),
     ("frame_stack2", {"frame_stack": 2}, {"frame", "phoneme", "utterance"}),
     ("weight_zero", {"utterance_weight": 0.0}, {"frame", "phoneme"}),
+    ("mask_copies2", {"mask_copies": 2, "frame_stack": 2}, {"frame", "phoneme", "utterance"}),
 ]
 
 

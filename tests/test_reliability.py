@@ -82,6 +82,23 @@ def test_sigkill_during_training_then_rerun_resumes(corpus, tmp_path):
     assert rows[-1]["epoch"] == 2
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel or stale runs cannot collide
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_batchnorm_and_contrastive_keys_are_exact():
+    """GlobalBatchNorm1d and gathered NT-Xent keys under 2 gloo processes = one process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", os.path.join(REPO, "tests", "ddp_exact_check.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "0 OK" in proc.stdout and "1 OK" in proc.stdout
+
+
 def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     """torchrun, 2 CPU processes (gloo), each with half the batch = 1 process with the whole batch."""
     common = dict(number_of_epochs=3, lr=0.002, lr_warmup_steps=2, lr_total_steps=50, dynamic_batching=False)
@@ -89,12 +106,7 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     subprocess.run([sys.executable, PRETRAIN, HPARAMS] + _args(one, corpus, batch_size=8, **common),
                    check=True, capture_output=True, env=_env(), timeout=600)
     two = str(tmp_path / "two")
-    import socket
-
-    with socket.socket() as sock:  # a free port, so parallel or stale runs cannot collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                 "--master_addr=127.0.0.1"]
     proc = subprocess.run(torchrun + [PRETRAIN, HPARAMS, "--distributed_backend=gloo"]
                           + _args(two, corpus, batch_size=4, **common),
@@ -104,9 +116,11 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     assert len(a) == len(b) == 3
     # Same number of optimiser steps (same global batch of 8 utterances)
     assert a[-1]["step"] == b[-1]["step"]
+    # Not bit-identical (each process draws its own masks and crops), but close: the
+    # utterance scale sees every process's negatives and global BatchNorm statistics.
     for scale in ("loss", "frame", "phoneme", "utterance"):
         la, lb = a[-1]["train"][scale], b[-1]["train"][scale]
-        assert abs(la - lb) <= 0.15 * max(la, lb), (scale, la, lb)
+        assert abs(la - lb) <= 0.12 * max(la, lb), (scale, la, lb)
     # one checkpoint folder, one pretrained export (written once, by rank 0)
     assert os.path.isfile(os.path.join(two, "pretrained", "encoder.ckpt"))
 

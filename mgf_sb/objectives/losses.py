@@ -116,16 +116,26 @@ def info_nce(query, positive, negatives_idx, negatives_valid, temperature):
     return loss, accuracy
 
 
-def nt_xent(z, partner, temperature):
+def nt_xent(z, partner, temperature, group=None, keys=None, key_group=None, offset=0):
     """NT-Xent (SimCLR): each view must find its partner among all other views.
 
     Arguments
     ---------
     z : torch.Tensor
-        (M, D) view embeddings.
+        (M, D) view embeddings (the queries).
     partner : torch.LongTensor
         (M,) index of the other view of the same utterance (-1: none, ignored).
     temperature : float
+    group : torch.LongTensor, optional
+        (M,) utterance of each view: other sequences of the same utterance
+        (e.g. other mask copies) are neither positives nor negatives.
+    keys : torch.Tensor, optional
+        (Mk, D) the candidates, when they are more than ``z`` (under DDP: every
+        process's views, ``z`` itself at rows ``offset:offset + M``).
+    key_group : torch.LongTensor, optional
+        (Mk,) utterance of each key (with ``keys`` and ``group``).
+    offset : int
+        Row of ``z[0]`` in ``keys``; ``partner`` indexes ``z``.
 
     Returns
     -------
@@ -134,14 +144,23 @@ def nt_xent(z, partner, temperature):
     accuracy : torch.Tensor
         Scalar fraction of those views whose partner scores highest.
     """
-    z = F.normalize(z.float(), dim=-1)
-    sim = z @ z.t() / temperature
-    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(eye, float("-inf"))
+    q = F.normalize(z.float(), dim=-1)
+    k = q if keys is None else F.normalize(keys.float(), dim=-1)
+    sim = q @ k.t() / temperature  # (M, Mk)
+    M = q.shape[0]
+    rows = torch.arange(M, device=q.device)
     has = partner >= 0
     if not bool(has.any()):
         raise ValueError("nt_xent needs at least one pair of views in the batch")
-    logits, labels = sim[has], partner[has]
+    target = partner.clamp(min=0) + offset
+    exclude = torch.zeros_like(sim, dtype=torch.bool)
+    exclude[rows, rows + offset] = True
+    if group is not None:
+        kg = group if keys is None else key_group
+        exclude |= group[:, None] == kg[None, :]
+    exclude[rows, target] = False
+    sim = sim.masked_fill(exclude, float("-inf"))
+    logits, labels = sim[has], target[has]
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(1) == labels).float().mean()
     return loss, accuracy

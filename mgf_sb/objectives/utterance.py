@@ -7,6 +7,7 @@ and a small MLP. The projection needs BatchNorm, or NT-Xent sits at chance.
 
 import torch
 
+from mgf_sb.distributed import GlobalBatchNorm1d, gather_for_contrast
 from mgf_sb.objectives.losses import nt_xent, regression_loss
 from mgf_sb.target import layer_norm_target
 
@@ -57,7 +58,7 @@ class UtteranceObjective(torch.nn.Module):
         out_dim = {"other_view": proj_dim, "fbank": 2 * feat_dim, "teacher": d_model}[target]
         self.proj = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_model),
-            torch.nn.BatchNorm1d(d_model),
+            GlobalBatchNorm1d(d_model),  # global batch statistics under DDP
             torch.nn.ReLU(),
             torch.nn.Linear(d_model, out_dim),
         )
@@ -73,7 +74,11 @@ class UtteranceObjective(torch.nn.Module):
         z = self.proj(masked_mean(inputs.hidden[self.layer], n))  # (M, out_dim)
         partner = batch.partner
         if self.loss_type == "infonce":
-            loss, acc = nt_xent(z, partner, self.temperature)
+            # Negatives from every DDP process, so the loss does not depend on their number.
+            keys, key_group, offset = gather_for_contrast(z, batch.utt)
+            own_group = key_group[offset : offset + z.shape[0]]  # made unique across processes
+            loss, acc = nt_xent(z, partner, self.temperature, group=own_group, keys=keys, key_group=key_group,
+                                offset=offset)
             return loss, {"acc": float(acc)}
         has = partner >= 0
         if self.target == "fbank":

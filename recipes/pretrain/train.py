@@ -23,7 +23,7 @@ from mgf_sb.checkpoint import save_pretrained
 from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
 from mgf_sb.distributed import CPUFriendlyDDP
-from mgf_sb.objectives import ObjectiveInputs
+from mgf_sb.pretraining import mgf_forward
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         """Features -> masked online encoding (+ teacher encoding when needed)."""
         batch = batch.to(self.device)
         epoch = self.hparams.epoch_counter.current if stage == sb.Stage.TRAIN else None
-        feats, n_frames = self.modules.features(batch.wavs, batch.wav_lens, epoch=epoch)
-        hidden = self.modules.encoder(feats, n_frames, mask=batch.input_mask)
-        teacher = None
-        if self.hparams.objectives.needs_teacher:
-            teacher = self.hparams.target(self.hparams.encoder, feats, n_frames)
-        return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch)
+        return mgf_forward(self.modules.features, self.modules.encoder, self.hparams.target, batch,
+                           needs_teacher=self.hparams.objectives.needs_teacher, epoch=epoch)
 
     def compute_objectives(self, predictions, batch, stage):
         """Weighted sum over the enabled scales (see mgf_sb.objectives.ScaleSet)."""
