@@ -77,6 +77,10 @@ class Upstream(torch.nn.Module):
         self.encoder = encoder
         if self.encoder is not None and self.freeze:
             self.encoder.requires_grad_(False)
+        elif self.encoder is not None:
+            # The mask embedding serves pretraining only: never used downstream,
+            # so not trained (DDP would otherwise stop on an unused parameter).
+            self.encoder.mask_emb.requires_grad_(False)
 
     @property
     def output_size(self):

@@ -28,7 +28,7 @@ import pytest
 import soundfile as sf
 
 from conftest import REPO, run_recipe
-from test_iemocap import build_iemocap
+from test_iemocap import DIALOG_LABELS, build_iemocap
 from test_timit import build_timit
 from test_voxceleb import build_corpus as build_voxceleb
 
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(REPO, "recipes", "TIMIT"))
 sys.path.insert(0, os.path.join(REPO, "recipes", "VoxCeleb"))
 sys.path.insert(0, os.path.join(REPO, "recipes", "IEMOCAP"))
 import timit_prepare as tp  # noqa: E402
-from iemocap_prepare import prepare_iemocap  # noqa: E402
+from iemocap_prepare import LABEL_MAP, prepare_iemocap  # noqa: E402
 from voxceleb_prepare import prepare_voxceleb  # noqa: E402
 
 HOSTILE_DIR = "my corpus é"
@@ -366,6 +366,46 @@ def test_timit_ddp_two_processes_gloo(tmp_path):
     assert len(ckpts) == 1 and os.path.isfile(os.path.join(out, "save", ckpts[0], "COMPLETE"))
 
 
+def _torchrun(script, hparams, overrides, timeout=400):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", os.path.join(REPO, script), os.path.join(REPO, hparams),
+           "--distributed_backend=gloo"] + [f"--{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_voxceleb_ddp_smoke(tmp_path):
+    """2 processes: identification + verification (the DDP-wrapped head's embeddings), results once."""
+    out = str(tmp_path / "vox")
+    _torchrun("recipes/VoxCeleb/train.py", "hparams/voxceleb.yaml",
+              dict(output_folder=out, number_of_epochs=2, num_threads=1, batch_size=4))
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["n_test"] == len(_ids(os.path.join(out, "data"), ["test"]))  # the whole test set
+    assert np.isfinite(res["sid_test_acc"]) and 0.0 <= res["eer"] <= 1.0
+    with open(os.path.join(out, "veri_scores.txt")) as f:
+        assert len(f.read().splitlines()) == res["n_trials"]  # written once, every trial
+    epochs = [line for line in open(os.path.join(out, "train_log.txt")) if line.startswith("epoch:")]
+    assert len(epochs) == 2
+
+
+def test_iemocap_ddp_finetuned_upstream_smoke(tmp_path, tiny_pretrained):
+    """2 processes, the upstream fine-tuned (DDP-wrapped, with its own optimiser); export written once."""
+    root = build_iemocap(str(tmp_path / HOSTILE_DIR / "IEMOCAP_full_release"))
+    exp = str(tmp_path / "exp")
+    _torchrun("recipes/IEMOCAP/train.py", "hparams/emotion.yaml",
+              dict(data_folder=root, experiment_folder=exp, manifest_folder=str(tmp_path / "m"), batch_size=4,
+                   num_threads=1, number_of_epochs=1, upstream=tiny_pretrained, freeze=False,
+                   upstream_lr=0.001))
+    out = os.path.join(exp, "session5")
+    res = json.load(open(os.path.join(out, "test_results.json")))
+    assert res["n_utterances"] == 12 and not res["freeze"]  # the whole test session
+    ckpts = [d for d in os.listdir(os.path.join(out, "save")) if d.startswith("CKPT")]
+    assert len(ckpts) == 1
+    assert os.path.isfile(os.path.join(out, "save", ckpts[0], "upstream_optimizer.ckpt"))
+    assert os.path.isfile(os.path.join(out, "model", "upstream", "encoder.ckpt"))
+
+
 # ---------------------------------------------------------------- resume, bf16
 
 
@@ -373,11 +413,11 @@ def test_iemocap_hostile_corpus_trains_and_resumes_after_interruption(tmp_path):
     """Every hostile audio case at once (other utterances), a path with spaces and 'é'; training
     never meets them; a rerun resumes from the last complete checkpoint, ignoring a half-written one."""
     root = build_iemocap(str(tmp_path / HOSTILE_DIR / "IEMOCAP_full_release"))
-    wav_dir = os.path.join(root, "Session1", "sentences", "wav", "Ses01F_impro01")
-    wavs = sorted(f for f in os.listdir(wav_dir) if f.endswith(".wav"))
-    for case, f in zip(AUDIO_CASES, wavs + sorted(os.listdir(wav_dir.replace("impro01", "script01_1")))):
-        folder = wav_dir if f in wavs else wav_dir.replace("impro01", "script01_1")
-        make_hostile(os.path.join(folder, f), case)
+    usable = [os.path.join(root, "Session1", "sentences", "wav", d, f"{d}_{'FM'[i % 2]}{i // 2:03d}.wav")
+              for d in ("Ses01F_impro01", "Ses01F_script01_1") for i, lab in enumerate(DIALOG_LABELS)
+              if lab in LABEL_MAP]  # (utterances with other labels are dropped before decoding)
+    for case, path in zip(AUDIO_CASES, usable):
+        make_hostile(path, case)
     exp = str(tmp_path / "exp é")
     ov = dict(data_folder=root, experiment_folder=exp, manifest_folder=str(tmp_path / "m"), batch_size=8,
               num_threads=1, test_session=5, number_of_epochs=1)
@@ -396,8 +436,9 @@ def test_iemocap_hostile_corpus_trains_and_resumes_after_interruption(tmp_path):
     shutil.copy(os.path.join(save, good, "CKPT.yaml"), broken)
     run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml", dict(ov, number_of_epochs=2))
     log = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
-    assert "ignoring incomplete checkpoint" in log and os.path.isdir(os.path.join(save, "incomplete-" + os.path.basename(broken)))
-    assert re.findall(r"Loading a checkpoint from (\S+)", log)[0].endswith(good)
+    assert "ignoring incomplete checkpoint" in log
+    assert os.path.isdir(os.path.join(save, "incomplete-" + os.path.basename(broken)))
+    assert re.findall(r"Loading a checkpoint from (.+)$", log, re.M)[0].rstrip().endswith(good)
     epochs = [line for line in open(os.path.join(out, "train_log.txt")) if line.startswith("epoch:")]
     assert [line.split(",")[0] for line in epochs] == ["epoch: 1", "epoch: 2"]  # epoch 1 not trained again
     res = json.load(open(os.path.join(out, "test_results.json")))
