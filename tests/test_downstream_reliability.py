@@ -1,10 +1,13 @@
-"""Scale and reliability of the downstream recipes (TIMIT, VoxCeleb1, IEMOCAP).
+"""Scale and reliability of the downstream recipes (TIMIT, VoxCeleb1, IEMOCAP, LibriSpeech).
 
 - hostile input at prep time, one test per case and recipe: each case has a
   documented outcome (converted, skipped and listed with its reason, or an
   error naming the file) and no good utterance is lost;
-- DDP: torchrun with 2 CPU processes (gloo) on TIMIT; every recipe's main()
-  calls ddp_init_group before anything else;
+- DDP: torchrun with 2 CPU processes (gloo): TIMIT in full (sharded training
+  statistics summed, whole dev/test sets, outputs written once), short runs of
+  VoxCeleb1 (+ verification), IEMOCAP (fine-tuned upstream + export) and
+  LibriSpeech (rank-0 prep and tokenizer); every recipe's main() calls
+  ddp_init_group before anything else;
 - resume after an interruption (IEMOCAP, a kill-safe checkpointer that ignores
   a half-written checkpoint) on a corpus full of hostile files under a path
   with spaces and non-ASCII characters;
@@ -29,6 +32,7 @@ import soundfile as sf
 
 from conftest import REPO, run_recipe
 from test_iemocap import DIALOG_LABELS, build_iemocap
+from test_librispeech import shortest, write_chapter
 from test_timit import build_timit
 from test_voxceleb import build_corpus as build_voxceleb
 
@@ -37,6 +41,7 @@ sys.path.insert(0, os.path.join(REPO, "recipes", "VoxCeleb"))
 sys.path.insert(0, os.path.join(REPO, "recipes", "IEMOCAP"))
 import timit_prepare as tp  # noqa: E402
 from iemocap_prepare import LABEL_MAP, prepare_iemocap  # noqa: E402
+from test_librispeech import prep as librispeech_prep  # noqa: E402  (the recipe's prepare module)
 from voxceleb_prepare import prepare_voxceleb  # noqa: E402
 
 HOSTILE_DIR = "my corpus é"
@@ -290,6 +295,77 @@ def test_iemocap_hostile_input(case, iemocap_clean, tmp_path):
         assert CONVERTED[case] in _tsv(os.path.join(out, "iemocap_converted.tsv"))[target]
 
 
+# ---------------------------------------------------------------- LibriSpeech
+
+
+LS_SPLITS = ("train", "valid", "test-clean")
+
+
+def _build_librispeech(root):
+    utts = shortest(6)
+    write_chapter(root, "train-clean-100", utts[:4])
+    write_chapter(root, "dev-clean", utts[4:])
+    write_chapter(root, "test-clean", utts[4:])
+    return root, utts[0][0]  # a training utterance as the target
+
+
+def _prepare_librispeech(root, out):
+    return librispeech_prep.prepare_librispeech(root, out, ["train-clean-100"], ["dev-clean"], ["test-clean"])
+
+
+@pytest.fixture(scope="module")
+def librispeech_clean(tmp_path_factory):
+    root, target = _build_librispeech(str(tmp_path_factory.mktemp("ls") / HOSTILE_DIR / "LibriSpeech"))
+    out = str(tmp_path_factory.mktemp("ls_prep"))
+    _prepare_librispeech(root, out)
+    assert not _tsv(os.path.join(out, "train_skipped.tsv"))
+    return root, _rows(out, LS_SPLITS), target
+
+
+@pytest.mark.parametrize("case", AUDIO_CASES + LABEL_CASES)
+def test_librispeech_hostile_input(case, librispeech_clean, tmp_path):
+    clean_root, clean_rows, utt = librispeech_clean
+    root = str(tmp_path / HOSTILE_DIR / "LibriSpeech")
+    shutil.copytree(clean_root, root)
+    spk, chap, _ = utt.split("-")
+    folder = os.path.join(root, "train-clean-100", spk, chap)
+    target = os.path.join(folder, utt + ".flac")
+    trans = os.path.join(folder, f"{spk}-{chap}.trans.txt")
+    if case in LABEL_CASES:
+        with open(trans, "rb") as f:
+            lines = f.read().split(b"\n")
+        n = next(i for i, line in enumerate(lines, 1) if line.startswith(utt.encode() + b" "))
+        if case == "non_utf8_label":
+            lines[n - 1] = lines[n - 1] + b" CAF\xe9"
+            reason = "not valid UTF-8 (byte 0xe9"
+        else:
+            lines[n - 1] = utt.encode()
+            reason = "empty or malformed transcript line"
+        with open(trans, "wb") as f:
+            f.write(b"\n".join(lines))
+        listed = f"{trans}:{n}"
+    else:
+        seconds = make_hostile(target, case)
+        listed, reason = target, SKIP_REASON.get(case)
+    out = str(tmp_path / "prep")
+    _prepare_librispeech(root, out)
+    rows = _rows(out, LS_SPLITS)
+    skipped = _tsv(os.path.join(out, "train_skipped.tsv"))
+    if reason is not None:
+        assert skipped[listed].startswith(reason), skipped
+        if case in LABEL_CASES:  # and its audio is listed as untranscribed, not used silently
+            assert skipped[target].startswith("audio without a transcript")
+        assert set(rows) == set(clean_rows) - {utt}
+        return
+    assert set(rows) == set(clean_rows) and not skipped
+    assert rows[utt]["wrd"] == clean_rows[utt]["wrd"]
+    if case == "truncated_wav":
+        assert float(rows[utt]["duration"]) == pytest.approx(0.75 * seconds, abs=0.01)
+    else:
+        _check_converted(rows[utt]["wav"], case, seconds)
+        assert CONVERTED[case] in _tsv(os.path.join(out, "train_converted.tsv"))[target]
+
+
 # ---------------------------------------------------------------- DDP
 
 
@@ -306,7 +382,7 @@ class _DDPInit(Exception):
 
 
 @pytest.mark.parametrize("recipe,hparams", [("TIMIT", "timit.yaml"), ("VoxCeleb", "voxceleb.yaml"),
-                                            ("IEMOCAP", "emotion.yaml")])
+                                            ("IEMOCAP", "emotion.yaml"), ("LibriSpeech", "librispeech_ctc.yaml")])
 def test_main_calls_ddp_init_group_first(recipe, hparams, tmp_path, monkeypatch):
     """torchrun support: main() initialises the process group right after parsing the arguments."""
     import speechbrain as sb
@@ -404,6 +480,21 @@ def test_iemocap_ddp_finetuned_upstream_smoke(tmp_path, tiny_pretrained):
     assert len(ckpts) == 1
     assert os.path.isfile(os.path.join(out, "save", ckpts[0], "upstream_optimizer.ckpt"))
     assert os.path.isfile(os.path.join(out, "model", "upstream", "encoder.ckpt"))
+
+
+def test_librispeech_ddp_smoke(tmp_path):
+    """2 processes: rank 0 prepares and trains the tokenizer, both train; every test utterance is decoded."""
+    root, _ = _build_librispeech(str(tmp_path / HOSTILE_DIR / "LibriSpeech"))
+    out = str(tmp_path / "asr")
+    _torchrun("recipes/LibriSpeech/train.py", "hparams/librispeech_ctc.yaml",
+              dict(data_folder=root, output_folder=out, test_splits="[test-clean]", number_of_epochs=2,
+                   lstm_layers=1, lstm_hidden=32, batch_size=1, beam_size=2, num_threads=1))
+    res = json.load(open(os.path.join(out, "results.json")))["splits"]["test-clean"]
+    assert res["utterances"] == 2 and np.isfinite(res["greedy_WER"]) and np.isfinite(res["beam_WER"])
+    assert os.path.isfile(os.path.join(out, "wer_test-clean.txt"))
+    assert os.path.isfile(os.path.join(out, "tokenizer", "29_char.model"))
+    epochs = [line for line in open(os.path.join(out, "train_log.txt")) if line.startswith("epoch:")]
+    assert len(epochs) == 2
 
 
 # ---------------------------------------------------------------- resume, bf16

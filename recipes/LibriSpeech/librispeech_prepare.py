@@ -11,8 +11,13 @@ this module adds the transcripts. Everything that cannot be used is decided
 here, at prep time, skipped, listed in ``<name>_skipped.tsv`` and counted in
 the log:
 
-- audio without a transcript line, transcript lines without audio, malformed
-  or duplicated transcript lines, empty transcripts;
+- audio that cannot be used (:func:`mgf_sb.data.audio.check_audio`): an empty
+  file, a text file named .flac/.wav, a truncated FLAC stream (unreadable),
+  zero samples, NaN/Inf samples, only zeros; other sample rates and stereo
+  files are converted to 16 kHz mono copies (``converted/``, listed in
+  ``<name>_converted.tsv``); a truncated WAV keeps its readable part;
+- audio without a transcript line, transcript lines without audio, malformed,
+  non-UTF-8 or duplicated transcript lines, empty transcripts;
 - transcripts with characters outside ``alphabet`` (the message names them);
 - once the tokenizer exists (:func:`filter_for_ctc`): transcripts the tokenizer
   maps to ``<unk>``, and utterances too short for their label sequence under
@@ -66,12 +71,18 @@ def read_transcripts(roots, report, uppercase=True):
                 if not name.endswith(TRANSCRIPT_SUFFIX):
                     continue
                 path = os.path.join(dirpath, name)
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    for lineno, line in enumerate(f, 1):
+                with open(path, "rb") as f:
+                    for lineno, raw in enumerate(f, 1):
+                        where = f"{path}:{lineno}"
+                        try:
+                            line = raw.decode("utf-8")
+                        except UnicodeDecodeError as e:  # listed; its audio is then 'without a transcript'
+                            report.add(where, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} in "
+                                              f"{raw.strip()[:60]!r}); fix the file's encoding")
+                            continue
                         if not line.strip():
                             continue
                         parts = line.strip().split(None, 1)
-                        where = f"{path}:{lineno}"
                         if len(parts) < 2:
                             report.add(where, f"empty or malformed transcript line ({line.strip()[:60]!r})")
                             continue

@@ -11,8 +11,18 @@ greedily and with SpeechBrain's CTC beam search, and their WER/CER go to
 ``wer_<split>.txt`` (beam search) and ``wer_<split>_greedy.txt``, with a
 summary in ``results.json`` / ``results.md``. Re-running the command resumes
 from the last checkpoint; the test uses the checkpoint with the best valid WER.
+
+Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
+
+    torchrun --nproc_per_node=4 recipes/LibriSpeech/train.py hparams/librispeech_ctc.yaml
+
+shards the training set over the processes (``batch_size`` is per process);
+rank 0 prepares the data and the tokenizer; valid/test are not sharded, so
+every process decodes the whole set and rank 0 writes the results.
+``--precision=bf16`` trains under autocast.
 """
 
+import functools
 import logging
 import os
 import sys
@@ -24,6 +34,8 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from mgf_sb.data.manifest import read_manifest
+from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.upstream import describe_source
 
@@ -86,10 +98,11 @@ class ASRBrain(DownstreamBrain):
             self.beam_cer_metric = self.hparams.cer_computer()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        stats = {"loss": stage_loss}
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
+        if stage == sb.Stage.TRAIN:  # DDP: mean over the processes' shards (equal batch counts)
+            loss_sum, world = ddp_sum([stage_loss, 1.0])
+            self.train_stats = {"loss": loss_sum / world}
             return
+        stats = {"loss": stage_loss}
         stats["WER"] = self.wer_metric.summarize("error_rate")
         stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
@@ -131,7 +144,8 @@ def train_tokenizer(hparams):
     alphabet = hparams["alphabet"]
     if char and "," in alphabet:
         raise ValueError("alphabet: ',' cannot be a character token (SentencePiece's symbol separator)")
-    tokenizer = SentencePiece(
+    make = functools.partial(
+        SentencePiece,
         model_dir=hparams["tokenizer_folder"],
         vocab_size=hparams["output_neurons"],
         annotation_train=os.path.join(hparams["manifest_folder"], "train.csv"),
@@ -142,6 +156,8 @@ def train_tokenizer(hparams):
         user_defined_symbols=",".join(alphabet) if char else None,
         unk_id=hparams["blank_index"],  # blank shares index 0 with <unk> (no <unk> survives the prep)
     )
+    run_on_main(make)  # trained once, by rank 0 (DDP); the other processes wait, then load it
+    tokenizer = make()
     n = tokenizer.sp.vocab_size()
     if n != hparams["output_neurons"]:
         raise ValueError(
@@ -158,11 +174,10 @@ def dataio_prepare(hparams, tokenizer, test_names):
     frame_rate = hparams["upstream_model"].frame_rate
     datasets = {}
     for name in ["train", "valid"] + test_names:
-        kept, skipped = filter_for_ctc(
+        run_on_main(filter_for_ctc, args=[
             os.path.join(folder, f"{name}.csv"), os.path.join(folder, f"{name}_ctc.csv"),
-            tokenizer.sp.encode_as_ids, frame_rate, unk_id=hparams["blank_index"], name=f"{name}_ctc",
-        )
-        if kept == 0:
+            tokenizer.sp.encode_as_ids, frame_rate], kwargs=dict(unk_id=hparams["blank_index"], name=f"{name}_ctc"))
+        if not read_manifest(os.path.join(folder, f"{name}_ctc.csv")):
             raise ValueError(f"{name}: no utterance left for CTC; see {os.path.join(folder, name + '_ctc_skipped.tsv')}")
         ds = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, f"{name}_ctc.csv"))
         if name == "train" and hparams["sorting"] != "random":
@@ -190,6 +205,8 @@ def dataio_prepare(hparams, tokenizer, test_names):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    # torchrun: one process per device; a no-op for a plain single-process run.
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     if hparams.get("num_threads"):
@@ -199,7 +216,7 @@ def main(argv):
     )
     announce_data(hparams["data_folder"])
 
-    test_names = prepare_librispeech(
+    prep = dict(
         data_folder=hparams["data_folder"],
         save_folder=hparams["manifest_folder"],
         train_splits=hparams["train_splits"],
@@ -211,8 +228,13 @@ def main(argv):
         max_duration=hparams["max_duration"],
         sample_rate=hparams["sample_rate"],
         num_workers=hparams["prep_workers"],
-    ) if not hparams["skip_prep"] else [s for s in hparams["test_splits"]
-                                        if os.path.isfile(os.path.join(hparams["manifest_folder"], f"{s}.csv"))]
+    )
+    if not hparams["skip_prep"]:
+        run_on_main(prepare_librispeech, kwargs=prep)  # rank 0 prepares; the others wait
+        test_names = prepare_librispeech(**prep)  # up to date now: only lists the present test splits
+    else:
+        test_names = [s for s in hparams["test_splits"]
+                      if os.path.isfile(os.path.join(hparams["manifest_folder"], f"{s}.csv"))]
     tokenizer = train_tokenizer(hparams)
     datasets = dataio_prepare(hparams, tokenizer, test_names)
 
@@ -259,7 +281,7 @@ def main(argv):
           f"|---|---|---|---|---|---|\n{rows}\n")
     if if_main_process():
         write_results(hparams["output_folder"], "results", results, md)
-    print(md, flush=True)
+        print(md, flush=True)
 
 
 if __name__ == "__main__":
