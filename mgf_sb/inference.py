@@ -146,6 +146,8 @@ def read_audio_file(path, sample_rate=16000, min_samples=400):
         signal = signal.mean(1)
     if signal.numel() == 0:
         raise ValueError(f"audio file {path!r} contains no samples")
+    if not torch.isfinite(signal).all():  # would make every output NaN
+        raise ValueError(f"audio file {path!r} has NaN or Inf samples (a corrupted float WAV?)")
     if sr != sample_rate:
         signal = AudioNormalizer(sample_rate=sample_rate)(signal, sr)
     if signal.numel() < min_samples:

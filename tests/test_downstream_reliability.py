@@ -366,6 +366,40 @@ def test_librispeech_hostile_input(case, librispeech_clean, tmp_path):
         assert CONVERTED[case] in _tsv(os.path.join(out, "train_converted.tsv"))[target]
 
 
+# ---------------------------------------------------------------- inference
+
+
+INFERENCE_ERROR = {"empty_file": "is empty (0 bytes)", "zero_length": "contains no samples",
+                   "truncated_flac": "cannot read", "text_as_wav": "cannot read", "nan": "NaN or Inf samples",
+                   "inf": "NaN or Inf samples"}
+
+
+@pytest.mark.parametrize("case", AUDIO_CASES)
+def test_inference_reads_or_names_the_file(case, tmp_path, tiny_pretrained):
+    """mgf_sb.inference (encode_file / classify_file read through read_audio_file): an error naming
+    the file, or 16 kHz mono audio the model encodes to finite values."""
+    import torch
+
+    from mgf_sb.inference import read_audio_file
+    from mgf_sb.upstream import Upstream
+
+    path = str(tmp_path / HOSTILE_DIR / f"{case}.wav")
+    os.makedirs(os.path.dirname(path))
+    sf.write(path, (0.3 * np.sin(np.arange(16000) * 0.05)).astype("float32"), 16000)
+    seconds = make_hostile(path, case)
+    if case in INFERENCE_ERROR:
+        with pytest.raises(ValueError) as err:
+            read_audio_file(path)
+        assert path in str(err.value) and INFERENCE_ERROR[case] in str(err.value)
+        return
+    wav = read_audio_file(path)
+    assert wav.ndim == 1 and torch.isfinite(wav).all()
+    expected = 0.75 * seconds if case == "truncated_wav" else seconds
+    assert abs(wav.shape[0] / 16000 - expected) < 0.01
+    layers, _ = Upstream(tiny_pretrained).eval()(wav[None], torch.ones(1))
+    assert all(torch.isfinite(h).all() for h in layers)  # silence included
+
+
 # ---------------------------------------------------------------- DDP
 
 
