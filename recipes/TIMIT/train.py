@@ -19,10 +19,13 @@ shards the training set over the processes (``batch_size`` is per process);
 dev/test are not sharded, so every process scores the whole set and rank 0
 writes the results. ``--precision=bf16`` trains under autocast.
 
-Frame labels follow the upstream's frame rate: each encoder frame gets the
+Training labels follow the upstream's frame rate: each encoder frame gets the
 label of the phone segment containing its centre (100 fps labels at
 ``frame_stack: 1``; at ``frame_stack: 2`` the centre of the two stacked 10 ms
-frames). Frames of deleted ``q`` segments are ignored.
+frames). Dev and test are always scored at the standard 100 frames/s: an
+upstream at 50 Hz has each prediction repeated over its two 10 ms frames, so
+accuracies are comparable across frame rates. Frames of deleted ``q``
+segments are ignored.
 """
 
 import logging
@@ -60,6 +63,18 @@ class TIMITBrain(DownstreamBrain):
         """Cross-entropy over the labelled valid frames; updates the confusion matrix."""
         logits, n_frames = predictions
         labels, _ = batch.labels
+        stack = self.hparams.upstream_model.features.frame_stack
+        if stage != sb.Stage.TRAIN and stack > 1:
+            # Score at 100 fps: each encoder frame's prediction covers its stacked 10 ms frames.
+            labels, _ = batch.labels_100
+            logits = logits.repeat_interleave(stack, dim=1)[:, : labels.shape[1]]
+            wavs, wav_lens = batch.sig
+            n_samples = torch.round(wav_lens * wavs.shape[1]).long()
+            n_frames = n_samples // self.hparams.upstream_model.features.hop + 1
+            loss = torch.zeros((), device=logits.device)
+            mask = valid_mask(n_frames, logits.shape[1], logits.device) & (labels >= 0)
+            self._count(labels[mask], logits[mask])
+            return loss
         if labels.shape[1] != logits.shape[1]:
             raise RuntimeError(
                 f"{labels.shape[1]} frame labels for {logits.shape[1]} upstream frames "
@@ -69,10 +84,14 @@ class TIMITBrain(DownstreamBrain):
         targets = labels[mask]
         logits = logits[mask]
         loss = torch.nn.functional.cross_entropy(logits, targets)
+        self._count(targets, logits)
+        return loss
+
+    def _count(self, targets, logits):
+        """Adds (N,) targets vs (N, C) logits to the confusion matrix."""
         n = self.hparams.n_classes
         pairs = targets * n + logits.argmax(-1)
         self.confusion += torch.bincount(pairs.cpu(), minlength=n * n).view(n, n)
-        return loss
 
     def on_stage_start(self, stage, epoch=None):
         self.confusion = torch.zeros(self.hparams.n_classes, self.hparams.n_classes, dtype=torch.long)
@@ -138,12 +157,14 @@ def dataio_prepare(hparams):
     hop, stack = features.hop, features.frame_stack
 
     @sb.utils.data_pipeline.takes("wav", "segments")
-    @sb.utils.data_pipeline.provides("sig", "labels")
+    @sb.utils.data_pipeline.provides("sig", "labels", "labels_100")
     def pipeline(wav, segments):
         sig = sb.dataio.dataio.read_audio(wav)
         yield sig
-        labels = frame_labels(decode_segments(segments), len(sig), hop, stack)
-        yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels])
+        segs = decode_segments(segments)
+        for k in (stack, 1):  # at the upstream's rate (training), at 100 fps (scoring)
+            labels = frame_labels(segs, len(sig), hop, k)
+            yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels])
 
     datasets = {}
     for split in ("train", "dev", "test"):
@@ -152,7 +173,7 @@ def dataio_prepare(hparams):
             ds = ds.filtered_sorted(sort_key="duration")
         datasets[split] = ds
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), pipeline)
-    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "labels"])
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "labels", "labels_100"])
     return datasets
 
 
