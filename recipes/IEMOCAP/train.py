@@ -36,7 +36,6 @@ import sys
 import numpy as np
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +46,7 @@ from mgf_sb.data.manifest import read_manifest  # noqa: E402
 from mgf_sb.distributed import ddp_sum  # noqa: E402
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results  # noqa: E402
 from mgf_sb.upstream import describe_source  # noqa: E402
+from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -301,17 +301,7 @@ def check_run_config(hparams):
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    # torchrun: one process per device; a no-op for a plain single-process run.
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(int(hparams["num_threads"]))
-
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
-    )
+    hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     announce_data(hparams["data_folder"])
     run_on_main(check_run_config, args=[hparams])  # reads/writes run_config.json once
     if not hparams["skip_prep"]:

@@ -29,7 +29,6 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.decoders.ctc import ctc_greedy_decode
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
@@ -38,6 +37,7 @@ from mgf_sb.data.manifest import read_manifest
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.upstream import describe_source
+from mgf_sb.recipe import start_experiment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from librispeech_prepare import filter_for_ctc, prepare_librispeech  # noqa: E402
@@ -204,16 +204,7 @@ def dataio_prepare(hparams, tokenizer, test_names):
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    # torchrun: one process per device; a no-op for a plain single-process run.
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(int(hparams["num_threads"]))
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
-    )
+    hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     announce_data(hparams["data_folder"])
 
     prep = dict(

@@ -34,13 +34,13 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import valid_mask
 from mgf_sb.upstream import describe_source
+from mgf_sb.recipe import start_experiment
 from timit_prepare import PHONES_39, decode_segments, frame_labels, prepare_timit
 
 logger = logging.getLogger(__name__)
@@ -178,17 +178,7 @@ def dataio_prepare(hparams):
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    # torchrun: one process per device; a no-op for a plain single-process run.
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(int(hparams["num_threads"]))
-
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
-    )
+    hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     announce_data(hparams["data_folder"])
     if not hparams["skip_prep"]:
         run_on_main(

@@ -27,7 +27,6 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.distributed import ddp_sum, unwrap
@@ -35,6 +34,7 @@ from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import Classifier, StatisticsPooling
 from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
 from mgf_sb.upstream import BASELINES, describe_source
+from mgf_sb.recipe import start_experiment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from voxceleb_prepare import prepare_voxceleb  # noqa: E402
@@ -287,16 +287,7 @@ def build_brain(hparams, run_opts, n_speakers):
 
 def main(argv, mode="train"):
     """``mode``: ``train`` (fit, test, verification) or ``verify`` (verification only)."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    # torchrun: one process per device; a no-op for a plain single-process run.
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(int(hparams["num_threads"]))
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
-    )
+    hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     announce_data(hparams["data_folder"])
     run_on_main(
         prepare_voxceleb,

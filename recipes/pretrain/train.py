@@ -15,7 +15,6 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import ddp_all_reduce, if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
@@ -24,6 +23,7 @@ from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
 from mgf_sb.distributed import CPUFriendlyDDP
 from mgf_sb.pretraining import mgf_forward
+from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +146,7 @@ def dataio_prepare(hparams):
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    # torchrun: one process per device; a no-op for a plain single-process run.
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(int(hparams["num_threads"]))
-
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
-    )
+    hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     if not hparams["skip_prep"]:
         run_on_main(
             prepare_pretraining,
