@@ -593,7 +593,9 @@ def main(argv, runner=run_step, log=print):
                                     f"(or --data_root=<folder holding them all>)")
     steps, rows, sources = build_plan(hp)
     if any(is_bundled_sample(hp[k]) for k in ("pretrain_data_folder",) + tuple(TASKS[t].corpus for t in hp["tasks"])):
-        log("[evaluate] USING THE BUNDLED SAMPLE CORPORA (synthetic speech; tiny settings from sample_overrides). "
+        tiny = "tiny settings from sample_overrides" if hp.get("use_sample_overrides", "auto") is not False \
+            else "the recipes' own settings: use_sample_overrides=False"
+        log(f"[evaluate] USING THE BUNDLED SAMPLE CORPORA (synthetic speech; {tiny}). "
             "Pass --data_root=... (or each corpus folder) for real results.")
     status = execute(steps, hp, runner=runner, log=log)
     report = write_report(hp, steps, rows, sources, status, time.time() - t0, log=log)
