@@ -47,6 +47,8 @@ class MGFBatch:
         (M, S) phoneme-scale spans (in encoder frames).
     span_valid : torch.BoolTensor
         (M, S) which spans exist.
+    word_start, word_len, word_valid :
+        (M, W) word-scale spans (0.3-0.6 s; W = 0 when the word scale is off).
     partner : torch.LongTensor
         (M,) index of the other view of the same utterance, -1 if none.
     """
@@ -60,11 +62,14 @@ class MGFBatch:
     span_len: torch.Tensor
     span_valid: torch.Tensor
     partner: torch.Tensor
+    word_start: torch.Tensor = None
+    word_len: torch.Tensor = None
+    word_valid: torch.Tensor = None
     source: torch.Tensor = None
     utt: torch.Tensor = None
     _tensor_fields: tuple = field(
         default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner",
-                 "source", "utt"),
+                 "word_start", "word_len", "word_valid", "source", "utt"),
         repr=False,
     )
 
@@ -74,6 +79,10 @@ class MGFBatch:
             self.source = torch.arange(M)
         if self.utt is None:
             self.utt = torch.arange(M)
+        if self.word_start is None:  # no word scale: zero spans
+            self.word_start = torch.zeros(M, 0, dtype=torch.long)
+            self.word_len = torch.zeros(M, 0, dtype=torch.long)
+            self.word_valid = torch.zeros(M, 0, dtype=torch.bool)
 
     @property
     def span_mask(self):
@@ -81,9 +90,14 @@ class MGFBatch:
         return spans_to_mask(self.span_start, self.span_len, self.frame_mask.shape[1])
 
     @property
+    def word_mask(self):
+        """(M, T) union of the word-scale spans."""
+        return spans_to_mask(self.word_start, self.word_len, self.frame_mask.shape[1])
+
+    @property
     def input_mask(self):
         """(M, T) every frame the encoder must not see."""
-        return self.frame_mask | self.span_mask
+        return self.frame_mask | self.span_mask | self.word_mask
 
     def _map(self, fn):
         kwargs = {"id": self.id}
@@ -131,6 +145,8 @@ class MGFCollate:
         Frame-scale mask (spans in encoder frames).
     span_mask_ratio, span_min, span_max, max_spans :
         Phoneme-scale spans (in encoder frames).
+    word_mask_ratio, word_span_min, word_span_max :
+        Word-scale spans (in encoder frames); ratio 0 turns them off.
     mask_copies : int
         Independently masked student copies of each view (K).
     sig_key : str
@@ -153,6 +169,9 @@ class MGFCollate:
         span_min=5,
         span_max=20,
         max_spans=None,
+        word_mask_ratio=0.0,
+        word_span_min=30,
+        word_span_max=60,
         mask_copies=1,
         sig_key="sig",
         random_crop=True,
@@ -165,6 +184,7 @@ class MGFCollate:
         self.n_views = n_views
         self.frame_args = (frame_mask_ratio, frame_span_min, frame_span_max)
         self.span_args = (span_mask_ratio, span_min, span_max)
+        self.word_args = (word_mask_ratio, word_span_min, word_span_max)
         self.max_spans = max_spans
         if int(mask_copies) < 1:
             raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
@@ -201,9 +221,13 @@ class MGFCollate:
         T = int(n_encoder_frames(wavs.shape[1], self.hop, self.frame_stack))
 
         span_start, span_len, span_valid = sample_spans(n_frames, *self.span_args, max_spans=self.max_spans)
-        frame_mask = sample_frame_mask(
-            n_frames, T, *self.frame_args, exclude=spans_to_mask(span_start, span_len, T)
-        )
+        taken = spans_to_mask(span_start, span_len, T)
+        word = {}
+        if self.word_args[0] > 0:  # word spans are drawn on their own and may contain phoneme spans
+            word_start, word_len, word_valid = sample_spans(n_frames, *self.word_args)
+            word = dict(word_start=word_start, word_len=word_len, word_valid=word_valid)
+            taken = taken | spans_to_mask(word_start, word_len, T)
+        frame_mask = sample_frame_mask(n_frames, T, *self.frame_args, exclude=taken)
         utt = source // self.n_views
         if self.n_views == 2:  # the other half of the same crop, same copy
             partner = torch.arange(U * K) + 1 - 2 * (source % 2)
@@ -221,4 +245,5 @@ class MGFCollate:
             partner=partner,
             source=source,
             utt=utt,
+            **word,
         )

@@ -77,3 +77,15 @@ def test_mask_copies_share_audio_but_not_masks():
     # partner: the other view, same copy
     assert b.partner.tolist() == [m + 1 - 2 * (m % 2) for m in range(U * K)]
     assert not torch.equal(b.input_mask[0], b.input_mask[U])  # copies are masked independently
+
+
+def test_word_spans_are_masked_and_kept_out_of_the_frame_mask():
+    c = MGFCollate(crop_seconds=8.0, word_mask_ratio=0.2, word_span_min=30, word_span_max=60)
+    b = c([{"id": "a", "sig": torch.randn(16000 * 8)}])
+    assert b.word_valid.any()
+    lengths = b.word_len[b.word_valid]
+    assert ((lengths >= 30) & (lengths <= 60)).all()
+    assert (b.input_mask | ~b.word_mask).all()  # every word frame is hidden from the encoder
+    assert not (b.frame_mask & b.word_mask).any()
+    off = MGFCollate(crop_seconds=8.0)([{"id": "a", "sig": torch.randn(16000 * 8)}])
+    assert off.word_start.shape[1] == 0 and not off.word_mask.any()

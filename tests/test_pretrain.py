@@ -32,6 +32,8 @@ ABLATIONS = [
     ("frame_stack2", {"frame_stack": 2}, {"frame", "phoneme", "utterance"}),
     ("weight_zero", {"utterance_weight": 0.0}, {"frame", "phoneme"}),
     ("mask_copies2", {"mask_copies": 2, "frame_stack": 2}, {"frame", "phoneme", "utterance"}),
+    ("with_word_scale", {"use_word": True}, {"frame", "phoneme", "word", "utterance"}),
+    ("word_only", {"use_word": True, "use_frame": False, "use_phoneme": False, "use_utterance": False}, {"word"}),
 ]
 
 
@@ -80,7 +82,7 @@ def parse_log(path):
 @pytest.mark.parametrize("name,overrides,scales", ABLATIONS, ids=[a[0] for a in ABLATIONS])
 def test_ablation_builds_and_trains(recipe, small_corpus, tmp_path, name, overrides, scales):
     log = run(recipe, str(tmp_path / name), small_corpus, number_of_epochs=1, **overrides)
-    logged = {k for k in log[0]["train"] if k in ("frame", "phoneme", "utterance")}
+    logged = {k for k in log[0]["train"] if k in ("frame", "phoneme", "word", "utterance")}
     assert logged == scales
     assert log[0]["step"] > 0 and np.isfinite(log[0]["train"]["loss"])
     assert os.path.isfile(tmp_path / name / "pretrained" / "encoder.ckpt")

@@ -2,7 +2,8 @@
 
 - :class:`FrameObjective` - frame scale, generative (L1 on log-Mel) by default;
 - :class:`PhonemeObjective` - phoneme scale, span InfoNCE against the teacher;
-- :class:`UtteranceObjective` - utterance scale, NT-Xent between two views.
+- :class:`UtteranceObjective` - utterance scale, NT-Xent between two views;
+- :class:`WordObjective` - optional word scale (0.3-0.6 s spans), span InfoNCE.
 """
 
 import torch
@@ -11,11 +12,13 @@ from mgf_sb.objectives.base import MaskedPrediction, ObjectiveInputs
 from mgf_sb.objectives.frame import FrameObjective
 from mgf_sb.objectives.phoneme import PhonemeObjective
 from mgf_sb.objectives.utterance import UtteranceObjective
+from mgf_sb.objectives.word import WordObjective
 
 __all__ = [
     "FrameObjective",
     "PhonemeObjective",
     "UtteranceObjective",
+    "WordObjective",
     "MaskedPrediction",
     "ObjectiveInputs",
     "ScaleSet",
@@ -44,7 +47,8 @@ class ScaleSet(torch.nn.ModuleDict):
             raise ValueError(f"enabled names unknown scales {sorted(unknown)}; known: {sorted(objectives)}")
         active = {k: m for k, m in objectives.items() if enabled.get(k, False) and float(weights.get(k, 0)) > 0}
         if not active:
-            raise ValueError("every scale is disabled: enable at least one (use_frame / use_phoneme / use_utterance)")
+            raise ValueError("every scale is disabled: enable at least one (use_frame / use_phoneme / use_word / "
+                             "use_utterance)")
         super().__init__(active)
         self.weights = {k: float(weights[k]) for k in active}
 
