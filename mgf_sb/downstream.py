@@ -25,6 +25,17 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
     ``hparams.upstream_opt_class`` (only when ``freeze`` is False).
     """
 
+    def compute_forward(self, batch, stage):
+        """Upstream -> layer selector -> ``modules.head(feats, n_frames)``.
+
+        What the utterance-level recipes (IEMOCAP, VoxCeleb1) need as is;
+        frame-level recipes override it.
+        """
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats, n_frames = self.encode(wavs, wav_lens, stage)
+        return self.modules.head(feats, n_frames)
+
     def encode(self, wavs, wav_lens, stage):
         """Waveforms -> (B, T, D) features for the head, and (B,) valid frames."""
         layers, n_frames = self.modules.upstream(wavs, wav_lens, update_stats=stage == sb.Stage.TRAIN)

@@ -76,10 +76,6 @@ class UtteranceClassifier(torch.nn.Module):
         self.pool = StatisticsPooling(input_size, pooling)
         self.classifier = Classifier(self.pool.output_size, n_classes, hidden_size, dropout)
 
-    def embed(self, x, n_frames):
-        """Pooled embedding (B, pool.output_size) (for verification scoring)."""
-        return self.pool(x, n_frames)
-
     def forward(self, x, n_frames):
         return self.classifier(self.pool(x, n_frames))
 

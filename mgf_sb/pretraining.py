@@ -1,5 +1,6 @@
 """One MGF pretraining forward pass, shared by the recipe and the benchmark."""
 
+from mgf_sb.distributed import unwrap
 from mgf_sb.objectives.base import ObjectiveInputs
 
 
@@ -29,6 +30,5 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None):
     hidden = encoder(feats, n_frames, mask=batch.input_mask)
     teacher = None
     if needs_teacher:
-        raw = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DDP
-        teacher = target(raw, feats_u, n_u)[batch.source]
+        teacher = target(unwrap(encoder), feats_u, n_u)[batch.source]
     return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch)

@@ -78,6 +78,33 @@ def to_mono_16k(data, sr, sample_rate=16000):
     return wav.float()
 
 
+def read_crop(path, duration, crop_seconds, sample_rate=16000, random_start=True):
+    """Reads at most ``crop_seconds`` of a (checked, 16 kHz) file without decoding the rest.
+
+    Arguments
+    ---------
+    path : str
+    duration : float or str
+        The file's duration from the manifest (seconds).
+    crop_seconds : float
+    sample_rate : int
+    random_start : bool
+        A random window (training) or the first one.
+
+    Returns
+    -------
+    torch.Tensor
+        (samples,) the whole file when it is no longer than the crop.
+    """
+    from speechbrain.dataio.dataio import read_audio
+
+    n, want = int(float(duration) * sample_rate), int(crop_seconds * sample_rate)
+    if n <= want:
+        return read_audio(path)
+    start = int(torch.randint(0, n - want + 1, (1,))) if random_start else 0
+    return read_audio({"file": path, "start": start, "stop": start + want})
+
+
 @dataclass
 class AudioCheck:
     """Outcome of :func:`check_audio`.

@@ -54,11 +54,7 @@ logger = logging.getLogger(__name__)
 class EmotionBrain(DownstreamBrain):
     """Utterance classification: upstream -> layer selector -> pooling -> classifier."""
 
-    def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
-        feats, n_frames = self.encode(wavs, wav_lens, stage)
-        return self.modules.head(feats, n_frames)
+    # compute_forward: DownstreamBrain's (upstream -> layer selector -> head)
 
     def compute_objectives(self, logits, batch, stage):
         targets = batch.emo_encoded.data[:, 0]

@@ -36,6 +36,7 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from mgf_sb.batch import n_encoder_frames
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import valid_mask
@@ -70,7 +71,7 @@ class TIMITBrain(DownstreamBrain):
             logits = logits.repeat_interleave(stack, dim=1)[:, : labels.shape[1]]
             wavs, wav_lens = batch.sig
             n_samples = torch.round(wav_lens * wavs.shape[1]).long()
-            n_frames = n_samples // self.hparams.upstream_model.features.hop + 1
+            n_frames = n_encoder_frames(n_samples, self.hparams.upstream_model.features.hop, 1)
             loss = torch.zeros((), device=logits.device)
             mask = valid_mask(n_frames, logits.shape[1], logits.device) & (labels >= 0)
             self._count(labels[mask], logits[mask])

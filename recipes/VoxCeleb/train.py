@@ -29,6 +29,7 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from mgf_sb.data.audio import read_crop
 from mgf_sb.distributed import ddp_sum, unwrap
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import Classifier, StatisticsPooling
@@ -108,11 +109,7 @@ class SpeakerHead(torch.nn.Module):
 class SpeakerBrain(DownstreamBrain):
     """Speaker identification on top of :class:`~mgf_sb.downstream.DownstreamBrain`."""
 
-    def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
-        feats, n_frames = self.encode(wavs, wav_lens, stage)
-        return self.modules.head(feats, n_frames)
+    # compute_forward: DownstreamBrain's (upstream -> layer selector -> head)
 
     def compute_objectives(self, predictions, batch, stage):
         targets = batch.spk_id_encoded.data.view(-1)
@@ -185,12 +182,7 @@ def dataio_prepare(hparams):
     @sb.utils.data_pipeline.provides("sig")
     def crop_pipeline(wav, duration):
         """A random ``crop_seconds`` window (the whole file when shorter)."""
-        n = int(float(duration) * sr)
-        length = int(crop * sr)
-        if n <= length:
-            return sb.dataio.dataio.read_audio(wav)
-        start = int(torch.randint(0, n - length + 1, (1,)))
-        return sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": start + length})
+        return read_crop(wav, duration, crop, sr)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")

@@ -14,14 +14,14 @@ import os
 import sys
 
 import speechbrain as sb
-import torch
-from speechbrain.utils.distributed import ddp_all_reduce, if_main_process, run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
 from mgf_sb.checkpoint import save_pretrained
+from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
-from mgf_sb.distributed import CPUFriendlyDDP
+from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum
 from mgf_sb.pretraining import mgf_forward
 from mgf_sb.recipe import start_experiment
 
@@ -63,10 +63,8 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
     def _reduced_scale_stats(self):
         """Per-scale means over every batch of every process (DDP-safe)."""
         names = sorted(self.scale_sums)
-        sums = torch.tensor([self.scale_sums[k] for k in names] + [float(self.scale_batches)], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sums = ddp_all_reduce(sums.to(self.device), torch.distributed.ReduceOp.SUM).cpu()
-        means = {k: float(v) / max(float(sums[-1]), 1.0) for k, v in zip(names, sums[:-1])}
+        *sums, batches = ddp_sum([self.scale_sums[k] for k in names] + [self.scale_batches])
+        means = {k: v / max(batches, 1.0) for k, v in zip(names, sums)}
         return {"loss": means.pop("loss", float("nan")), **means}
 
     def on_stage_start(self, stage, epoch=None):
@@ -111,12 +109,7 @@ def dataio_prepare(hparams):
         @sb.utils.data_pipeline.takes("wav", "duration")
         @sb.utils.data_pipeline.provides("sig")
         def audio_pipeline(wav, duration):
-            n = int(float(duration) * sr)
-            want = int(crop * sr)
-            if n <= want:
-                return sb.dataio.dataio.read_audio(wav)
-            start = int(torch.randint(0, n - want + 1, (1,))) if random_crop else 0
-            return sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": start + want})
+            return read_crop(wav, duration, crop, sr, random_start=random_crop)
 
         return audio_pipeline
 
