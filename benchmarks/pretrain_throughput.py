@@ -26,6 +26,8 @@ def build(hparams_file, overrides):
     with open(hparams_file) as f:
         hp = load_hyperpyyaml(f, overrides)
     hp["target"].attach(hp["encoder"])
+    if hp["target"].ema_steps is None:  # resolved from the data by the recipe; any count does for timing
+        hp["target"].ema_steps = 1000
     return hp
 
 

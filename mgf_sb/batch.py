@@ -1,12 +1,21 @@
 """Collate function for pretraining: two views per utterance, and the masks.
 
 The masks are drawn here, in the data loader (as SpeechBrain's BEST-RQ recipe
-does), so that runs differing only in loss weights see identical masks for the
-same seed, and the training step stays free of sampling code.
+does), so the training step stays free of sampling code. Only the enabled
+scales draw masks (``active_scales``): "frame scale alone" hides only frame
+spans, "utterance scale alone" hides nothing, so each variant's input hides
+exactly what its losses score. ``shared_masks=True`` draws the frame and
+phoneme masks whatever is enabled (the same mask distribution in every
+variant; the behaviour before this switch existed).
 
-Two views for free: each utterance's crop is cut into two disjoint halves that
-enter the batch as separate sequences. The utterance-scale loss then needs no
-extra forward pass, and the views cannot see each other through attention.
+Two views for free: each utterance's crop gives two disjoint views that enter
+the batch as separate sequences. The utterance-scale loss then needs no extra
+forward pass, and the views cannot see each other through attention. So that
+the views cannot be matched by trivial cues, they are separated by a gap
+(``view_gap_seconds``: no continuity across a cut), have independently
+jittered lengths (``view_length_jitter``), and each gets its own random gain
+(``view_gain_db``) and, optionally, a random first-order EQ tilt (``view_eq``)
+and white noise (``view_noise_snr_db``).
 
 Several masks per view (``mask_copies``, as data2vec 2.0 does): each view is
 encoded by the student K times with independent masks while the features and
@@ -130,6 +139,11 @@ def n_encoder_frames(n_samples, hop_length, frame_stack):
 class MGFCollate:
     """Builds an :class:`MGFBatch` from SpeechBrain dataset items.
 
+    Randomness (crop positions, view placement and perturbations, masks) comes
+    from torch's global generator of the process that runs the collate; the
+    pretraining recipe seeds it per DDP rank (and PyTorch seeds each data-loader
+    worker from it), see :func:`mgf_sb.distributed.seed_data_stream`.
+
     Arguments
     ---------
     sample_rate : int
@@ -138,7 +152,7 @@ class MGFCollate:
     frame_stack : int
         Fbank frames stacked per encoder frame (1 = 100 Hz, 2 = 50 Hz).
     crop_seconds : float
-        Longest audio taken from one utterance (both views together).
+        Longest audio taken from one utterance (both views and the gap together).
     n_views : int
         1 or 2 views per utterance (2 is needed by the utterance scale).
     frame_mask_ratio, frame_span_min, frame_span_max :
@@ -147,6 +161,31 @@ class MGFCollate:
         Phoneme-scale spans (in encoder frames).
     word_mask_ratio, word_span_min, word_span_max :
         Word-scale spans (in encoder frames); ratio 0 turns them off.
+    active_scales : iterable of str, optional
+        The enabled scales (e.g. the ``ScaleSet``, whose keys they are). Only
+        ``frame``, ``phoneme`` and ``word`` in it draw masks. None: every scale
+        whose mask ratio is > 0 draws its masks.
+    shared_masks : bool
+        Draw the frame and phoneme masks even for disabled scales (word spans
+        still only when the word scale is active).
+    view_gap_seconds : float
+        Gap between the two views of a crop (at most ``view_gap_max_fraction``
+        of a short crop).
+    view_gap_max_fraction : float
+        Largest share of a crop the gap may take.
+    view_length_jitter : float
+        Each view's length is drawn independently, uniform in
+        ``[(1 - jitter) * v, v]`` where ``v`` is half of the crop minus the gap;
+        it sits at a random position of its half. 0: both views are exactly ``v``.
+    view_gain_db : float
+        Each view is scaled by an independent random gain, uniform in
+        ``[-view_gain_db, +view_gain_db]`` dB (0: off).
+    view_eq : float
+        Each view is filtered by ``y[t] = x[t] + c x[t-1]``, ``c`` uniform in
+        ``[-view_eq, view_eq]`` (a light spectral tilt; 0: off).
+    view_noise_snr_db : list of two floats, optional
+        ``[low, high]``: white noise is added to each view at an SNR drawn
+        uniformly in that range (None: off).
     mask_copies : int
         Independently masked student copies of each view (K).
     sig_key : str
@@ -172,6 +211,14 @@ class MGFCollate:
         word_mask_ratio=0.0,
         word_span_min=30,
         word_span_max=60,
+        active_scales=None,
+        shared_masks=False,
+        view_gap_seconds=0.0,
+        view_gap_max_fraction=0.34,
+        view_length_jitter=0.0,
+        view_gain_db=0.0,
+        view_eq=0.0,
+        view_noise_snr_db=None,
         mask_copies=1,
         sig_key="sig",
         random_crop=True,
@@ -182,27 +229,67 @@ class MGFCollate:
         self.frame_stack = frame_stack
         self.crop = int(crop_seconds * sample_rate)
         self.n_views = n_views
-        self.frame_args = (frame_mask_ratio, frame_span_min, frame_span_max)
-        self.span_args = (span_mask_ratio, span_min, span_max)
-        self.word_args = (word_mask_ratio, word_span_min, word_span_max)
+        active = None if active_scales is None else {str(k) for k in active_scales}
+
+        def draws(scale, shared):
+            return active is None or scale in active or (shared and bool(shared_masks))
+
+        self.frame_args = (frame_mask_ratio if draws("frame", True) else 0.0, frame_span_min, frame_span_max)
+        self.span_args = (span_mask_ratio if draws("phoneme", True) else 0.0, span_min, span_max)
+        self.word_args = (word_mask_ratio if draws("word", False) else 0.0, word_span_min, word_span_max)
         self.max_spans = max_spans
         if int(mask_copies) < 1:
             raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
         self.mask_copies = int(mask_copies)
+        if not 0.0 <= view_length_jitter < 1.0:
+            raise ValueError(f"view_length_jitter must be in [0, 1), got {view_length_jitter}")
+        if not 0.0 <= view_gap_max_fraction < 1.0:
+            raise ValueError(f"view_gap_max_fraction must be in [0, 1), got {view_gap_max_fraction}")
+        self.gap = int(round(view_gap_seconds * sample_rate))
+        self.gap_max_fraction = float(view_gap_max_fraction)
+        self.jitter = float(view_length_jitter)
+        self.gain_db = float(view_gain_db)
+        self.eq = float(view_eq)
+        if view_noise_snr_db is not None:
+            lo, hi = (float(view_noise_snr_db), float(view_noise_snr_db)) if isinstance(
+                view_noise_snr_db, (int, float)) else (float(view_noise_snr_db[0]), float(view_noise_snr_db[1]))
+            view_noise_snr_db = (min(lo, hi), max(lo, hi))
+        self.noise_snr = view_noise_snr_db
         self.sig_key = sig_key
         self.random_crop = random_crop
 
     def _views(self, sig):
-        """Crops one waveform (samples,) into ``n_views`` disjoint pieces."""
+        """Crops one waveform (samples,) into ``n_views`` disjoint, perturbed views."""
         n = sig.shape[0]
         if n > self.crop:
             off = int(torch.randint(0, n - self.crop + 1, (1,))) if self.random_crop else 0
             sig = sig[off : off + self.crop]
             n = self.crop
         if self.n_views == 1:
-            return [sig]
-        half = n // 2
-        return [sig[:half], sig[half : 2 * half]]
+            return [self._perturb(sig)]
+        gap = min(self.gap, int(self.gap_max_fraction * n))
+        v = (n - gap) // 2  # each view's half; the second half starts at v + gap
+        if self.jitter > 0:
+            lens = (v * (1.0 - self.jitter * torch.rand(2))).long().clamp(min=1)
+            offs = (torch.rand(2) * (v - lens + 1).float()).long()
+        else:
+            lens, offs = torch.tensor([v, v]), torch.tensor([0, 0])
+        a0, b0 = int(offs[0]), v + gap + int(offs[1])
+        return [self._perturb(sig[a0 : a0 + int(lens[0])]), self._perturb(sig[b0 : b0 + int(lens[1])])]
+
+    def _perturb(self, x):
+        """Independent random gain, EQ tilt and noise of one view (each off at 0 / None)."""
+        if self.eq > 0 and x.shape[0] > 1:
+            c = float(torch.empty(()).uniform_(-self.eq, self.eq))
+            x = torch.cat([x[:1], x[1:] + c * x[:-1]])
+        if self.noise_snr is not None and x.shape[0] > 0:
+            power = x.float().pow(2).mean()
+            snr = float(torch.empty(()).uniform_(*self.noise_snr)) if self.noise_snr[1] > self.noise_snr[0] \
+                else self.noise_snr[0]
+            x = x + torch.randn_like(x) * torch.sqrt(power / 10 ** (snr / 10.0))
+        if self.gain_db > 0:
+            x = x * 10 ** (float(torch.empty(()).uniform_(-self.gain_db, self.gain_db)) / 20.0)
+        return x
 
     def __call__(self, items):
         ids, views = [], []
@@ -229,7 +316,7 @@ class MGFCollate:
             taken = taken | spans_to_mask(word_start, word_len, T)
         frame_mask = sample_frame_mask(n_frames, T, *self.frame_args, exclude=taken)
         utt = source // self.n_views
-        if self.n_views == 2:  # the other half of the same crop, same copy
+        if self.n_views == 2:  # the other view of the same crop, same copy
             partner = torch.arange(U * K) + 1 - 2 * (source % 2)
         else:
             partner = torch.full((U * K,), -1)

@@ -14,6 +14,7 @@ written to a temporary name and renamed, so a kill during a save never leaves a
 half-written folder behind.
 """
 
+import hashlib
 import json
 import os
 
@@ -92,6 +93,57 @@ def read_config(folder):
     return config
 
 
+def check_finite(state, path):
+    """Raises ValueError naming the first tensor of ``state`` with NaN or Inf values.
+
+    A model with one non-finite weight gives all-NaN outputs; refusing it at
+    load time names the culprit instead.
+    """
+    for name, value in state.items():
+        if isinstance(value, dict):
+            check_finite(value, f"{path}[{name!r}]")
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"{path}: tensor {name!r} has {bad} NaN or Inf value(s) of {value.numel()}; the weights are "
+                f"corrupted (a diverged run or a damaged copy). Use an earlier checkpoint or re-copy the folder."
+            )
+
+
+def weights_digest(folder):
+    """Content hash of a pretrained folder's weights (``features.ckpt``, ``encoder.ckpt``).
+
+    Hashes every tensor's name, dtype, shape and values (not the file bytes, so
+    re-saving the same weights or moving the folder keeps the digest). Used by
+    the run guard (:mod:`mgf_sb.recipe`) as the upstream's identity.
+
+    Returns
+    -------
+    str
+        ``sha256:<first 16 hex digits>``.
+    """
+    h = hashlib.sha256()
+    for name in (FEATURES_FILE, ENCODER_FILE):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot load {path}: {e}. Re-export or re-copy the folder.") from e
+        h.update(name.encode())
+        for key in sorted(state):
+            value = state[key]
+            h.update(key.encode())
+            if torch.is_tensor(value):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            else:
+                h.update(repr(value).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def build_from_config(config):
     """Fresh (random-weight) FeatureExtractor and MGFEncoder from a config dict."""
     return FeatureExtractor(**config["features"]), MGFEncoder(**config["encoder"])
@@ -116,6 +168,7 @@ def load_pretrained(folder, map_location="cpu"):
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated or foreign file
             raise ValueError(f"cannot load {path}: {e}. Re-export or re-copy the folder.") from e
+        check_finite(state, path)
         module.load_state_dict(state)
     features.eval()
     return features, encoder, config

@@ -59,13 +59,64 @@ def ddp_sum(values):
     return t.cpu().tolist()
 
 
+def rank():
+    """This process's DDP rank (0 without DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def seed_data_stream(seed):
+    """Seeds this process's random generators with ``seed + rank``.
+
+    SpeechBrain seeds every DDP process alike (identical initial weights);
+    call this *after* the modules are built, so that the random draws of the
+    data pipeline (crop positions, views, masks in the collate) differ across
+    processes as they differ across the utterances of one process's batch.
+    Data-loader workers (``num_workers > 0``) are then seeded by PyTorch from
+    this process's generator plus their worker id, so they differ too.
+
+    Returns
+    -------
+    int
+        The seed used.
+    """
+    from speechbrain.utils.seed import seed_everything
+
+    return seed_everything(int(seed) + rank(), verbose=False)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather of equal-shaped tensors whose backward returns each process its rows' gradient.
+
+    Backward sums the gradient of the gathered tensor over processes (each
+    process's loss depends on every process's rows) and keeps the local slice,
+    so that, after DDP averages the parameter gradients, the result equals
+    the gradient of one process holding the whole batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(out, x.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[torch.distributed.get_rank()]
+
+
 def gather_for_contrast(z, group):
     """Every process's embeddings as contrastive keys (SimCLR / CLIP style).
 
     Under DDP a contrastive loss over the local batch alone sees 1/N of the
     negatives, so its value (and what it learns) depends on the number of
-    processes. The other processes' embeddings are gathered without gradient;
-    the local rows stay the local tensor, so gradients flow through them.
+    processes. The other processes' embeddings are gathered *with* gradient
+    (their loss terms reach this process's rows through the backward), so the
+    averaged DDP gradient equals the single-process gradient on the global
+    batch; the local rows stay the local tensor.
 
     Arguments
     ---------
@@ -87,25 +138,23 @@ def gather_for_contrast(z, group):
     if n == 1:
         return z, group, 0
     dist = torch.distributed
-    rank = dist.get_rank()
+    me = dist.get_rank()
     sizes = [torch.zeros(2, dtype=torch.long, device=z.device) for _ in range(n)]
     dist.all_gather(sizes, torch.tensor([z.shape[0], int(group.max()) + 1], device=z.device))
     sizes = [tuple(int(v) for v in s) for s in sizes]
     width = max(s[0] for s in sizes)
-    pad_z = torch.zeros(width, z.shape[1], dtype=z.dtype, device=z.device)
-    pad_z[: z.shape[0]] = z.detach()
+    pad_z = torch.nn.functional.pad(z, (0, 0, 0, width - z.shape[0]))
     pad_g = torch.zeros(width, dtype=torch.long, device=z.device)
     pad_g[: z.shape[0]] = group
-    all_z = [torch.empty_like(pad_z) for _ in range(n)]
+    all_z = _GatherWithGrad.apply(pad_z)  # (n, width, D), differentiable
     all_g = [torch.empty_like(pad_g) for _ in range(n)]
-    dist.all_gather(all_z, pad_z)
     dist.all_gather(all_g, pad_g)
     keys, key_group, g_offset = [], [], 0
-    for r, ((m, n_groups), zr, gr) in enumerate(zip(sizes, all_z, all_g)):
-        keys.append(z if r == rank else zr[:m])
+    for r, ((m, n_groups), gr) in enumerate(zip(sizes, all_g)):
+        keys.append(z if r == me else all_z[r, :m])
         key_group.append(gr[:m] + g_offset)
         g_offset += n_groups
-    offset = sum(s[0] for s in sizes[:rank])
+    offset = sum(s[0] for s in sizes[:me])
     return torch.cat(keys), torch.cat(key_group), offset
 
 

@@ -3,6 +3,19 @@
 A recipe subclasses :class:`DownstreamBrain`, declares ``upstream``,
 ``layer_selector`` and its head in YAML, and implements ``compute_forward`` /
 ``compute_objectives`` / ``on_stage_end`` with ``self.encode(...)``.
+
+Every probe trains to convergence the same way (all in each task's YAML):
+
+- ``lr_annealing``: SpeechBrain's ``ReduceLROnPlateau`` on the dev error, which
+  multiplies the head's lr by ``lr_annealing_factor`` after ``lr_patience``
+  epochs without improvement and never goes below ``lr * lr_floor``;
+- ``epoch_counter``: SpeechBrain's ``EpochCounterWithStopper``, which stops
+  after ``early_stop_patience`` epochs without dev improvement (early stopping)
+  or at ``number_of_epochs``;
+- the utterance classification tasks weight the cross-entropy by inverse class
+  frequency (``class_balanced_loss``, :func:`balanced_class_weights`).
+
+:meth:`DownstreamBrain.anneal_and_stop` applies the first two once per validation.
 """
 
 import json
@@ -10,8 +23,11 @@ import logging
 import os
 
 import speechbrain as sb
+import torch
 
 from mgf_sb.distributed import CPUFriendlyDDP, unwrap
+from mgf_sb.live_curves import attach_tensorboard, layer_weight_scalars
+from mgf_sb.probing import class_weights, fit_logistic_regression, pooled_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +39,13 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
     ``modules.layer_selector`` (:class:`~mgf_sb.upstream.LayerSelector`); the
     head optimiser comes from ``opt_class``, the fine-tuned upstream's from
     ``hparams.upstream_opt_class`` (only when ``freeze`` is False).
+    With ``use_tensorboard: True`` the epoch statistics and the learned layer weights
+    also go to TensorBoard (:mod:`mgf_sb.live_curves`).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attach_tensorboard(self, lambda: layer_weight_scalars(self.layer_weights()))
 
     def compute_forward(self, batch, stage):
         """Upstream -> layer selector -> ``modules.head(feats, n_frames)``.
@@ -68,6 +90,80 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
         """The learned layer weights (list) or None for a fixed layer."""
         return self.hparams.layer_selector.normalized_weights()
 
+    def anneal_and_stop(self, dev_error):
+        """Once per validation: lr schedule with a floor, then early stopping.
+
+        Arguments
+        ---------
+        dev_error : float
+            The dev metric, lower is better (``1 - accuracy``, ``1 - UA``, WER...).
+
+        Returns
+        -------
+        float
+            The head's lr used during the epoch that just ended (for the log).
+        """
+        old_lr = self.optimizer.param_groups[0]["lr"]
+        epoch = self.hparams.epoch_counter.current
+        _, new_lr = self.hparams.lr_annealing([self.optimizer], epoch, float(dev_error))
+        sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+        if hasattr(self.hparams.epoch_counter, "update_metric"):
+            self.hparams.epoch_counter.update_metric(float(dev_error))
+        return old_lr
+
+    @torch.no_grad()
+    def pooled_features(self, dataset, label_fn, batch_size=8, num_workers=0):
+        """Mean+std pooled features of the probe's layer mix over a dataset (eval mode).
+
+        The layers are combined by ``layer_selector`` as trained with the probe
+        (the learned weighted sum, or the fixed ``layer``), then pooled over the
+        valid frames (:func:`mgf_sb.probing.pooled_statistics`).
+
+        Returns
+        -------
+        x : torch.Tensor
+            (N, 2D) float32, on the CPU.
+        y : torch.Tensor
+            (N,) long, ``label_fn(batch)`` of each batch.
+        """
+        upstream, selector = unwrap(self.modules.upstream), unwrap(self.modules.layer_selector)
+        upstream.eval()
+        selector.eval()
+        loader = sb.dataio.dataloader.make_dataloader(dataset, batch_size=batch_size, num_workers=num_workers)
+        xs, ys = [], []
+        for batch in loader:
+            batch = batch.to(self.device)
+            layers, n_frames = upstream(*batch.sig, update_stats=False)
+            xs.append(pooled_statistics(selector(layers).float(), n_frames).cpu())
+            ys.append(label_fn(batch).view(-1).cpu())
+        return torch.cat(xs), torch.cat(ys)
+
+    def convex_reference(self, train_set, test_set, label_fn, n_classes, l2=1e-4, batch_size=8, num_workers=0):
+        """Full-batch logistic regression on the same pooled features as the probe.
+
+        Fits :func:`mgf_sb.probing.fit_logistic_regression` (class-balanced, L2
+        ``l2``) on the mean+std pooled statistics of ``train_set`` (whole
+        utterances) and predicts ``test_set``: a convex reference that shows
+        whether the probe is under-trained. Call it after ``evaluate`` (the best
+        checkpoint's layer weights are loaded).
+
+        Returns
+        -------
+        dict
+            ``pred`` and ``target`` (N_test,) long tensors, ``n_train``, ``l2`` and
+            ``features`` (a description of the features).
+        """
+        x_train, y_train = self.pooled_features(train_set, label_fn, batch_size, num_workers)
+        x_test, y_test = self.pooled_features(test_set, label_fn, batch_size, num_workers)
+        model = fit_logistic_regression(x_train, y_train, n_classes, l2=l2, class_balanced=True)
+        layer = self.hparams.layer_selector.layer
+        mix = "the learned weighted sum of the layers" if layer is None else f"layer {layer}"
+        return {
+            "pred": model.predict(x_test), "target": y_test, "n_train": int(x_train.shape[0]), "l2": float(l2),
+            "features": f"mean+std over time of {mix} (as trained with the probe); "
+                        f"full-batch class-balanced L2 logistic regression",
+        }
+
 
 def announce_data(data_folder, sample_folder_name="samples"):
     """Says loudly when a recipe runs on a bundled sample instead of a real corpus."""
@@ -78,6 +174,27 @@ def announce_data(data_folder, sample_folder_name="samples"):
         print(msg, flush=True)
         return True
     return False
+
+
+def balanced_class_weights(labels, n_classes, balanced=True):
+    """Cross-entropy class weights ``N / (C_present * n_c)`` (mean 1 over utterances) or None.
+
+    Arguments
+    ---------
+    labels : sequence of int
+        Every training utterance's class index.
+    n_classes : int
+    balanced : bool
+        False: None (plain cross-entropy).
+
+    Example
+    -------
+    >>> [round(w, 3) for w in balanced_class_weights([0, 0, 0, 1], 3).tolist()]
+    [0.667, 2.0, 0.0]
+    """
+    if not balanced:
+        return None
+    return class_weights(torch.as_tensor(list(labels), dtype=torch.long), n_classes).float()
 
 
 def write_results(folder, name, results, markdown=None):

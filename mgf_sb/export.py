@@ -26,9 +26,11 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -36,11 +38,16 @@ from mgf_sb import checkpoint as ckpt
 from mgf_sb.features import FeatureExtractor
 from mgf_sb.heads import UtteranceClassifier
 from mgf_sb.inference import MODEL_HEADER as HEADER
+from mgf_sb.inference import read_hparams_text
 from mgf_sb.upstream import LayerSelector
 
 logger = logging.getLogger(__name__)
 
 HEAD_FILES = ("head.ckpt", "head_config.json", "labels.txt")
+# Every file export writes into a model folder (hyperparams.yaml is always written last).
+# Re-exporting replaces these and nothing else: a user's other files stay.
+EXPORT_FILES = (ckpt.CONFIG_FILE, ckpt.FEATURES_FILE, ckpt.ENCODER_FILE, "layer_selector.ckpt", "classifier.ckpt",
+                "label_encoder.txt", "head_config.json", "hyperparams.yaml")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,9 +77,12 @@ def find_source(source):
 
 def _load_state(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot load {path}: {e}. Re-train or re-copy the folder.") from e
+    if isinstance(state, dict):
+        ckpt.check_finite(state, path)  # NaN/Inf weights: refused, naming the tensor
+    return state
 
 
 def load_upstream_folder(folder):
@@ -240,7 +250,10 @@ def _prepare_dest(dest, source_folder):
         if not os.path.isdir(dest):
             raise FileExistsError(f"export destination {dest!r} exists and is not a folder")
         hp = os.path.join(dest, "hyperparams.yaml")
-        ours = os.path.isfile(hp) and open(hp, encoding="utf-8").readline().startswith(HEADER)
+        try:
+            ours = os.path.isfile(hp) and read_hparams_text(hp).startswith(HEADER)
+        except ValueError:  # not UTF-8: not ours
+            ours = False
         if os.listdir(dest) and not ours:
             raise FileExistsError(
                 f"export destination {dest!r} exists and is not an mgf-sb model folder; "
@@ -254,6 +267,9 @@ def export(source, dest, chunk_seconds=30.0, overlap_seconds=4.0, layer=None, ch
 
     Returns the absolute path of ``dest``.
     """
+    if not (math.isfinite(float(chunk_seconds)) and math.isfinite(float(overlap_seconds))
+            and 0 <= float(overlap_seconds) < float(chunk_seconds)):
+        raise ValueError(f"need finite 0 <= overlap_seconds < chunk_seconds, got {overlap_seconds}, {chunk_seconds}")
     kind, folder = find_source(source)
     dest = _prepare_dest(dest, folder)
     if kind == "pretrained":
@@ -265,9 +281,37 @@ def export(source, dest, chunk_seconds=30.0, overlap_seconds=4.0, layer=None, ch
     if features.normalizer.count == 0:
         raise ValueError(f"{folder}: the feature extractor has no normalisation statistics")
 
-    tmp = dest + ".exporting"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(dest, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".mgf-export-", dir=dest)  # same filesystem: each file is renamed in
+    try:
+        _write_model_files(tmp, folder, parts, chunk_seconds, overlap_seconds, layer)
+        _install(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if check:
+        check_export(dest, parts)
+    logger.info(f"exported {kind} folder {folder} -> {dest}")
+    return dest
+
+
+def _install(tmp, dest):
+    """Moves the files written in ``tmp`` into ``dest``, each with an atomic rename.
+
+    ``hyperparams.yaml`` goes last. Files of an earlier export (:data:`EXPORT_FILES`)
+    that this export does not write (``encoder.ckpt`` when an fbank model replaces an
+    MGF one) are removed; anything else in ``dest`` is left alone.
+    """
+    written = sorted(os.listdir(tmp), key=lambda f: f == "hyperparams.yaml")
+    for name in written:
+        os.replace(os.path.join(tmp, name), os.path.join(dest, name))
+    for name in EXPORT_FILES:
+        if name not in written and os.path.isfile(os.path.join(dest, name)):
+            os.remove(os.path.join(dest, name))
+
+
+def _write_model_files(tmp, folder, parts, chunk_seconds, overlap_seconds, layer):
+    """Writes every model file (:data:`EXPORT_FILES`) into the empty folder ``tmp``."""
+    features, encoder, config = parts["features"], parts["encoder"], parts["config"]
     config = dict(config)
     config["meta"] = dict(config.get("meta") or {}, exported_from=folder)
     with open(os.path.join(tmp, ckpt.CONFIG_FILE), "w") as f:
@@ -289,13 +333,6 @@ def export(source, dest, chunk_seconds=30.0, overlap_seconds=4.0, layer=None, ch
     with open(os.path.join(tmp, "hyperparams.yaml"), "w", encoding="utf-8") as f:
         f.write(make_hyperparams(folder, features.config, None if encoder is None else encoder.config,
                                  head, labels, chunk_seconds, overlap_seconds, layer))
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    if check:
-        check_export(dest, parts)
-    logger.info(f"exported {kind} folder {folder} -> {dest}")
-    return dest
 
 
 def check_export(dest, parts, seconds=1.5):
@@ -336,6 +373,8 @@ def main(argv=None):
                         help="default output layer of encode_* (default: all layers)")
     parser.add_argument("--no_check", action="store_true", help="skip loading the export back to compare outputs")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.chunk_seconds) and math.isfinite(args.overlap_seconds)):
+        parser.error("--chunk_seconds and --overlap_seconds must be finite numbers")
     if not 0 <= args.overlap_seconds < args.chunk_seconds:
         parser.error("need 0 <= --overlap_seconds < --chunk_seconds")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -113,7 +113,11 @@ class FeatureExtractor(torch.nn.Module):
                     "FeatureExtractor has no normalisation statistics yet: run it in "
                     "training mode first, or load a pretrained folder"
                 )
-            fb = nrm(fb, n_fb.float() / Tf, epoch=epoch)
+            # Relative lengths half a frame short: SpeechBrain's mask keeps frames t < len * Tf - eps, and
+            # n_fb / Tf * Tf can round to n_fb + 1e-6, which counted one padding frame in the statistics.
+            # Under DDP SpeechBrain all-reduces the statistics (mean_std_update), so every process
+            # holds those of the global batch (tests/ddp_exact_check.py).
+            fb = nrm(fb, (n_fb.float() - 0.5) / Tf, epoch=epoch)
             valid = torch.arange(Tf, device=fb.device)[None, :] < n_fb[:, None]
             fb = fb * valid[..., None]
             k = self.frame_stack

@@ -30,16 +30,21 @@ default Pretrainer hook is non-strict and only warns on mismatches).
 """
 
 import logging
+import math
 import os
 import pathlib
+import re
 
 import torch
+import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio import audio_io
 from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.fetching import FetchConfig, FetchFrom, FetchSource, LocalStrategy, link_with_strategy
 
 from mgf_sb.batch import n_encoder_frames
+from mgf_sb.checkpoint import check_finite
+from mgf_sb.data.audio import MIN_AUDIO_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ def load_state_dict_strict(obj, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or pickled-code file
         raise ValueError(f"cannot load weights from {path!r}: {e}. {EXPORT_HINT}") from e
+    check_finite(state, path)  # NaN/Inf weights would make every output NaN
     try:
         obj.load_state_dict(state, strict=True)
     except Exception as e:
@@ -79,6 +85,108 @@ def load_label_encoder(obj, path):
         raise FileNotFoundError(f"label encoder {path!r} is missing. {EXPORT_HINT}")
     obj.load(path)
     obj.ignore_len()
+
+
+# ----------------------------------------------------------------------------------------------
+# hyperparams.yaml: read as UTF-8, checked before HyperPyYAML evaluates it
+# ----------------------------------------------------------------------------------------------
+# What a model folder's hyperparams.yaml may contain (unless from_hparams(trust_code=True)):
+# plain YAML values, `!ref`, `!new:` of a class and `!name:` of a class from these modules, and
+# `!name:` of a function from SAFE_FUNCTION_MODULES (the Pretrainer hooks).
+SAFE_CLASS_MODULES = ("mgf_sb", "speechbrain.nnet", "speechbrain.lobes.features", "speechbrain.processing",
+                      "speechbrain.dataio.encoder", "speechbrain.utils.parameter_transfer")
+SAFE_FUNCTION_MODULES = ("mgf_sb.inference",)
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge")}
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+class UnsafeModelFolder(ValueError):
+    """A model folder's hyperparams.yaml would run code that is not allowed (message: file:line)."""
+
+
+def _in_modules(module, prefixes):
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _check_target(kind, name, where):
+    """``!new:``/``!name:`` target -> None if allowed, else raises :class:`UnsafeModelFolder`."""
+    import inspect
+    import pydoc
+
+    allowed = "classes from " + ", ".join(SAFE_CLASS_MODULES)
+    if kind == "!name:":
+        allowed += " or functions from " + ", ".join(SAFE_FUNCTION_MODULES)
+    if not _DOTTED.match(name) or not _in_modules(name.rsplit(".", 1)[0], ("mgf_sb", "speechbrain")):
+        raise UnsafeModelFolder(f"{where}: {kind}{name} is not allowed in a model folder (only {allowed})")
+    try:
+        obj = pydoc.locate(name)  # imports a module of mgf_sb / speechbrain only (checked above)
+    except Exception as e:
+        raise UnsafeModelFolder(f"{where}: {kind}{name} cannot be imported ({e})") from None
+    module = getattr(obj, "__module__", None) or ""
+    ok = (inspect.isclass(obj) and _in_modules(module, SAFE_CLASS_MODULES)) or (
+        kind == "!name:" and inspect.isfunction(obj) and _in_modules(module, SAFE_FUNCTION_MODULES))
+    if not ok:
+        what = "nothing" if obj is None else f"{type(obj).__name__} from {module or '?'}"
+        raise UnsafeModelFolder(f"{where}: {kind}{name} ({what}) is not allowed in a model folder (only {allowed})")
+
+
+def check_hparams_safe(text, path):
+    """Refuses a model-folder YAML that could run code, before HyperPyYAML evaluates it.
+
+    Allowed: plain YAML values (strings, numbers, booleans, null, lists,
+    mappings), ``!ref`` (references and arithmetic), ``!new:`` / ``!name:`` of
+    a class from :data:`SAFE_CLASS_MODULES`, and ``!name:`` of a function from
+    :data:`SAFE_FUNCTION_MODULES`. Anything else (``!apply:``, ``!module:``,
+    ``!include:``, ``!copy``, ``!tuple``, ``!!python/...``, a function or class
+    from any other module: ``!name:os.system``...) raises
+    :class:`UnsafeModelFolder` naming ``file:line``.
+
+    Arguments
+    ---------
+    text : str
+        The file's content.
+    path : str
+        For messages.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    stack, seen = [root] if root is not None else [], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        tag, where = node.tag, f"{path}:{node.start_mark.line + 1}"
+        if tag in _PLAIN_TAGS or tag == "!ref":
+            pass
+        elif tag.startswith(("!new:", "!name:")):
+            kind, name = tag.split(":", 1)
+            _check_target(kind + ":", name, where)
+        else:
+            raise UnsafeModelFolder(
+                f"{where}: the tag {tag} is not allowed in a model folder (it could run code when loaded). "
+                f"Allowed: plain values, !ref, !new:/!name: of classes from {', '.join(SAFE_CLASS_MODULES)}. "
+                f"Load a folder you trust with from_hparams(..., trust_code=True)."
+            )
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += list(node.value)
+
+
+def read_hparams_text(path):
+    """A model folder's hyperparams.yaml as text; not UTF-8 -> ValueError naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); the file is damaged "
+                         f"or was saved in another encoding. {EXPORT_HINT}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,8 +218,7 @@ def check_model_folder(source):
         )
     # A recipe's output folder also holds a hyperparams.yaml (the training one): do not run it.
     training_marks = [m for m in ("pretrained", "save", "model", "train_log.txt") if os.path.exists(os.path.join(folder, m))]
-    with open(os.path.join(folder, HPARAMS_FILE), encoding="utf-8") as f:
-        exported = f.readline().startswith(MODEL_HEADER)
+    exported = read_hparams_text(os.path.join(folder, HPARAMS_FILE)).startswith(MODEL_HEADER)
     if training_marks and not exported:
         raise ValueError(
             f"{folder!r} is a training output folder (it holds {', '.join(training_marks)}), not a model "
@@ -120,7 +227,7 @@ def check_model_folder(source):
     return folder
 
 
-def read_audio_file(path, sample_rate=16000, min_samples=400):
+def read_audio_file(path, sample_rate=16000, min_samples=int(MIN_AUDIO_SECONDS * 16000)):
     """Any rate / channel count -> mono float waveform at ``sample_rate`` (1-D tensor).
 
     Reads through SpeechBrain's soundfile-based ``audio_io`` (WAV, FLAC, OGG...), averages
@@ -175,6 +282,7 @@ class _MGFPretrained(Pretrained):
         savedir=None,
         overrides=None,
         local_strategy=LocalStrategy.SYMLINK,
+        trust_code=False,
         **kwargs,
     ):
         """Loads an exported model folder (local only; see the module docstring).
@@ -190,6 +298,10 @@ class _MGFPretrained(Pretrained):
             by default they are read in place.
         overrides : dict, optional
             HyperPyYAML overrides, e.g. ``{"chunk_seconds": 10}``.
+        trust_code : bool
+            False (default): ``hyperparams.yaml`` is checked before it is evaluated and
+            refused if it could run code (:func:`check_hparams_safe`). True: load it as
+            SpeechBrain does, running whatever it says (only for folders you trust).
         **kwargs
             Forwarded to the class (``run_opts={"device": "cuda"}``, ``freeze_params``).
         """
@@ -203,8 +315,10 @@ class _MGFPretrained(Pretrained):
             raise FileNotFoundError(f"model folder {folder!r} is incomplete: missing {hparams_file}. {EXPORT_HINT}")
         overrides = dict(overrides or {})
         overrides.setdefault("pretrained_path", folder)
-        with open(hparams_path, encoding="utf-8") as f:
-            hparams = load_hyperpyyaml(f, overrides)
+        text = read_hparams_text(hparams_path)
+        if not trust_code:
+            check_hparams_safe(text, hparams_path)
+        hparams = load_hyperpyyaml(text, overrides)
         cls._check_hparams(hparams, folder)
 
         pretrainer = hparams["pretrainer"]
@@ -225,7 +339,12 @@ class _MGFPretrained(Pretrained):
         pretrainer.set_collect_in(savedir)
         pretrainer.collect_files(default_source=local, local_strategy=local_strategy, fetch_config=LOCAL_ONLY)
         pretrainer.load_collected()
-        return cls(modules=hparams["modules"], hparams=hparams, **kwargs)
+        model = cls(modules=hparams["modules"], hparams=hparams, **kwargs)
+        try:
+            model._chunk_sizes(None, None)  # chunk_seconds / overlap_seconds of the file or overrides
+        except ValueError as e:
+            raise ValueError(f"{hparams_path}: {e}") from None
+        return model
 
     @classmethod
     def _check_hparams(cls, hparams, folder):
@@ -285,14 +404,36 @@ class _MGFPretrained(Pretrained):
             chunk_seconds = getattr(self.hparams, "chunk_seconds", 30.0)
         if overlap_seconds is None:
             overlap_seconds = getattr(self.hparams, "overlap_seconds", 4.0)
-        chunk = int(round(float(chunk_seconds) * sr / step)) * step
-        overlap = int(round(float(overlap_seconds) * sr / step)) * step
+        try:
+            chunk_seconds, overlap_seconds = float(chunk_seconds), float(overlap_seconds)
+        except (TypeError, ValueError):
+            raise ValueError(f"chunk_seconds and overlap_seconds must be numbers, got {chunk_seconds!r}, "
+                             f"{overlap_seconds!r}") from None
+        if not (math.isfinite(chunk_seconds) and math.isfinite(overlap_seconds)):
+            raise ValueError(f"chunk_seconds and overlap_seconds must be finite, got {chunk_seconds}, {overlap_seconds}")
+        minimum = self.min_chunk_seconds
+        if chunk_seconds < minimum:
+            raise ValueError(
+                f"chunk_seconds={chunk_seconds} is shorter than the model's receptive field "
+                f"({minimum:.3f} s: the positional convolution's span, at least {MIN_AUDIO_SECONDS} s)"
+            )
+        chunk = int(round(chunk_seconds * sr / step)) * step
+        overlap = int(round(overlap_seconds * sr / step)) * step
         if chunk <= 0 or overlap < 0 or overlap >= chunk:
             raise ValueError(
                 f"need 0 <= overlap_seconds < chunk_seconds, got chunk_seconds={chunk_seconds}, "
                 f"overlap_seconds={overlap_seconds}"
             )
         return chunk, overlap, step
+
+    @property
+    def min_chunk_seconds(self):
+        """Shortest allowed chunk: the encoder's receptive field beyond attention (its positional
+        convolution spans ``conv_pos_kernel`` frames), and never under :data:`MIN_AUDIO_SECONDS`."""
+        fe = self.mods.features
+        frame_s = fe.hop * fe.frame_stack / self.hparams.sample_rate
+        kernel = getattr(self.mods.encoder, "config", {}).get("conv_pos_kernel", 1) if self.has_encoder else 1
+        return max(MIN_AUDIO_SECONDS, kernel * frame_s)
 
     def _encode_waveform(self, wav, chunk_seconds=None, overlap_seconds=None):
         """One 1-D waveform -> (num_layers, T, D), in overlapping chunks if longer than a chunk.
@@ -374,7 +515,8 @@ class _MGFPretrained(Pretrained):
     def load_waveform(self, path):
         """Reads any rate / channel count as a mono waveform at the model's rate."""
         fe = self.mods.features
-        return read_audio_file(path, self.hparams.sample_rate, min_samples=fe.hop * fe.frame_stack)
+        sr = self.hparams.sample_rate
+        return read_audio_file(path, sr, min_samples=max(int(round(MIN_AUDIO_SECONDS * sr)), fe.hop * fe.frame_stack))
 
     def encode_file(self, path, layer="default", chunk_seconds=None, overlap_seconds=None):
         """Encodes an audio file (any rate / channels; long files in overlapping chunks).

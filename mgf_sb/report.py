@@ -1,38 +1,51 @@
-"""Tables, ranks and plots for ``recipes/evaluate.py`` (no plotting library needed).
+"""Tables, ranks, spreads and plots for ``recipes/evaluate.py``.
 
-- :func:`markdown_table` / :func:`mean_ranks`: the report's tables (rows = upstreams
-  or ablation variants, columns = task metrics), each metric knowing whether higher
-  or lower is better.
+- :class:`Column`, :func:`column_ranks`, :func:`mean_ranks`, :func:`markdown_table`: the
+  report's tables (rows = upstreams or ablation variants, columns = task metrics), each
+  metric knowing whether higher or lower is better. A value ``v`` under key ``k`` may
+  carry its spread under ``k + "_std"`` (printed ``v ± std``).
+- :func:`mean_std`, :func:`within_spread`, :func:`ranking`, :func:`ranking_text`,
+  :func:`ranking_changes`: spreads over seeds / folds, and whether a difference (or a
+  change of ranking between two heads) is smaller than the spread.
 - :func:`parse_train_log`: a SpeechBrain ``FileTrainLogger`` file (the pretraining
   recipe's ``train_log.txt``) -> per-epoch train/valid statistics.
-- :func:`loss_curves_png` and :func:`bar_chart_png`: PNG plots drawn with numpy and
-  written by :func:`write_png` (zlib + struct), with a 3x5 pixel font for labels, so
-  the report needs nothing beyond the project's dependencies.
+- :func:`loss_curves_png`, :func:`bar_chart_png`, :func:`layer_weights_png`: matplotlib
+  figures drawn on an Agg canvas (no pyplot, no global backend switch), saved as PNG files
+  of exactly the requested pixel size.
 """
 
 import math
 import re
-import struct
-import zlib
 
 import numpy as np
+
+# Tab10, the matplotlib default cycle: series i gets PALETTE[i % 10] in every plot.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+DPI = 100
+SPREAD_MARK = "≈"
 
 
 # ----------------------------------------------------------------------------------------------
 # Tables and ranks
 # ----------------------------------------------------------------------------------------------
 class Column:
-    """One metric column: ``key`` in the results dicts, table ``label``, direction, format."""
+    """One metric column: ``key`` in the results dicts, table ``label``, direction, format.
 
-    def __init__(self, key, label, higher_better=True, fmt="{:.2f}"):
+    ``ranked=False`` marks a reference column (e.g. a convex reference beside a probe):
+    shown, never bolded, and left out of the ranks by the callers.
+    """
+
+    def __init__(self, key, label, higher_better=True, fmt="{:.2f}", ranked=True):
         self.key, self.label, self.higher_better, self.fmt = key, label, bool(higher_better), fmt
+        self.ranked = bool(ranked)
 
     @property
     def arrow(self):
         return "↑" if self.higher_better else "↓"
 
     def to_dict(self):
-        return {"key": self.key, "label": self.label, "higher_better": self.higher_better}
+        return {"key": self.key, "label": self.label, "higher_better": self.higher_better, "ranked": self.ranked}
 
 
 def _ranks(values, higher_better):
@@ -68,8 +81,7 @@ def mean_ranks(results, columns, rows=None):
     Returns
     -------
     dict
-        row -> mean rank (float) or None; ``per_column`` ranks under key ``"_ranks"``
-        are not included: use :func:`column_ranks` for those.
+        row -> mean rank (float) or None (per-column ranks: :func:`column_ranks`).
 
     Example
     -------
@@ -107,13 +119,21 @@ def _number(v):
     return None if math.isnan(v) else v
 
 
+def _std(results, row, key):
+    return _number(results.get(row, {}).get(key + "_std"))
+
+
 def markdown_table(results, columns, rows=None, row_header="upstream", ranks=None, notes=None, bold_best=True):
     """A markdown table: one row per entry of ``results``, one column per metric.
+
+    A value whose distance to its column's best is smaller than the spread (the larger
+    of the two ``_std``) is followed by ``≈``: that difference is not a real one.
 
     Arguments
     ---------
     results : dict
-        row -> {column key -> value}; a missing value shows ``notes[row]`` or ``—``.
+        row -> {column key -> value, column key + "_std" -> spread (optional)}; a
+        missing value shows ``notes[row]`` or ``—``.
     columns : list of Column
     rows : list of str, optional
         Row order (default: ``results`` order).
@@ -122,25 +142,26 @@ def markdown_table(results, columns, rows=None, row_header="upstream", ranks=Non
     notes : dict, optional
         row -> text shown in the cells without a value (e.g. "failed").
     bold_best : bool
-        Bold the best value of each column.
+        Bold the best value of each ranked column.
 
     Example
     -------
-    >>> print(markdown_table({"a": {"acc": 81.234}, "b": {"acc": None}}, [Column("acc", "Acc (%)")]))
+    >>> print(markdown_table({"a": {"acc": 81.234, "acc_std": 2.0}, "b": {"acc": 80.0}, "c": {}},
+    ...                      [Column("acc", "Acc (%)")]))
     | upstream | Acc (%) ↑ |
     |---|---|
-    | a | **81.23** |
-    | b | — |
+    | a | **81.23 ± 2.00** |
+    | b | 80.00 ≈ |
+    | c | — |
     """
     rows = list(results) if rows is None else list(rows)
     notes = notes or {}
     best = {}
-    if bold_best:
-        for c in columns:
-            vals = [_number(results.get(r, {}).get(c.key)) for r in rows]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                best[c.key] = max(vals) if c.higher_better else min(vals)
+    for c in columns:
+        have = [(r, _number(results.get(r, {}).get(c.key))) for r in rows]
+        have = [(r, v) for r, v in have if v is not None]
+        if have and c.ranked:
+            best[c.key] = (max if c.higher_better else min)(have, key=lambda rv: rv[1])
     header = [row_header] + [f"{c.label} {c.arrow}" for c in columns] + (["mean rank ↓"] if ranks is not None else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -151,14 +172,125 @@ def markdown_table(results, columns, rows=None, row_header="upstream", ranks=Non
                 cells.append(notes.get(r, "—"))
                 continue
             text = c.fmt.format(v)
-            std = _number(results.get(r, {}).get(c.key + "_std"))
+            std = _std(results, r, c.key)
             if std is not None:
                 text += " ± " + c.fmt.format(std)
-            cells.append(f"**{text}**" if best.get(c.key) == v else text)
+            if c.key in best:
+                b_row, b_val = best[c.key]
+                if b_val == v:
+                    text = f"**{text}**" if bold_best else text
+                elif within_spread(v, b_val, std, _std(results, b_row, c.key)):
+                    text += " " + SPREAD_MARK
+            cells.append(text)
         if ranks is not None:
             cells.append("—" if ranks.get(r) is None else f"{ranks[r]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spreads and rankings
+# ----------------------------------------------------------------------------------------------
+def mean_std(values):
+    """Mean, population standard deviation (ddof=0) and count of the finite values.
+
+    Example
+    -------
+    >>> mean_std([1.0, 3.0, None, float("nan")])
+    (2.0, 1.0, 2)
+    >>> mean_std([])
+    (None, None, 0)
+    """
+    vals = np.array([v for v in (_number(x) for x in values) if v is not None and math.isfinite(v)], dtype=float)
+    if not len(vals):
+        return None, None, 0
+    return float(vals.mean()), float(vals.std()), int(len(vals))
+
+
+def within_spread(a, b, std_a=None, std_b=None):
+    """True when ``|a - b|`` is smaller than the spread, the larger of the two stds.
+
+    Without any spread (one seed, no folds) nothing is "within the spread": False.
+
+    Example
+    -------
+    >>> within_spread(60.0, 61.0, 1.5, 0.2), within_spread(60.0, 62.0, 1.5, 0.2), within_spread(1, 1.1)
+    (True, False, False)
+    """
+    spread = max([s for s in (_number(std_a), _number(std_b)) if s is not None], default=0.0)
+    return spread > 0 and abs(float(a) - float(b)) < spread
+
+
+def ranking(results, column, rows=None):
+    """The rows having a value for ``column``, best first (ties keep the row order)."""
+    rows = list(results) if rows is None else list(rows)
+    have = [r for r in rows if _number(results.get(r, {}).get(column.key)) is not None]
+    sign = -1.0 if column.higher_better else 1.0
+    return sorted(have, key=lambda r: sign * float(results[r][column.key]))
+
+
+def ranking_text(results, column, rows=None):
+    """``"mgf (70.00) > fbank (60.00) ≈ random (59.50)"``: ``≈`` joins neighbours whose
+    difference is smaller than the spread.
+
+    Example
+    -------
+    >>> ranking_text({"a": {"x": 1.0, "x_std": 0.5}, "b": {"x": 2.0}, "c": {"x": 0.8}}, Column("x", "x"))
+    'b (2.00) > a (1.00) ≈ c (0.80)'
+    """
+    order = ranking(results, column, rows)
+    parts = []
+    for i, r in enumerate(order):
+        v = float(results[r][column.key])
+        if i:
+            p = order[i - 1]
+            same = within_spread(v, results[p][column.key], _std(results, r, column.key), _std(results, p, column.key))
+            parts.append(SPREAD_MARK if same else ">")
+        parts.append(f"{r} ({column.fmt.format(v)})")
+    return " ".join(parts)
+
+
+def ranking_changes(results, columns, rows=None):
+    """Compares the rankings of the same metric under several heads.
+
+    Arguments
+    ---------
+    results : dict
+        row -> {key -> value, key + "_std" -> spread}.
+    columns : list of Column
+        The same metric under each head (e.g. TIMIT accuracy, linear and bilstm).
+    rows : list of str, optional
+
+    Returns
+    -------
+    dict
+        ``orders``: column key -> rows best first; ``changed``: bool (some pair of rows,
+        both ranked under two heads, is ordered differently); ``swaps``: list of
+        ``(row_a, row_b, key_1, key_2, within)``, one per swapped pair, ``within`` being
+        True when the pair's difference is smaller than the spread under at least one of
+        the two heads (so the change is not a real one: one of the two orders is not).
+
+    Example
+    -------
+    >>> cols = [Column("acc/linear", "lin"), Column("acc/bilstm", "bi")]
+    >>> r = ranking_changes({"a": {"acc/linear": 2, "acc/bilstm": 1}, "b": {"acc/linear": 1, "acc/bilstm": 3}}, cols)
+    >>> r["changed"], r["swaps"]
+    (True, [('a', 'b', 'acc/linear', 'acc/bilstm', False)])
+    """
+    orders = {c.key: ranking(results, c, rows) for c in columns}
+    swaps = []
+    for i, c1 in enumerate(columns):
+        for c2 in columns[i + 1:]:
+            pos1 = {r: k for k, r in enumerate(orders[c1.key])}
+            pos2 = {r: k for k, r in enumerate(orders[c2.key])}
+            common = [r for r in orders[c1.key] if r in pos2]
+            for a_i, a in enumerate(common):
+                for b in common[a_i + 1:]:
+                    if (pos1[a] - pos1[b]) * (pos2[a] - pos2[b]) < 0:
+                        within = any(within_spread(results[a][c.key], results[b][c.key], _std(results, a, c.key),
+                                                   _std(results, b, c.key)) for c in (c1, c2))
+                        swaps.append((a, b, c1.key, c2.key, within))
+    return {"orders": orders, "changed": bool(swaps), "swaps": swaps}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,167 +341,31 @@ def parse_train_log(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# PNG writing and raster drawing
+# Plots (matplotlib, Agg canvas)
 # ----------------------------------------------------------------------------------------------
-def write_png(path, image):
-    """Writes an (H, W, 3) uint8 array as an 8-bit RGB PNG (no compression library needed)."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    h, w, _ = image.shape
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
+def _figure(size):
+    """A matplotlib Figure of ``size`` = (width, height) pixels on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    w, h = (int(s) for s in size)
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    with open(path, "wb") as f:
-        f.write(png)
+
+def _save(fig, path):
+    fig.savefig(path, dpi=DPI, format="png")
     return path
 
 
-def read_png(path):
-    """Reads back a PNG written by :func:`write_png` (RGB, 8 bit, filter 0) -> (H, W, 3) uint8."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path} is not a PNG file")
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos:pos + 4])[0]
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        if zlib.crc32(kind + body) & 0xFFFFFFFF != struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0]:
-            raise ValueError(f"{path}: bad CRC in chunk {kind!r}")
-        if kind == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    w, h = size
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
-    if rows[:, 0].any():
-        raise ValueError(f"{path}: only filter type 0 is supported")
-    return rows[:, 1:].reshape(h, w, 3).copy()
+def loss_curves_size(n_panels):
+    """Default (width, height) in pixels of :func:`loss_curves_png`: 300 px per panel, 320 high."""
+    return 300 * max(int(n_panels), 1) + 40, 320
 
 
-# 3x5 pixel glyphs, rows top to bottom ('#' = ink). Lower case is drawn as upper case.
-_GLYPHS = {
-    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###",
-    "3": "### ..# ### ..# ###", "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###",
-    "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#", "8": "### #.# ### #.# ###",
-    "9": "### #.# ### ..# ###", "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.",
-    "C": ".## #.. #.. #.. .##", "D": "##. #.# #.# #.# ##.", "E": "### #.. ##. #.. ###",
-    "F": "### #.. ##. #.. #..", "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#",
-    "I": "### .#. .#. .#. ###", "J": "..# ..# ..# #.# .#.", "K": "#.# #.# ##. #.# #.#",
-    "L": "#.. #.. #.. #.. ###", "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#",
-    "O": ".#. #.# #.# #.# .#.", "P": "##. #.# ##. #.. #..", "Q": ".#. #.# #.# ##. .##",
-    "R": "##. #.# ##. #.# #.#", "S": ".## #.. .#. ..# ##.", "T": "### .#. .#. .#. .#.",
-    "U": "#.# #.# #.# #.# ###", "V": "#.# #.# #.# #.# .#.", "W": "#.# #.# ### ### #.#",
-    "X": "#.# #.# .#. #.# #.#", "Y": "#.# #.# .#. .#. .#.", "Z": "### ..# .#. #.. ###",
-    ".": "... ... ... ... .#.", "-": "... ... ### ... ...", ":": "... .#. ... .#. ...",
-    "%": "#.# ..# .#. #.. #.#", "/": "..# ..# .#. #.. #..", "(": "..# .#. .#. .#. ..#",
-    ")": "#.. .#. .#. .#. #..", "_": "... ... ... ... ###", "+": "... .#. ### .#. ...",
-    ",": "... ... ... .#. #..", "=": "... ### ... ### ...", "?": "### ..# .#. ... .#.",
-    "<": "..# .#. #.. .#. ..#", ">": "#.. .#. ..# .#. #..", "[": "##. #.. #.. #.. ##.",
-    "]": ".## ..# ..# ..# .##", "*": "... #.# .#. #.# ...", "'": ".#. .#. ... ... ...",
-    "|": ".#. .#. .#. .#. .#.", "#": "#.# ### #.# ### #.#", " ": "... ... ... ... ...",
-}
-_FONT = {ch: np.array([[c == "#" for c in row] for row in rows.split()], dtype=bool) for ch, rows in _GLYPHS.items()}
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-BLACK, GREY, LIGHT, WHITE = (0, 0, 0), (120, 120, 120), (225, 225, 225), (255, 255, 255)
-
-
-class Canvas:
-    """A white RGB raster with rectangles, lines and 3x5-font text."""
-
-    def __init__(self, width, height):
-        self.img = np.full((int(height), int(width), 3), 255, dtype=np.uint8)
-
-    @property
-    def width(self):
-        return self.img.shape[1]
-
-    @property
-    def height(self):
-        return self.img.shape[0]
-
-    def rect(self, x0, y0, x1, y1, color):
-        """Fills [x0, x1) x [y0, y1) (clipped)."""
-        x0, x1 = sorted((int(round(x0)), int(round(x1))))
-        y0, y1 = sorted((int(round(y0)), int(round(y1))))
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = min(x1, self.width), min(y1, self.height)
-        if x1 > x0 and y1 > y0:
-            self.img[y0:y1, x0:x1] = color
-
-    def line(self, x0, y0, x1, y1, color, width=1):
-        """A straight line (dense point sampling), ``width`` pixels thick."""
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
-        r0 = -(width // 2)
-        for dx in range(r0, r0 + width):
-            for dy in range(r0, r0 + width):
-                xi = np.clip(np.round(xs + dx).astype(int), 0, self.width - 1)
-                yi = np.clip(np.round(ys + dy).astype(int), 0, self.height - 1)
-                self.img[yi, xi] = color
-
-    def text_size(self, text, scale=2):
-        return len(text) * 4 * scale - scale, 5 * scale
-
-    def text(self, x, y, text, color=BLACK, scale=2, anchor="left"):
-        """Draws ``text`` with its top at ``y``; anchor: left | center | right of ``x``."""
-        w, _ = self.text_size(text, scale)
-        if anchor == "center":
-            x -= w / 2
-        elif anchor == "right":
-            x -= w
-        x, y = int(round(x)), int(round(y))
-        for i, ch in enumerate(str(text).upper()):
-            glyph = _FONT.get(ch, _FONT["?"])
-            big = np.kron(glyph, np.ones((scale, scale), dtype=bool))
-            gx = x + i * 4 * scale
-            ys, xs = np.nonzero(big)
-            ys, xs = ys + y, xs + gx
-            keep = (xs >= 0) & (xs < self.width) & (ys >= 0) & (ys < self.height)
-            self.img[ys[keep], xs[keep]] = color
-
-    def save(self, path):
-        return write_png(path, self.img)
-
-
-def _fmt_tick(v):
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if float(v).is_integer() and a < 100000:
-        return str(int(v))
-    if a >= 1000 or a < 0.01:
-        return f"{v:.1e}"
-    if a >= 100:
-        return f"{v:.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}" if a >= 1 else f"{v:.3f}"
-
-
-def _legend(canvas, x, y, names, colors, scale=2):
-    """Colour swatches and names from (x, y), left to right, wrapping at the canvas edge."""
-    cx, cy = x, y
-    for name, color in zip(names, colors):
-        w = 14 + canvas.text_size(name, scale)[0] + 16
-        if cx + w > canvas.width - 10 and cx > x:
-            cx, cy = x, cy + 16
-        canvas.rect(cx, cy, cx + 10, cy + 10, color)
-        canvas.text(cx + 14, cy, name, scale=scale)
-        cx += w
-    return cy + 16
-
-
-def loss_curves_png(path, panels, title="", width_per_panel=300, height=260):
-    """One panel per curve group, side by side, each with its own y range.
+def loss_curves_png(path, panels, title="", size=None):
+    """One panel per curve group (e.g. each scale's loss), side by side, own y range each.
 
     Arguments
     ---------
@@ -377,114 +373,137 @@ def loss_curves_png(path, panels, title="", width_per_panel=300, height=260):
         Output PNG.
     panels : dict
         panel title -> {series name -> (xs, ys)}; e.g. ``{"frame": {"train": ([1, 2], [0.9, 0.7])}}``.
-        Series keep the same colour in every panel (by name).
+        A series keeps its colour (``PALETTE``, by first appearance) in every panel.
     title : str
+    size : (int, int), optional
+        Pixels; default :func:`loss_curves_size`.
     """
     names = []
     for series in panels.values():
         names += [n for n in series if n not in names]
     colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
-    n = max(len(panels), 1)
-    top = 44
-    canvas = Canvas(width_per_panel * n + 20, height + top + 10)
-    canvas.text(10, 8, title)
-    _legend(canvas, 10, 26, names, [colors[n_] for n_ in names])
-    for p, (ptitle, series) in enumerate(panels.items()):
-        ox = 10 + p * width_per_panel
-        x0, x1 = ox + 60, ox + width_per_panel - 14
-        y0, y1 = top + 22, top + height - 30
-        canvas.text((x0 + x1) / 2, top + 4, ptitle, anchor="center")
-        pts = [(float(x), float(y)) for xs, ys in series.values() for x, y in zip(xs, ys)
-               if y is not None and math.isfinite(float(y))]
-        canvas.line(x0, y0, x0, y1, BLACK)
-        canvas.line(x0, y1, x1, y1, BLACK)
-        if not pts:
-            canvas.text((x0 + x1) / 2, (y0 + y1) / 2, "NO DATA", GREY, anchor="center")
-            continue
-        xmin, xmax = min(p_[0] for p_ in pts), max(p_[0] for p_ in pts)
-        ymin, ymax = min(p_[1] for p_ in pts), max(p_[1] for p_ in pts)
-        if xmax == xmin:
-            xmin, xmax = xmin - 1, xmax + 1
-        pad = (ymax - ymin) * 0.05 or abs(ymax) * 0.05 or 1.0
-        ymin, ymax = ymin - pad, ymax + pad
-
-        def tx(v):
-            return x0 + (v - xmin) / (xmax - xmin) * (x1 - x0)
-
-        def ty(v):
-            return y1 - (v - ymin) / (ymax - ymin) * (y1 - y0)
-
-        for k in range(5):  # horizontal grid + y ticks
-            v = ymin + (ymax - ymin) * k / 4
-            canvas.line(x0 + 1, ty(v), x1, ty(v), LIGHT)
-            canvas.text(x0 - 4, ty(v) - 5, _fmt_tick(v), anchor="right")
-        for v in sorted({xmin, xmax}):
-            canvas.text(tx(v), y1 + 6, _fmt_tick(v), anchor="center")
-        canvas.text((x0 + x1) / 2, y1 + 18, "EPOCH", GREY, anchor="center")
+    fig = _figure(size or loss_curves_size(len(panels)))
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (ptitle, series) in zip(axes, panels.items()):
+        ax.set_title(ptitle)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        drawn = False
         for name, (xs, ys) in series.items():
-            xy = [(tx(float(x)), ty(float(y))) for x, y in zip(xs, ys) if y is not None and math.isfinite(float(y))]
-            for a, b in zip(xy, xy[1:]):
-                canvas.line(a[0], a[1], b[0], b[1], colors[name], width=2)
-            for a in xy:
-                canvas.rect(a[0] - 2, a[1] - 2, a[0] + 3, a[1] + 3, colors[name])
-    return canvas.save(path)
+            pts = [(float(x), float(y)) for x, y in zip(xs, ys) if _number(y) is not None and math.isfinite(float(y))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=5, linewidth=2, color=colors[name], label=name)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("loss")
+    if names:
+        axes[0].legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
-def bar_chart_png(path, groups, series, title="", ylabel="", height=320, group_width=None):
-    """Grouped bars: one group per column (e.g. task metric), one bar per series (e.g. upstream).
+def bar_chart_size(n_groups, n_series):
+    """Default (width, height) in pixels of :func:`bar_chart_png`."""
+    return max(560, 120 + int(n_groups) * (max(int(n_series), 1) * 28 + 24)), 440
+
+
+def bar_chart_png(path, groups, series, errors=None, title="", ylabel="", size=None):
+    """Grouped bars with value labels and error bars.
+
+    One group per column (e.g. a task metric under one head), one bar per series (e.g.
+    an upstream). Each bar is labelled with its value; a series' ``errors`` (a std) are
+    drawn as error bars. A missing value leaves a gap labelled ``n/a``.
 
     Arguments
     ---------
     path : str
     groups : list of str
-        Group labels (x axis).
+        Group labels (x axis; ``"\\n"`` breaks a label).
     series : dict
-        series name -> list of values (one per group; None = missing, drawn as an ``X``).
+        series name -> list of values (one per group; None = missing).
+    errors : dict, optional
+        series name -> list of stds (None = no error bar).
     title, ylabel : str
+    size : (int, int), optional
+        Pixels; default :func:`bar_chart_size`.
     """
+    errors = errors or {}
     names = list(series)
-    colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
-    n_bars = max(len(names), 1)
-    bar_w = 14
-    if group_width is None:
-        group_width = max(n_bars * bar_w + 30, max((len(g) * 8 + 16 for g in groups), default=60))
-    width = 70 + len(groups) * group_width + 20
-    canvas = Canvas(max(width, 360), height)
-    canvas.text(10, 8, title)
-    legend_bottom = _legend(canvas, 10, 26, names, colors)
-    x0, x1, y0, y1 = 70, 70 + len(groups) * group_width, legend_bottom + 14, height - 44
-    vals = [float(v) for vs in series.values() for v in vs if _number(v) is not None]
-    vmax = max(vals + [0.0])
-    vmin = min(vals + [0.0])
-    if vmax == vmin:
-        vmax = vmin + 1.0
-    step = 10 ** math.floor(math.log10((vmax - vmin) / 4)) if vmax > vmin else 1
-    for m in (1, 2, 2.5, 5, 10):
-        if (vmax - vmin) / (step * m) <= 6:
-            step *= m
-            break
-    lo, hi = math.floor(vmin / step) * step, math.ceil(vmax / step) * step
-
-    def ty(v):
-        return y1 - (v - lo) / (hi - lo) * (y1 - y0)
-
-    t = lo
-    while t <= hi + 1e-9:
-        canvas.line(x0 + 1, ty(t), x1, ty(t), LIGHT)
-        canvas.text(x0 - 4, ty(t) - 5, _fmt_tick(t), anchor="right")
-        t += step
+    n = max(len(names), 1)
+    fig = _figure(size or bar_chart_size(len(groups), n))
+    ax = fig.subplots()
+    width = 0.8 / n
+    x = np.arange(len(groups), dtype=float)
+    rotate = n * len(groups) > 12
+    for i, name in enumerate(names):
+        vals = [_number(v) for v in list(series[name]) + [None] * (len(groups) - len(series[name]))][:len(groups)]
+        errs = list(errors.get(name) or [])
+        errs = [_number(e) for e in errs + [None] * (len(groups) - len(errs))][:len(groups)]
+        pos = x - 0.4 + width * (i + 0.5)
+        heights = [v if v is not None else 0.0 for v in vals]
+        yerr = [e if (e is not None and v is not None) else np.nan for v, e in zip(vals, errs)]
+        has_err = any(np.isfinite(yerr))
+        bars = ax.bar(pos, heights, width * 0.92, color=PALETTE[i % len(PALETTE)], label=name,
+                      yerr=yerr if has_err else None, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+        labels = ["n/a" if v is None else (f"{v:.1f}" if e is None else f"{v:.1f}±{e:.1f}") for v, e in zip(vals, errs)]
+        ax.bar_label(bars, labels=labels, fontsize=7, rotation=90 if rotate else 0, padding=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.25 if rotate else 0.12)
     if ylabel:
-        canvas.text(10, y0 - 14, ylabel, GREY)
-    canvas.line(x0, y0, x0, y1, BLACK)
-    canvas.line(x0, ty(0) if lo < 0 else y1, x1, ty(0) if lo < 0 else y1, BLACK)
-    for g, label in enumerate(groups):
-        gx = x0 + g * group_width + (group_width - n_bars * bar_w) / 2
-        for i, name in enumerate(names):
-            v = series[name][g] if g < len(series[name]) else None
-            bx = gx + i * bar_w
-            if _number(v) is None:
-                canvas.text(bx + bar_w / 2, ty(max(lo, 0)) - 12, "X", GREY, anchor="center")
-                continue
-            canvas.rect(bx + 1, ty(max(lo, 0) if v >= 0 else 0), bx + bar_w - 1, ty(float(v)), colors[i])
-        canvas.text(x0 + g * group_width + group_width / 2, y1 + 8, label, anchor="center")
-    return canvas.save(path)
+        ax.set_ylabel(ylabel)
+    ax.set_axisbelow(True)
+    ax.grid(True, axis="y", alpha=0.3)
+    if names:  # beside the axes, so that it never hides a bar or its label
+        fig.legend(fontsize=8, loc="outside right upper")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def layer_weights_size(n_probes, n_layers):
+    """Default (width, height) in pixels of :func:`layer_weights_png`."""
+    return max(480, 220 + 56 * int(n_layers)), max(240, 110 + 34 * int(n_probes))
+
+
+def layer_weights_png(path, weights, title="", size=None):
+    """Heat map of the layer weights each probe learned (SUPERB's weighted sum).
+
+    Rows: probes (e.g. ``"timit / linear"``), columns: encoder layers (0 = input
+    embedding); each cell shows its weight. Rows may have different lengths (missing
+    cells are blank).
+
+    Arguments
+    ---------
+    path : str
+    weights : dict
+        probe name -> list of softmax weights over the layers (each row sums to 1).
+    title : str
+    size : (int, int), optional
+        Pixels; default :func:`layer_weights_size`.
+    """
+    names = list(weights)
+    n_layers = max((len(w) for w in weights.values()), default=0)
+    grid = np.full((max(len(names), 1), max(n_layers, 1)), np.nan)
+    for i, name in enumerate(names):
+        grid[i, :len(weights[name])] = [float(v) for v in weights[name]]
+    fig = _figure(size or layer_weights_size(len(names), n_layers))
+    ax = fig.subplots()
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(grid)) if names else 1.0, 1e-6))
+    for i in range(len(names)):
+        for j in range(n_layers):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < 0.6 * np.nanmax(grid) else "black")
+    ax.set_xticks(range(n_layers))
+    ax.set_xlabel("layer (0 = input embedding)")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    fig.colorbar(im, ax=ax, label="weight")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -49,18 +49,28 @@ class TargetNetwork(torch.nn.Module):
             self.teacher.requires_grad_(False)
         return self
 
-    def decay(self):
-        """Current EMA decay (linear ramp)."""
-        frac = min(float(self.step) / max(self.ema_steps, 1), 1.0)
+    def decay(self, step=None):
+        """EMA decay used by the update after ``step`` optimiser steps (default: the current one).
+
+        Linear ramp: ``ema_start`` at step 0, ``ema_end`` from step ``ema_steps`` on
+        (data2vec anneals over tens of thousands of steps on 960 h: scale
+        ``ema_steps`` with ``lr_total_steps``).
+        """
+        step = float(self.step) if step is None else float(step)
+        frac = min(step / max(self.ema_steps, 1), 1.0)
         return self.ema_start + frac * (self.ema_end - self.ema_start)
 
     @torch.no_grad()
     def update(self, encoder):
-        """One EMA step toward ``encoder``'s weights (call after optimizer.step)."""
+        """One EMA step toward ``encoder``'s weights (call after optimizer.step).
+
+        The decay is read *before* the step counter moves, so the first update
+        uses ``ema_start``.
+        """
+        d = self.decay()
         self.step += 1
         if self.mode != "ema":
             return
-        d = self.decay()
         t_params = list(self.teacher.parameters())
         o_params = [p.detach().to(t.dtype) for p, t in zip(encoder.parameters(), t_params)]
         torch._foreach_mul_(t_params, d)

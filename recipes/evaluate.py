@@ -2,31 +2,38 @@
 """One command: pretrain MGF, probe it and the baselines on four tasks, write the report.
 
     python recipes/evaluate.py hparams/evaluate.yaml [--data_root=/data] [--pretrained=<folder>]
-        [--run_ablations=True] [--tasks='[timit, iemocap]'] [--output_folder=results]
+        [--run_ablations=True] [--tasks='[timit, iemocap]'] [--seeds='[1986, 1987]']
+        [--output_folder=results]
 
 The plan (printed first) is a list of steps, each one a recipe run in its own process:
 
 1. ``pretrain <variant>``: ``recipes/pretrain/train.py hparams/mgf.yaml`` (skipped when
    ``--pretrained`` names a folder); with ``--run_ablations=True`` one more per ablation
    variant (``ablations:`` in the YAML);
-2. ``<task> / <upstream>``: each downstream recipe (TIMIT frame probe, VoxCeleb1 speaker
-   identification + verification, LibriSpeech CTC, IEMOCAP 5 folds) for the MGF encoder,
-   the ``fbank`` and ``random`` baselines and every ablation variant.
+2. ``<task>/<head> / <upstream>``: each downstream recipe (TIMIT frame probe, VoxCeleb1
+   speaker identification + verification, LibriSpeech CTC, IEMOCAP 5 folds) with each
+   head of ``heads:`` (``--head=<name>``), for the MGF encoder, the ``fbank`` and
+   ``random`` baselines and every ablation variant; once per seed of ``seeds:`` (the
+   probes' seed: initialisation and data order; the pretrained model is the same).
 
 Each finished step writes a mark file (``evaluate_step.json``: the step's command and its
 duration) in its folder; a rerun skips the steps whose mark matches the command it would
 run, so an interrupted evaluation continues where it stopped. The report is rebuilt from
 the recipes' result files at the end of every run:
 
-    <output_folder>/report.md     main table (rows: upstreams, columns: task metrics),
+    <output_folder>/report.md     main table (rows: upstreams, columns: task metric x head,
+                                  mean ± std over seeds / IEMOCAP folds, convex references),
+                                  the ranking under each head and where it changes,
                                   ablation table (rows: variants, + mean rank), timings
     <output_folder>/report.json   every number, folder and timing
     <output_folder>/plots/*.png   pretraining loss per scale, task bars per upstream/variant
+                                  (value labels, error bars), the layer weights each probe learned
 
 A task is one adapter in ``TASKS`` below (recipe, hparams, the corpus key, how to read its
-metrics); adding a recipe is a few lines there plus its corpus folder in the YAML.
+metrics); adding a recipe is a few lines there plus its corpus folder and heads in the YAML.
 """
 
+import glob
 import json
 import os
 import platform
@@ -36,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
 
@@ -47,10 +55,14 @@ from mgf_sb.report import (  # noqa: E402
     Column,
     bar_chart_png,
     column_ranks,
+    layer_weights_png,
     loss_curves_png,
     markdown_table,
     mean_ranks,
+    mean_std,
     parse_train_log,
+    ranking_changes,
+    ranking_text,
 )
 
 MARK_FILE = "evaluate_step.json"
@@ -67,36 +79,64 @@ def _load_json(path):
         return json.load(f)
 
 
+def _convex(value, *keys):
+    """A recipe's ``convex_reference`` (a fraction, or a dict holding one under ``keys``) -> %."""
+    if isinstance(value, dict):
+        value = next((value[k] for k in keys if isinstance(value.get(k), (int, float))), None)
+    return None if value is None or isinstance(value, bool) else 100 * float(value)
+
+
 def read_timit(folder):
     r = _load_json(os.path.join(folder, "results.json"))
-    return {"timit_acc": 100 * r["test"]["acc"]}
+    return {"timit_acc": 100 * r["test"]["acc"], "_layer_weights": [r.get("layer_weights")]}
 
 
 def read_voxceleb(folder):
     r = _load_json(os.path.join(folder, "results.json"))
-    out = {"sid_acc": 100 * r["sid_test_acc"]}
+    out = {"sid_acc": 100 * r["sid_test_acc"], "_layer_weights": [r.get("layer_weights")]}
     if r.get("eer") is not None:
         out["eer"] = 100 * r["eer"]
+    convex = _convex(r.get("convex_reference"), "sid_test_acc", "test_acc", "acc", "accuracy")
+    if convex is not None:
+        out["sid_acc_convex"] = convex
     return out
 
 
 def read_librispeech(folder):
-    splits = _load_json(os.path.join(folder, "results.json"))["splits"]
+    r = _load_json(os.path.join(folder, "results.json"))
+    splits = r["splits"]
     name = "test-clean" if "test-clean" in splits else sorted(splits)[0]
     s = splits[name]
     wer = s["beam_WER"] if s.get("beam_WER") is not None else s["greedy_WER"]
-    return {"wer": wer, "wer_split": name}
+    return {"wer": wer, "wer_split": name, "_layer_weights": [r.get("layer_weights")]}
 
 
 def read_iemocap(folder):
+    """The folds' mean UA/WA; ``_samples`` keeps each fold's value (the spread is over folds)."""
     r = _load_json(os.path.join(folder, "folds_results.json"))
-    return {"ua": 100 * r["UA_mean"], "ua_std": 100 * r["UA_std"], "wa": 100 * r["WA_mean"],
-            "wa_std": 100 * r["WA_std"], "n_folds": r["n_folds"]}
+    out = {"ua": 100 * r["UA_mean"], "ua_std": 100 * r["UA_std"], "wa": 100 * r["WA_mean"],
+           "wa_std": 100 * r["WA_std"], "n_folds": r["n_folds"], "_samples": {}}
+    if r.get("folds"):
+        out["_samples"] = {"ua": [100 * f["UA"] for f in r["folds"]], "wa": [100 * f["WA"] for f in r["folds"]]}
+    folds = [_load_json(p) for p in sorted(glob.glob(os.path.join(folder, "**", "test_results.json"), recursive=True))]
+    out["_layer_weights"] = [f.get("layer_weights") for f in folds]
+    with_convex = r.get("folds") if all("convex_reference" in f for f in r.get("folds") or [{}]) else folds
+    convex = [_convex(f.get("convex_reference"), "UA", "ua") for f in with_convex]
+    convex = [c for c in convex if c is not None]
+    if convex:
+        out["ua_convex"] = sum(convex) / len(convex)
+        out["_samples"]["ua_convex"] = convex
+    return out
 
 
 @dataclass
 class Task:
-    """One downstream task: ``script hparams --<corpus arg>=... --<output_arg>=<folder> ...``."""
+    """One downstream task: ``script hparams --<corpus arg>=... --<output_arg>=<folder> ...``.
+
+    ``columns``: its metrics; ``convex``: metric key -> the key of the convex reference
+    (full-batch logistic regression on the same pooled features) its results carry;
+    ``spread``: where its spread comes from without several seeds (``folds`` or None).
+    """
 
     script: str
     hparams: str
@@ -105,24 +145,41 @@ class Task:
     read: callable
     output_arg: str = "output_folder"
     extra_args: callable = field(default=lambda folder: {})
+    convex: dict = field(default_factory=dict)
+    spread: str = None
+    title: str = ""
 
 
 TASKS = {
     "timit": Task("recipes/TIMIT/train.py", "hparams/timit.yaml", "timit_folder",
-                  [Column("timit_acc", "TIMIT frame acc (%)")], read_timit),
+                  [Column("timit_acc", "TIMIT frame acc (%)")], read_timit, title="TIMIT"),
     "voxceleb": Task("recipes/VoxCeleb/train.py", "hparams/voxceleb.yaml", "voxceleb_folder",
                      [Column("sid_acc", "VoxCeleb1 SID acc (%)"), Column("eer", "VoxCeleb1 EER (%)", False)],
-                     read_voxceleb),
+                     read_voxceleb, convex={"sid_acc": "sid_acc_convex"}, title="VoxCeleb1"),
     "librispeech": Task("recipes/LibriSpeech/train.py", "hparams/librispeech_ctc.yaml", "librispeech_folder",
-                        [Column("wer", "LibriSpeech WER (%)", False)], read_librispeech),
+                        [Column("wer", "LibriSpeech WER (%)", False)], read_librispeech, title="LibriSpeech"),
     "iemocap": Task("recipes/IEMOCAP/run_folds.py", "hparams/emotion.yaml", "iemocap_folder",
                     [Column("ua", "IEMOCAP UA (%)"), Column("wa", "IEMOCAP WA (%)")], read_iemocap,
                     output_arg="experiment_folder",
-                    extra_args=lambda folder: {"manifest_folder": os.path.join(folder, "manifest")}),
+                    extra_args=lambda folder: {"manifest_folder": os.path.join(folder, "manifest")},
+                    convex={"ua": "ua_convex"}, spread="folds", title="IEMOCAP"),
 }
 
-# Short labels for the bar charts (the 3x5 font is small).
-SHORT = {"timit_acc": "TIMIT ACC", "sid_acc": "SID ACC", "eer": "EER", "wer": "WER", "ua": "EMO UA", "wa": "EMO WA"}
+# Short labels for the bar charts.
+SHORT = {"timit_acc": "TIMIT acc", "sid_acc": "SID acc", "eer": "EER", "wer": "WER", "ua": "emo UA", "wa": "emo WA"}
+
+
+def task_heads(hp, task, ablation=False):
+    """The heads a task runs with (``heads:``; ablation rows: ``ablation_heads:`` or the first head)."""
+    heads = list((hp.get("heads") or {}).get(task) or [None])
+    if ablation:
+        chosen = hp.get("ablation_heads")
+        heads = list(chosen.get(task) or heads[:1]) if isinstance(chosen, dict) else heads[:1]
+    return heads
+
+
+def probe_name(task, head):
+    return task if head is None else f"{task}/{head}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +193,8 @@ class Step:
     command: list
     row: str = ""
     task: str = ""
+    head: str = None
+    seed: int = None
     depends: list = field(default_factory=list)
     result_path: str = ""  # pretrain: the pretrained folder
 
@@ -272,6 +331,9 @@ def build_plan(hp):
             row_source.setdefault(key, (ps.result_path, ps, {}))
             rows["ablation"].append((variant, key))
     ablation_tasks = list(hp.get("ablation_tasks") or tasks)
+    seeds = [int(s) for s in (hp.get("seeds") or [])]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must differ from each other, got {seeds}")
 
     ablation_rows = {key for _, key in rows["ablation"]}
     for row, (source, dep, extra) in row_source.items():
@@ -284,12 +346,23 @@ def build_plan(hp):
         for t in needed:
             task = TASKS[t]
             data = os.path.abspath(hp[task.corpus])
-            folder = os.path.join(work, "probes", row, t)
-            ov = dict(_overrides(hp, t, data), **extra)
-            ov.update(upstream=source, data_folder=data, **{task.output_arg: folder}, **task.extra_args(folder))
-            hparams = (hp.get("task_hparams") or {}).get(t, task.hparams)
-            steps.append(Step(f"{t} / {row}", "probe", folder, recipe_command(task.script, hparams, ov),
-                              row=row, task=t, depends=[dep.name] if dep else []))
+            heads = task_heads(hp, t) if row in rows["main"] else []
+            if row in ablation_rows:
+                heads += [h for h in task_heads(hp, t, ablation=True) if h not in heads]
+            for head in heads:
+                for seed in seeds or [None]:
+                    folder = os.path.join(work, "probes", row, t, *([head] if head else []),
+                                          *([f"seed{seed}"] if seed is not None else []))
+                    ov = dict(_overrides(hp, t, data), **extra)
+                    if head is not None:
+                        ov["head"] = head
+                    if seed is not None:
+                        ov["seed"] = seed
+                    ov.update(upstream=source, data_folder=data, **{task.output_arg: folder}, **task.extra_args(folder))
+                    hparams = (hp.get("task_hparams") or {}).get(t, task.hparams)
+                    name = f"{probe_name(t, head)} / {row}" + (f" / seed {seed}" if seed is not None else "")
+                    steps.append(Step(name, "probe", folder, recipe_command(task.script, hparams, ov),
+                                      row=row, task=t, head=head, seed=seed, depends=[dep.name] if dep else []))
         sources[row] = source
     return steps, rows, sources
 
@@ -416,7 +489,7 @@ def execute(steps, hp, runner=run_step, log=print):
         write_mark(s, seconds)
         status[s.name] = "ran"
         log(f"[evaluate] step {k}/{len(todo)} {s.name}: done in {_fmt_s(seconds)}"
-            + (f" -> {out}" if s.kind == "probe" else ""))
+            + (f" -> { {k: v for k, v in out.items() if not k.startswith('_')} }" if s.kind == "probe" else ""))
     for s in steps:
         if status[s.name] == "todo":
             status[s.name] = "not run"
@@ -426,24 +499,166 @@ def execute(steps, hp, runner=run_step, log=print):
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
-def collect_results(steps, status):
-    """row -> {metric: value}; row -> note for cells without a value."""
-    results, notes = {}, {}
+def collect_runs(steps, status):
+    """(row, task, head) -> the metrics of each finished seed; row -> note for cells without a value."""
+    runs, notes = {}, {}
     for s in steps:
         if s.kind != "probe":
             continue
-        results.setdefault(s.row, {})
+        runs.setdefault((s.row, s.task, s.head), [])
         try:
-            results[s.row].update(step_output(s))
+            runs[(s.row, s.task, s.head)].append(step_output(s))
         except Exception:
             st = status.get(s.name, "missing")
             if st != "done":
                 notes.setdefault(s.row, st)
-    return results, notes
+    return runs, notes
 
 
-def _columns(tasks):
-    return [c for t in tasks for c in TASKS[t].columns]
+def _spread_values(got, key):
+    """Every sample of ``key`` over the seeds: a run's folds when it has them, else its value."""
+    values = []
+    for r in got:
+        samples = (r.get("_samples") or {}).get(key)
+        values += list(samples) if samples else ([r[key]] if r.get(key) is not None else [])
+    return values
+
+
+def aggregate(runs):
+    """Mean ± std over seeds (and IEMOCAP folds) of every probe -> ``results`` and ``layer_weights``.
+
+    Returns
+    -------
+    results : dict
+        row -> {``<metric>/<head>``: mean, ``<metric>/<head>_std``: std (when more than one
+        sample), ``<metric>/<head>_n``: samples, ``<metric>/convex``: the convex reference};
+        the first head's values are also under the bare ``<metric>`` keys (as before heads).
+    layer_weights : dict
+        row -> {"<task>/<head>": mean layer weights over seeds and folds}.
+    """
+    results, weights, seen = {}, {}, set()
+    for (row, t, head), got in runs.items():  # in plan order: a row's first head of a task comes first
+        out = results.setdefault(row, {})
+        first = (row, t) not in seen
+        seen.add((row, t))
+        if not got:
+            continue
+        task = TASKS[t]
+        for c in task.columns:
+            mean, std, n = mean_std(_spread_values(got, c.key))
+            if mean is None:
+                continue
+            if n == 1 and len(got) == 1 and got[0].get(c.key + "_std") is not None:
+                std, n = got[0][c.key + "_std"], 0  # a spread the recipe computed (old folds files)
+            key = f"{c.key}/{head}" if head else c.key
+            out[key], out[key + "_n"] = mean, n
+            if n != 1 and std is not None:
+                out[key + "_std"] = std
+            if first and head:
+                out[c.key] = mean
+                if key + "_std" in out:
+                    out[c.key + "_std"] = out[key + "_std"]
+            conv = task.convex.get(c.key)
+            if conv and first:
+                cmean, cstd, cn = mean_std(_spread_values(got, conv))
+                if cmean is not None:
+                    out[f"{c.key}/convex"] = cmean
+                    if cn > 1:
+                        out[f"{c.key}/convex_std"] = cstd
+        for extra in ("wer_split", "n_folds"):
+            if got[0].get(extra) is not None:
+                out[extra] = got[0][extra]
+        lw = [w for r in got for w in (r.get("_layer_weights") or []) if isinstance(w, list) and len(w) > 1]
+        lw = [w for w in lw if len(w) == len(lw[0])] if lw else []
+        if lw:
+            weights.setdefault(row, {})[probe_name(t, head)] = [float(v) for v in np.mean(np.array(lw, float), 0)]
+    return results, weights
+
+
+def head_columns(tasks, hp, ablation=False, convex=True):
+    """Columns ``<metric>/<head>`` (the heads of a metric side by side) + unranked convex references."""
+    cols = []
+    for t in tasks:
+        heads = task_heads(hp, t, ablation)
+        for c in TASKS[t].columns:
+            for h in heads:
+                label = f"{c.label} · {h}" if h else c.label
+                cols.append(Column(f"{c.key}/{h}" if h else c.key, label, c.higher_better, c.fmt))
+            if convex and c.key in TASKS[t].convex:
+                cols.append(Column(f"{c.key}/convex", f"{c.label} · convex ref", c.higher_better, c.fmt, ranked=False))
+    return cols
+
+
+def _has_values(results, rows, col):
+    return any(results.get(r, {}).get(col.key) is not None for r in rows)
+
+
+def spread_notes(tasks, hp, results, rows):
+    """task -> how its ± is measured (one seed: no spread; the table says so)."""
+    seeds = list(hp.get("seeds") or [])
+    notes = {}
+    for t in tasks:
+        task = TASKS[t]
+        if task.spread == "folds":
+            n_folds = next((results[r].get("n_folds") for r in rows if results.get(r, {}).get("n_folds")), 5)
+            notes[t] = f"± std over {n_folds} folds" + (f" × {len(seeds)} seeds {seeds}" if len(seeds) > 1 else "")
+        elif len(seeds) > 1:
+            notes[t] = f"± std over {len(seeds)} seeds {seeds}"
+        else:
+            notes[t] = (f"one seed ({seeds[0] if seeds else 'the recipe default'}): **no spread**; "
+                        "pass --seeds='[1986, 1987]' for mean ± std over seeds")
+    return notes
+
+
+def head_rankings(results, tasks, hp, rows):
+    """Per metric: the ranking under each head and whether (and how) it changes."""
+    out, md = {}, []
+    for t in tasks:
+        heads = task_heads(hp, t)
+        for c in TASKS[t].columns:
+            cols = [Column(f"{c.key}/{h}" if h else c.key, f"{c.label} · {h}", c.higher_better, c.fmt) for h in heads]
+            cols = [x for x in cols if _has_values(results, rows, x)]
+            if not cols:
+                continue
+            ch = ranking_changes(results, cols, rows)
+            entry = {"orders": ch["orders"], "changed": ch["changed"],
+                     "swaps": [{"rows": [a, b], "columns": [k1, k2], "within_spread": w}
+                               for a, b, k1, k2, w in ch["swaps"]],
+                     "text": {x.key: ranking_text(results, x, rows) for x in cols}}
+            for x in cols:
+                md.append(f"| {c.label} | {x.key.split('/', 1)[1] if '/' in x.key else '—'} | {entry['text'][x.key]} |")
+            if len(cols) < 2:
+                entry["summary"] = f"{c.label}: one head only"
+            elif not ch["changed"]:
+                entry["summary"] = f"{c.label}: **the same ranking** under {' and '.join(heads)}."
+            else:
+                parts = []
+                for a, b, k1, k2, w in ch["swaps"]:
+                    h1, h2 = k1.split("/", 1)[1], k2.split("/", 1)[1]
+                    std_known = any(results[r].get(k + "_std") is not None for r in (a, b) for k in (k1, k2))
+                    why = ("a difference smaller than the spread: not a real change" if w else
+                           "beyond the spread" if std_known else "no spread measured (one seed)")
+                    parts.append(f"{a} and {b} swap places between {h1} and {h2} ({why})")
+                entry["summary"] = f"{c.label}: **the ranking changes**: " + "; ".join(parts) + "."
+            out[c.key] = entry
+    return out, md
+
+
+def mean_rank_by_head(results, tasks, hp, rows):
+    """Mean rank of each row over the i-th head of every task (i = 1, 2, ...): label -> {row: rank}."""
+    n = max((len(task_heads(hp, t)) for t in tasks), default=0)
+    out = {}
+    for i in range(n):
+        cols, names = [], []
+        for t in tasks:
+            heads = task_heads(hp, t)
+            if i < len(heads) and heads[i]:
+                names.append(heads[i]) if heads[i] not in names else None
+                cols += [Column(f"{c.key}/{heads[i]}", c.label, c.higher_better) for c in TASKS[t].columns]
+        cols = [c for c in cols if _has_values(results, rows, c)]
+        if cols:
+            out[f"head {i + 1}: {', '.join(names)}"] = mean_ranks(results, cols, rows)
+    return out
 
 
 def pretrain_logs(steps, hp, sources):
@@ -473,20 +688,40 @@ def loss_panels(entries):
     return panels
 
 
+def _bars(path, results, columns, rows, title):
+    """Grouped bars of the ranked columns (one group per metric × head), error bars = std."""
+    cols = [c for c in columns if c.ranked and _has_values(results, rows, c)]
+    if not cols:
+        return None
+    groups = [SHORT.get(c.key.split("/")[0], c.key.split("/")[0]) + ("\n" + c.key.split("/", 1)[1] if "/" in c.key
+                                                                      else "") for c in cols]
+    return bar_chart_png(path, groups, {r: [results.get(r, {}).get(c.key) for c in cols] for r in rows},
+                         errors={r: [results.get(r, {}).get(c.key + "_std") for c in cols] for r in rows},
+                         title=title, ylabel="%")
+
+
 def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
     out = os.path.abspath(hp["output_folder"])
     plots = os.path.join(out, "plots")
     os.makedirs(plots, exist_ok=True)
     tasks = list(hp["tasks"])
-    columns = _columns(tasks)
-    results, notes = collect_results(steps, status)
+    runs, notes = collect_runs(steps, status)
+    results, layer_weights = aggregate(runs)
     main_rows = rows["main"]
     main = {r: results.get(r, {}) for r in main_rows}
-    main_ranks = mean_ranks(main, columns, main_rows) if len(main_rows) > 1 else None
+    columns = [c for c in head_columns(tasks, hp) if c.ranked or _has_values(main, main_rows, c)]
+    ranked = [c for c in columns if c.ranked]
+    main_ranks = mean_ranks(main, ranked, main_rows) if len(main_rows) > 1 else None
+    spreads = spread_notes(tasks, hp, main, main_rows)
+    rankings, ranking_md = head_rankings(main, tasks, hp, main_rows)
+    by_head = mean_rank_by_head(main, tasks, hp, main_rows)
     report = {
         "tasks": tasks, "columns": [c.to_dict() for c in columns],
+        "heads": {t: task_heads(hp, t) for t in tasks}, "seeds": list(hp.get("seeds") or []), "spread": spreads,
         "main": {"rows": main_rows, "results": main, "mean_rank": main_ranks,
-                 "column_ranks": column_ranks(main, columns, main_rows), "sources": {r: sources.get(r) for r in main_rows}},
+                 "column_ranks": column_ranks(main, ranked, main_rows), "sources": {r: sources.get(r) for r in main_rows},
+                 "head_rankings": rankings, "mean_rank_by_head": by_head},
+        "layer_weights": layer_weights,
         "data": {k: os.path.abspath(hp[k]) for k in ("pretrain_data_folder",) + tuple(TASKS[t].corpus for t in tasks)},
         "pretrained": sources.get("mgf"),
         "steps": {}, "plots": [],
@@ -507,29 +742,44 @@ def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
         md += ["**Bundled sample corpora (synthetic speech, tiny models): these numbers only show that the "
                "pipeline runs; they say nothing about the method.**", ""]
     md += ["## Upstreams × tasks", "", markdown_table(main, columns, main_rows, "upstream", main_ranks, notes), "",
-           "↑ higher is better, ↓ lower is better; best value in bold. Mean rank: average over the columns of "
-           "each row's rank (1 = best; ties share their mean rank). IEMOCAP: mean ± std over the folds."]
+           "↑ higher is better, ↓ lower is better; best value in bold; `metric · head`: the same task with "
+           "each downstream head, side by side. `≈`: the difference to the column's best is smaller than the "
+           "spread (the larger of the two std): not a real difference. Mean rank: average over the ranked "
+           "columns of each row's rank (1 = best; ties share their mean rank)."]
+    md += ["", "Spread (population std):", ""] + [f"- {TASKS[t].title}: {spreads[t]}" for t in tasks]
+    if any(c.key.endswith("/convex") for c in columns):
+        md += ["", "`convex ref`: a full-batch logistic regression on the same pooled features, written by the "
+                   "recipe beside its probe: a head far below it is under-trained. Not ranked."]
     ls_split = {r: main[r].get("wer_split") for r in main_rows if main[r].get("wer_split")}
     if ls_split:
-        md += [f"LibriSpeech WER on {', '.join(sorted(set(ls_split.values())))} (beam search when enabled)."]
+        md += ["", f"LibriSpeech WER on {', '.join(sorted(set(ls_split.values())))} (beam search when enabled)."]
     md += ["", "Upstream sources:", ""] + [f"- `{r}`: `{sources.get(r)}`" for r in main_rows]
+    if ranking_md and len(main_rows) > 1:
+        md += ["", "## Rank of each upstream under each head", "",
+               "| metric | head | ranking, best first (`≈`: difference smaller than the spread) |", "|---|---|---|"]
+        md += ranking_md + [""] + [f"- {v['summary']}" for v in rankings.values() if "summary" in v]
+        if len(by_head) > 1:
+            md += ["", "Mean rank over the tasks under each task's first / second head:", "",
+                   "| upstream | " + " | ".join(by_head) + " |", "|---|" + "---|" * len(by_head)]
+            for r in main_rows:
+                md.append(f"| {r} | " + " | ".join("—" if by_head[k].get(r) is None else f"{by_head[k][r]:.2f}"
+                                                   for k in by_head) + " |")
 
     plot_files = []
-    if any(main[r] for r in main_rows):
-        p = os.path.join(plots, "tasks_by_upstream.png")
-        bar_chart_png(p, [SHORT.get(c.key, c.key) for c in columns],
-                      {r: [main[r].get(c.key) for c in columns] for r in main_rows},
-                      title="TASKS PER UPSTREAM (%; EER, WER: LOWER IS BETTER)", ylabel="%")
+    p = _bars(os.path.join(plots, "tasks_by_upstream.png"), main, columns, main_rows,
+              "Tasks per upstream and head (%; EER, WER: lower is better; error bars: std)")
+    if p:
         plot_files.append(p)
 
     if rows["ablation"]:
         abl_tasks = [t for t in (hp.get("ablation_tasks") or tasks)]
-        acols = _columns(abl_tasks)
+        acols = head_columns(abl_tasks, hp, ablation=True, convex=False)
         abl = {v: results.get(key, {}) for v, key in rows["ablation"]}
         anotes = {v: notes[key] for v, key in rows["ablation"] if key in notes}
         names = [v for v, _ in rows["ablation"]]
         aranks = mean_ranks(abl, acols, names)
         report["ablation"] = {"rows": names, "results": abl, "mean_rank": aranks,
+                              "columns": [c.to_dict() for c in acols],
                               "column_ranks": column_ranks(abl, acols, names),
                               "overrides": {v: (hp.get("ablations") or {}).get(v) for v in names},
                               "sources": {v: sources.get(key) for v, key in rows["ablation"]}}
@@ -537,12 +787,17 @@ def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
                markdown_table(abl, acols, names, "variant", aranks, anotes), "",
                "Mean rank over the variants only (baselines: see the table above). Pretraining overrides:", ""]
         md += [f"- `{v}`: `{json.dumps((hp.get('ablations') or {}).get(v) or {})}`" for v in names]
-        if any(abl.values()):
-            p = os.path.join(plots, "tasks_by_variant.png")
-            bar_chart_png(p, [SHORT.get(c.key, c.key) for c in acols], {v: [abl[v].get(c.key) for c in acols]
-                                                                         for v in names},
-                          title="TASKS PER PRETRAINING VARIANT (%)", ylabel="%")
+        p = _bars(os.path.join(plots, "tasks_by_variant.png"), abl, acols, names,
+                  "Tasks per pretraining variant (%; error bars: std)")
+        if p:
             plot_files.append(p)
+
+    lw_md = []
+    for row, probes in layer_weights.items():
+        p = os.path.join(plots, f"layer_weights_{row}.png")
+        layer_weights_png(p, probes, title=f"Layer weights each probe learned: {row}")
+        plot_files.append(p)
+        lw_md.append(f"![layer weights {row}](plots/{os.path.basename(p)})")
 
     loss_md = []
     for variant, path in pretrain_logs(steps, hp, sources).items():
@@ -550,11 +805,14 @@ def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
         if not entries:
             continue
         p = os.path.join(plots, f"pretrain_loss_{variant}.png")
-        loss_curves_png(p, loss_panels(entries), title=f"MGF PRETRAINING LOSS PER SCALE: {variant}")
+        loss_curves_png(p, loss_panels(entries), title=f"MGF pretraining loss per scale: {variant}")
         plot_files.append(p)
         loss_md.append(f"![pretraining loss {variant}](plots/{os.path.basename(p)})")
     md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plot_files
-                                  if "pretrain_loss" not in p] + [""] + loss_md
+                                  if "tasks_by" in os.path.basename(p)] + [""] + loss_md
+    if lw_md:
+        md += ["", "Layer weights (softmax over the encoder's layers, mean over seeds and folds; 0 = input "
+                   "embedding):", ""] + lw_md
     report["plots"] = plot_files
 
     counts = {}

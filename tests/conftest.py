@@ -48,9 +48,16 @@ def tiny_pretrained(tmp_path_factory):
 
 
 def run_recipe(script, hparams, overrides, cwd=REPO, timeout=900):
-    """Runs a recipe as a user would (a subprocess); returns CompletedProcess."""
+    """Runs a recipe as a user would (a subprocess); returns CompletedProcess.
+
+    Test corpora are sample-sized, so a YAML's ``sample_overrides`` apply to them too
+    (``--use_sample_overrides=True``) unless the test passes ``use_sample_overrides``.
+    """
     import subprocess
 
+    with open(os.path.join(cwd, hparams), encoding="utf-8") as f:
+        if "\nuse_sample_overrides:" in f.read():
+            overrides = {"use_sample_overrides": True, **overrides}
     cmd = [sys.executable, script, hparams] + [f"--{k}={v}" for k, v in overrides.items()]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

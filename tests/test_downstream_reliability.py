@@ -64,10 +64,9 @@ def _env():
 
 
 def _tsv(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return dict(line.rstrip("\n").split("\t", 1) for line in list(f)[1:])
+    from mgf_sb.data.manifest import read_skip_list  # fields are escaped (tab, newline, backslash)
+
+    return dict(read_skip_list(path))
 
 
 def _ids(folder, splits):

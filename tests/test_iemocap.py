@@ -284,7 +284,7 @@ def test_recipe_tiny_mgf_export_contract(corpus, tmp_path, tiny_pretrained):
     run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml", ov)
     out = str(tmp_path / "mgf" / "session3")
     res = _check_results(out)
-    assert len(res["layer_weights"]) == 3 and res["test_session"] == 3
+    assert len(res["layer_weights"]) == 3 and res["test_session"] == 3 and res["head"] == "linear"
 
     model = os.path.join(out, "model")
     assert open(os.path.join(model, "labels.txt")).read().split("\n") == list(CLASSES) + [""]
@@ -317,19 +317,25 @@ def test_recipe_tiny_mgf_export_contract(corpus, tmp_path, tiny_pretrained):
 
 def test_recipe_random_with_reference(corpus, tmp_path, tiny_pretrained):
     ov = dict(_common(corpus, tmp_path, "random"), upstream="random", upstream_reference=tiny_pretrained,
-              layer=-1, pooling="attentive", hidden_size=16)
+              layer=-1, head="attentive", attentive_hidden_size=16)
     run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml", ov)
     out = str(tmp_path / "random" / "session5")
     res = _check_results(out)
+    assert res["head"] == "attentive"
     assert res["layer_weights"] is None and res["layer"] == -1
     cfg = json.load(open(os.path.join(out, "model", "head_config.json")))
     assert cfg["layer"] == -1 and cfg["pooling"] == "attentive" and cfg["num_layers"] == 3
+    assert cfg["hidden_size"] == 16
     assert os.path.isfile(os.path.join(out, "model", "upstream", "encoder.ckpt"))
     # Resuming that folder with another upstream is refused, naming the difference.
+    # (the one run guard of every recipe: mgf_sb.recipe.check_run_config)
+    from mgf_sb.recipe import RunConfigChanged, check_run_config
+
     saved = json.load(open(os.path.join(out, "run_config.json")))
-    train_mod.check_run_config(dict(saved, output_folder=out))  # same settings: fine
-    with pytest.raises(RuntimeError, match="holds a run with other settings.*upstream"):
-        train_mod.check_run_config(dict(saved, output_folder=out, upstream="fbank"))
+    hp = dict(saved["settings"], output_folder=out, resumable_keys=saved["resumable_keys"])
+    assert check_run_config(hp)["changed"] == {}  # same settings: fine
+    with pytest.raises(RunConfigChanged, match="(?s)holds a run with other settings.*upstream: "):
+        check_run_config(dict(hp, upstream="fbank"))
 
 
 def test_fold_runner_fbank(corpus, tmp_path):
@@ -351,3 +357,60 @@ def test_fold_runner_fbank(corpus, tmp_path):
     model = tmp_path / "fbank" / "session5" / "model" / "upstream"
     assert json.load(open(model / "mgf_config.json"))["encoder"] is None
     assert sorted(os.listdir(model)) == ["features.ckpt", "mgf_config.json"]
+
+    # The head and the convex reference travel to the fold table.
+    assert agg["head"] == "linear"
+    assert [f["convex_reference"] for f in agg["folds"]] == [f["convex_reference"] for f in folds]
+    assert agg["convex_reference_mean"] == pytest.approx(np.mean([f["convex_reference"] for f in folds]))
+    assert "convex reference UA" in open(tmp_path / "fbank" / "folds_results.md").read()
+    # The convex reference is a logistic regression on the mean+std pooled fbank features of the
+    # training sessions, scored on the test session: recompute it from the exported normaliser.
+    import speechbrain as sb
+
+    from mgf_sb.probing import fit_logistic_regression, pooled_statistics, unweighted_accuracy
+    from mgf_sb.upstream import Upstream
+
+    up = Upstream(str(model)).eval()
+
+    def pooled(split):
+        rows = _rows(str(tmp_path / "fbank" / "session5" / "data" / f"{split}.csv"))
+        x = []
+        with torch.no_grad():
+            for r in rows:
+                layers, n = up(sb.dataio.dataio.read_audio(r["wav"])[None], torch.ones(1))
+                x.append(pooled_statistics(layers[0], n))
+        return torch.cat(x), torch.tensor([CLASSES.index(r["emo"]) for r in rows])
+
+    x_tr, y_tr = pooled("train")
+    x_te, y_te = pooled("test")
+    probe = fit_logistic_regression(x_tr, y_tr, len(CLASSES), l2=1e-4)
+    ua = unweighted_accuracy(probe.predict(x_te), y_te, len(CLASSES))
+    res5 = folds[1]
+    assert res5["convex_reference"] == pytest.approx(ua, abs=1e-6)
+    assert res5["convex_reference_info"]["n_train"] == len(y_tr)
+    assert ua > 0.5  # the pitch-coded classes are linearly separable from pooled fbank
+
+
+def test_lr_floor_class_weights_and_number_of_epochs(corpus, tmp_path):
+    """One fold, fbank: the lr never goes below lr * lr_floor, the loss is class-weighted, and a
+    rerun with a larger --number_of_epochs trains on from the checkpoint (scheduler state included)."""
+    ov = dict(_common(corpus, tmp_path, "floor"), number_of_epochs=5, lr=0.004, lr_patience=0, lr_floor=0.25,
+              early_stop_patience=100, convex_reference=False)
+    run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml", ov)
+    out = tmp_path / "floor" / "session5"
+
+    def lrs():
+        lines = [line for line in open(out / "train_log.txt") if line.startswith("epoch:")]
+        return [float(line.split("lr: ")[1].split(",")[0]) for line in lines]
+
+    assert len(lrs()) == 5
+    # 60 kept utterances, 36 for training (12 neutral, 12 happy, 6 angry, 6 sad): weights N / (4 n_c)
+    log = open(out / "log.txt").read()
+    assert "class-balanced cross-entropy, weights: neutral 0.750, happy 0.750, angry 1.500, sad 1.500" in log
+    res = json.load(open(out / "test_results.json"))
+    assert res["convex_reference"] is None
+    run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml", dict(ov, number_of_epochs=12))
+    seen = lrs()
+    assert len(seen) == 12  # epochs 6..12 trained on top of the first run's 5
+    assert min(seen) >= 0.004 * 0.25 - 1e-12 and seen[0] == 0.004
+    assert all(b <= a for a, b in zip(seen, seen[1:]))  # only ever annealed, never reset by the rerun

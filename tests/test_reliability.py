@@ -112,6 +112,9 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
                           + _args(two, corpus, batch_size=4, **common),
                           capture_output=True, text=True, env=_env(), timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # a clean exit: the process group is left before interpreter shutdown (mgf_sb.recipe), no SIGABRT
+    assert "terminate called" not in proc.stderr and "SIGABRT" not in proc.stderr, proc.stderr[-4000:]
+    assert not os.path.exists(os.path.join(two, ".mgf_lock"))  # the output-folder lock is released
     a, b = parse_log(os.path.join(one, "train_log.txt")), parse_log(os.path.join(two, "train_log.txt"))
     assert len(a) == len(b) == 3
     # Same number of optimiser steps (same global batch of 8 utterances)

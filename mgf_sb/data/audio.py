@@ -9,7 +9,7 @@ at audio the training loop can read as 16 kHz mono without surprises.
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -19,14 +19,62 @@ import torch
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
+# The shortest audio any recipe keeps and inference accepts: one 25 ms analysis window
+# (400 samples at 16 kHz). check_audio never keeps a shorter file, whatever min_duration says.
+MIN_AUDIO_SECONDS = 0.025
 
 
 class AudioError(ValueError):
     """An audio file that cannot be used; the message names the file and the fix."""
 
 
-def scan_audio(folder, extensions=AUDIO_EXTENSIONS):
-    """Sorted list of audio files under ``folder`` (recursive, case-insensitive).
+def file_identity(path):
+    """(device, inode) of the file ``path`` leads to (symlinks followed; hard links alike)."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return os.path.realpath(path)
+
+
+def walk_unique(folder, report=None):
+    """``os.walk(folder, followlinks=True)`` that enters each real folder once.
+
+    A folder reached again through a symlink (a loop such as ``a/up -> ..``, or
+    two links to one folder) is not scanned again; it is listed in ``report``
+    (a :class:`mgf_sb.data.manifest.SkipReport`) if one is given. Yields
+    ``(root, dirs, files)`` with ``dirs`` and ``files`` sorted.
+    """
+    seen = {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        key = file_identity(root)
+        if key in seen:
+            dirs[:] = []
+            if report is not None:
+                report.add(root, f"symlink loop or repeated folder (the same folder as {seen[key]}); not scanned again")
+            continue
+        seen[key] = root
+        dirs.sort()
+        yield root, dirs, sorted(files)
+
+
+def scan_audio(folder, extensions=AUDIO_EXTENSIONS, report=None, seen=None, split=None):
+    """Sorted list of audio files under ``folder`` (recursive, case-insensitive), each real file once.
+
+    Symlinks are followed, but every real folder is entered once (symlink loops
+    end) and every real file is returned once (:func:`file_identity`); the
+    loops and duplicates left out are listed in ``report`` if given.
+
+    Arguments
+    ---------
+    folder : str
+    extensions : tuple of str
+    report : SkipReport, optional
+    seen : dict, optional
+        ``{file identity: (path, split)}`` shared by the scans of several splits,
+        so that a file is never in two of them (the first split keeps it).
+    split : str, optional
+        This scan's split name (for ``seen`` and the messages).
 
     Raises
     ------
@@ -36,10 +84,22 @@ def scan_audio(folder, extensions=AUDIO_EXTENSIONS):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data folder {folder!r} does not exist (check --data_folder)")
     exts = tuple(e.lower() for e in extensions)
+    seen = {} if seen is None else seen
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(exts))
+    for root, dirs, files in walk_unique(folder, report):
+        for f in files:
+            if not f.lower().endswith(exts):
+                continue
+            path = os.path.join(root, f)
+            key = file_identity(path)
+            if key in seen:
+                first, first_split = seen[key]
+                if report is not None:
+                    where = f" in the {first_split} split" if first_split and first_split != split else ""
+                    report.add(path, f"duplicate (the same file as {first}{where}: a symlink or hard link); kept once")
+                continue
+            seen[key] = (path, split)
+            found.append(path)
     return found
 
 
@@ -119,13 +179,14 @@ class AudioCheck:
     duration: float
     reason: Optional[str] = None
     note: Optional[str] = None
+    audio: Optional[np.ndarray] = field(default=None, repr=False)  # (samples,) float32, with keep_audio
 
     @property
     def ok(self):
         return self.reason is None
 
 
-def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, convert_dir=None):
+def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, convert_dir=None, keep_audio=False):
     """Decodes one file and decides what to do with it.
 
     Arguments
@@ -138,6 +199,9 @@ def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, co
     convert_dir : str, optional
         Where converted copies go; without it, files that need conversion are
         skipped with a reason instead.
+    keep_audio : bool
+        Return a usable file's audio as 16 kHz mono float32 in ``AudioCheck.audio``
+        (converted in memory; no copy is written). The shard writer uses this.
 
     Returns
     -------
@@ -154,8 +218,10 @@ def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, co
     duration = data.shape[0] / sr
     if not np.any(data):
         return AudioCheck(path, None, duration, reason="silent (every sample is zero)")
-    if duration < min_duration:
-        return AudioCheck(path, None, duration, reason=f"too short ({duration:.2f} s < min_duration {min_duration} s)")
+    if duration < max(min_duration or 0.0, MIN_AUDIO_SECONDS):
+        limit = f"min_duration {min_duration} s" if (min_duration or 0.0) >= MIN_AUDIO_SECONDS else \
+            f"{MIN_AUDIO_SECONDS} s, the shortest input the models accept"
+        return AudioCheck(path, None, duration, reason=f"too short ({duration:.3f} s < {limit})")
     if max_duration is not None and duration > max_duration:
         return AudioCheck(path, None, duration, reason=f"too long ({duration:.1f} s > max_duration {max_duration} s)")
     notes = []
@@ -163,6 +229,12 @@ def check_audio(path, sample_rate=16000, min_duration=0.0, max_duration=None, co
         notes.append(f"downmixed {data.shape[1]}->1 channels")
     if sr != sample_rate:
         notes.append(f"resampled {sr}->{sample_rate} Hz")
+    if keep_audio:
+        wav = to_mono_16k(data, sr, sample_rate).numpy() if notes else data[:, 0].copy()
+        peak = np.abs(wav).max()
+        if peak > 1.0:  # resampling overshoot; PCM_16 would clip
+            wav = wav / peak
+        return AudioCheck(path, path, wav.shape[0] / sample_rate, note=", ".join(notes) or None, audio=wav)
     if not notes:
         return AudioCheck(path, path, duration)
     if convert_dir is None:

@@ -2,13 +2,15 @@
 
 Every manifest has the columns ``ID, duration, wav`` followed by the task's
 labels. Every prep reports skipped files in ``<name>_skipped.tsv``
-(``path<TAB>reason``) and counts them in the log.
+(``path<TAB>reason``; a tab, newline or backslash inside a field is written
+``\\t``, ``\\n``, ``\\\\``) and counts them in the log.
 """
 
 import csv
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,60 @@ def read_manifest(path):
     """Reads a manifest back as a list of dicts."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_field(text):
+    r"""One TSV field: backslash, tab, newline and carriage return written as ``\\``, ``\t``, ``\n``, ``\r``.
+
+    Example
+    -------
+    >>> escape_field("a\tb\nc")
+    'a\\tb\\nc'
+    """
+    return "".join(_ESCAPES.get(c, c) for c in str(text))
+
+
+def unescape_field(text):
+    """Inverse of :func:`escape_field`."""
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def read_skip_list(path):
+    """``[(path, reason)]`` of a ``*_skipped.tsv`` written by :class:`SkipReport` (unescaped)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        next(f, None)
+        rows = [line.rstrip("\n").split("\t", 1) for line in f if "\t" in line]
+    return [(unescape_field(p), unescape_field(r)) for p, r in rows]
+
+
+def check_disjoint(splits, key="wav"):
+    """Raises ValueError if one audio file is in two splits (the last check of every prep).
+
+    Arguments
+    ---------
+    splits : dict
+        ``{split name: rows}``; each row's ``key`` is an audio path. Files are
+        compared by identity (:func:`mgf_sb.data.audio.file_identity`: symlinks
+        and hard links too), not by name.
+    """
+    from mgf_sb.data.audio import file_identity
+
+    where = {}
+    for name, rows in splits.items():
+        for row in rows:
+            ident = file_identity(row[key])
+            first = where.setdefault(ident, (name, row[key]))
+            if first[0] != name:
+                raise ValueError(
+                    f"{row[key]} is in both the {first[0]} split ({first[1]}) and the {name} split: a file "
+                    f"must be in one split only (a symlink or a duplicated file in the corpus?)"
+                )
 
 
 class SkipReport:
@@ -75,13 +131,13 @@ class SkipReport:
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write("path\treason\n")
             for p, r in self.items:
-                f.write(f"{p}\t{r}\n")
+                f.write(f"{escape_field(p)}\t{escape_field(r)}\n")
         if self.notes:
             with open(os.path.join(folder, f"{self.name}_converted.tsv"), "w", encoding="utf-8",
                       errors="surrogateescape") as f:
                 f.write("path\tconversion\n")
                 for p, r in self.notes:
-                    f.write(f"{p}\t{r}\n")
+                    f.write(f"{escape_field(p)}\t{escape_field(r)}\n")
             logger.info(f"{self.name}: {len(self.notes)} files converted (listed in {self.name}_converted.tsv)")
         if self.items:
             summary = ", ".join(f"{n} {k}" for k, n in self.counts().most_common())

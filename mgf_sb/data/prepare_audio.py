@@ -10,7 +10,7 @@ import os
 import random
 
 from mgf_sb.data.audio import AUDIO_EXTENSIONS, check_many, scan_audio
-from mgf_sb.data.manifest import SkipReport, mark_prep_done, prep_is_done, write_manifest
+from mgf_sb.data.manifest import SkipReport, check_disjoint, mark_prep_done, prep_is_done, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def utterance_id(path, root):
 
 
 def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_duration=None,
-                  sample_rate=16000, num_workers=1, extensions=AUDIO_EXTENSIONS):
+                  sample_rate=16000, num_workers=1, extensions=AUDIO_EXTENSIONS, seen=None):
     """Scans and checks the audio of some splits (subfolders) of ``data_folder``.
 
     Arguments
@@ -36,6 +36,11 @@ def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_
         Where ``<name>_skipped.tsv`` and ``converted/`` go.
     name : str
         Manifest name (for the reports).
+    seen : dict, optional
+        Shared by the calls for several manifests (train, valid...): a file
+        already taken by one of them is left out of this one and listed
+        (see :func:`mgf_sb.data.audio.scan_audio`). Symlink loops and files
+        reached twice are listed too, in ``<name>_skipped.tsv``.
 
     Returns
     -------
@@ -54,12 +59,13 @@ def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_
             f"{data_folder!r} contains {present or 'nothing (or does not exist)'}. "
             f"For a plain folder of audio set the splits to []"
         )
-    paths = [p for r in roots for p in scan_audio(r, extensions)]
+    report = SkipReport(name)
+    seen = {} if seen is None else seen
+    paths = [p for r in roots for p in scan_audio(r, extensions, report=report, seen=seen, split=name)]
     checks = check_many(
         paths, num_workers=num_workers, desc=f"checking {name} audio", sample_rate=sample_rate,
         min_duration=min_duration, max_duration=max_duration, convert_dir=os.path.join(save_folder, "converted"),
     )
-    report = SkipReport(name)
     rows = []
     for c in checks:
         if not c.ok:
@@ -104,6 +110,7 @@ def prepare_pretraining(data_folder, save_folder, train_splits=None, valid_split
         return
     kw = dict(min_duration=min_duration, max_duration=max_duration, sample_rate=sample_rate,
               num_workers=num_workers)
+    kw["seen"] = {}  # a file reached from both train and valid splits stays in train only
     train = collect_audio(data_folder, train_splits, save_folder, "train", **kw)
     if not train:
         raise ValueError(
@@ -118,6 +125,7 @@ def prepare_pretraining(data_folder, save_folder, train_splits=None, valid_split
         valid, train = train[:n_valid], train[n_valid:]
     if not valid:
         raise ValueError(f"no usable validation audio in {data_folder!r} (splits {valid_splits})")
+    check_disjoint({"train": train, "valid": valid}, key="source")
     write_manifest(train, os.path.join(save_folder, "train.csv"))
     write_manifest(valid, os.path.join(save_folder, "valid.csv"))
     mark_prep_done(save_folder, "pretrain", opts)

@@ -56,7 +56,8 @@ class MaskedPrediction(torch.nn.Module):
     layer : int
         Which encoder layer makes the prediction (-1: last).
     n_negatives_same, n_negatives_batch : int
-        Distractors from the same sequence / from the whole batch (infonce).
+        Distractors from the same sequence / from the batch's other
+        utterances (infonce).
     temperature : float
     proj_dim : int
         Shared space for infonce.
@@ -117,7 +118,9 @@ class MaskedPrediction(torch.nn.Module):
             return zero, {"units": 0.0}
         pred = self.head(pred)
         if self.loss_type == "infonce":
-            idx, valid = sample_negatives(group, self.n_same, self.n_batch)
+            # batch distractors never come from the same utterance (other copies / the other view)
+            utt = inputs.batch.utt.to(group.device)[group]
+            idx, valid = sample_negatives(group, self.n_same, self.n_batch, exclude_group=utt)
             loss, acc = info_nce(pred, self.target_proj(tgt), idx, valid, self.temperature)
             return loss, {"acc": float(acc), "units": float(pred.shape[0])}
         if self.target == "teacher":

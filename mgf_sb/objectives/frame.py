@@ -1,8 +1,84 @@
-"""Frame scale (10-30 ms): by default, reconstruct masked log-Mel frames with L1."""
+"""Frame scale: by default, reconstruct masked log-Mel frames with L1.
+
+The masked spans are long enough (TERA / Mockingjay: >= 70 ms, see
+``frame_span_*_ms`` in hparams/mgf.yaml) that copying the visible neighbours
+does not solve the task. The objective logs, beside its loss, the L1 of that
+copying baseline on the same masked frames (``frame_interp_l1``), so a user
+sees what the model adds over interpolation.
+"""
 
 import torch
 
 from mgf_sb.objectives.base import MaskedPrediction
+
+
+def interpolate_from_neighbours(x, visible):
+    """Predicts every frame by linear interpolation between the nearest visible frames.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        (M, T, C) frames.
+    visible : torch.BoolTensor
+        (M, T) frames the predictor may look at (not masked, not padding).
+
+    Returns
+    -------
+    torch.Tensor
+        (M, T, C): a visible frame is itself; a hidden frame between visible
+        frames ``l < t < r`` is ``x[l] + (t - l) / (r - l) * (x[r] - x[l])``;
+        a hidden frame with visible frames on one side only copies the nearest
+        one; a sequence with no visible frame predicts 0 (the mean of
+        normalised features).
+
+    Example
+    -------
+    >>> x = torch.tensor([[0.0, 10.0, 20.0, 30.0, 40.0]])[..., None]
+    >>> visible = torch.tensor([[True, False, False, True, False]])
+    >>> interpolate_from_neighbours(x, visible)[0, :, 0].tolist()
+    [0.0, 10.0, 20.0, 30.0, 30.0]
+    """
+    M, T, C = x.shape
+    t = torch.arange(T, device=x.device)[None, :].expand(M, T)
+    left = torch.where(visible, t, torch.full_like(t, -1)).cummax(1).values  # last visible <= t
+    right = torch.where(visible, t, torch.full_like(t, T)).flip(1).cummin(1).values.flip(1)  # first visible >= t
+    has_l, has_r = left >= 0, right < T
+    x_l = x.gather(1, left.clamp(min=0)[..., None].expand(M, T, C))
+    x_r = x.gather(1, right.clamp(max=T - 1)[..., None].expand(M, T, C))
+    w = ((t - left).float() / (right - left).clamp(min=1).float()).to(x.dtype)[..., None]
+    both = (has_l & has_r)[..., None]
+    pred = torch.where(both, x_l + w * (x_r - x_l), torch.where(has_l[..., None], x_l, x_r))
+    return pred * (has_l | has_r)[..., None]
+
+
+def neighbour_interpolation_l1(feats, frame_mask, input_mask, n_frames):
+    """L1 of predicting each frame-scale masked frame from its visible neighbours.
+
+    Arguments
+    ---------
+    feats : torch.Tensor
+        (M, T, F) unmasked normalised features (the frame-scale targets).
+    frame_mask : torch.BoolTensor
+        (M, T) frames the frame loss scores.
+    input_mask : torch.BoolTensor
+        (M, T) every frame hidden from the encoder (all scales' masks).
+    n_frames : torch.LongTensor
+        (M,) valid frames.
+
+    Returns
+    -------
+    float
+        Mean absolute error over the masked frames and feature dimensions
+        (as the frame loss with ``loss: l1, target: fbank``); 0 when nothing
+        is masked (as the loss then).
+    """
+    T = feats.shape[1]
+    frame_mask, input_mask = frame_mask[:, :T], input_mask[:, :T]
+    valid = torch.arange(T, device=feats.device)[None, :] < n_frames.to(feats.device)[:, None]
+    pred = interpolate_from_neighbours(feats.float(), valid & ~input_mask)
+    if not bool(frame_mask.any()):
+        return 0.0
+    return float((pred[frame_mask] - feats.float()[frame_mask]).abs().mean())
 
 
 class FrameObjective(MaskedPrediction):
@@ -10,7 +86,9 @@ class FrameObjective(MaskedPrediction):
 
     Default ``loss='l1', target='fbank'`` is the generative objective;
     ``loss='infonce'`` turns it contrastive (distractors: other masked frames,
-    same sequence and batch) for the paper's ablation.
+    same sequence and batch) for the paper's ablation. Its stats include
+    ``interp_l1``, the L1 of the neighbour-interpolation baseline on the same
+    masked frames of the unmasked features.
     """
 
     def units(self, x, batch):
@@ -18,3 +96,11 @@ class FrameObjective(MaskedPrediction):
         mask = batch.frame_mask[:, : x.shape[1]]
         group = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(mask)[mask]
         return x[mask], group
+
+    def forward(self, inputs):
+        loss, stats = super().forward(inputs)
+        batch = inputs.batch
+        with torch.no_grad():
+            stats["interp_l1"] = neighbour_interpolation_l1(inputs.feats, batch.frame_mask, batch.input_mask,
+                                                            batch.n_frames)
+        return loss, stats

@@ -32,7 +32,7 @@ def regression_loss(pred, target, kind="l1"):
     raise ValueError(f"unknown regression loss {kind!r}; use 'l1' or 'l2'")
 
 
-def sample_negatives(group, n_same, n_any, generator=None):
+def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None):
     """Draws distractor indices for each unit, without the unit itself.
 
     Units are flattened in group order (all units of sequence 0, then 1, ...),
@@ -45,8 +45,15 @@ def sample_negatives(group, n_same, n_any, generator=None):
     n_same : int
         Distractors drawn from the same group (the hard ones: same voice).
     n_any : int
-        Distractors drawn from all units of the batch.
+        Distractors drawn from the units of the batch outside the unit's
+        ``exclude_group``.
     generator : torch.Generator, optional
+    exclude_group : torch.LongTensor, optional
+        (N,) source utterance of each unit (any order): batch distractors never
+        share it. The other mask copies and the other view of the same
+        utterance hold spans of the same speech over the same teacher output,
+        which may overlap the positive in time. None: only the unit itself
+        is excluded.
 
     Returns
     -------
@@ -54,7 +61,8 @@ def sample_negatives(group, n_same, n_any, generator=None):
         (N, n_same + n_any) indices into the N units.
     valid : torch.BoolTensor
         (N, n_same + n_any); False where no distractor exists (a group with a
-        single unit has no same-group distractor; a batch of one unit none).
+        single unit has no same-group distractor; a batch of a single
+        utterance has no batch distractor).
     """
     N = group.shape[0]
     device = group.device
@@ -70,10 +78,19 @@ def sample_negatives(group, n_same, n_any, generator=None):
         parts.append(offset[group][:, None] + r.clamp(max=(n_grp[:, None] - 1)))
         valids.append((n_grp[:, None] > 1).expand(N, n_same))
     if n_any > 0:
-        r = (torch.rand(N, n_any, generator=generator).to(device) * max(N - 1, 0)).long()
-        r = r + (r >= own[:, None]).long()
-        parts.append(r.clamp(max=max(N - 1, 0)))
-        valids.append(torch.full((N, n_any), N > 1, device=device, dtype=torch.bool))
+        ex = own if exclude_group is None else exclude_group.to(device).long()
+        # Units sorted by excluded group: the allowed units of unit i are the
+        # sorted positions outside its own group's block [first, first + count).
+        order = torch.sort(ex, stable=True).indices
+        _, inverse, counts = torch.unique(ex, return_inverse=True, return_counts=True)
+        first = (counts.cumsum(0) - counts)[inverse]  # (N,) block start of each unit's group
+        blocked = counts[inverse]
+        allowed = N - blocked  # (N,)
+        r = (torch.rand(N, n_any, generator=generator).to(device) * allowed[:, None]).long()
+        r = torch.minimum(r, (allowed[:, None] - 1).clamp(min=0))
+        r = r + (r >= first[:, None]).long() * blocked[:, None]  # jump over the own block
+        parts.append(order[r.clamp(max=max(N - 1, 0))])
+        valids.append((allowed[:, None] > 0).expand(N, n_any))
     if not parts:
         raise ValueError("a contrastive loss needs at least one distractor (n_same + n_any > 0)")
     return torch.cat(parts, 1), torch.cat(valids, 1)

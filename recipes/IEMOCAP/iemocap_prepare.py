@@ -43,9 +43,10 @@ import random
 import re
 from collections import Counter, OrderedDict
 
-from mgf_sb.data.audio import check_many
+from mgf_sb.data.audio import check_many, file_identity
 from mgf_sb.data.manifest import (
     SkipReport,
+    check_disjoint,
     mark_prep_done,
     prep_is_done,
     read_manifest,
@@ -282,7 +283,10 @@ def prepare_iemocap(
     improvised_only : bool
         Keep only the improvised dialogs (``*_impro*``).
     min_duration, max_duration : float
-        Seconds; utterances outside are skipped (listed).
+        Seconds; utterances outside are skipped (listed). Utterances shorter than
+        :data:`mgf_sb.data.audio.MIN_AUDIO_SECONDS` (25 ms, the shortest input
+        inference accepts) are always skipped, whatever ``min_duration`` says
+        (:func:`mgf_sb.data.audio.check_audio`).
 
     Returns
     -------
@@ -302,6 +306,14 @@ def prepare_iemocap(
             report = json.load(f)
     else:
         items, dropped, skipped = collect_utterances(data_folder, improvised_only=improvised_only)
+        first, unique = {}, []
+        for it in items:  # one audio file reached under two names (symlink, hard link): kept once
+            key = file_identity(it["wav"])
+            if first.setdefault(key, it["wav"]) != it["wav"]:
+                skipped.add(it["wav"], f"duplicate (the same file as {first[key]}: a symlink or hard link); kept once")
+                continue
+            unique.append(it)
+        items = unique
         checks = check_many([it["wav"] for it in items], num_workers=num_workers, desc="IEMOCAP: checking audio",
                             sample_rate=sample_rate, min_duration=min_duration, max_duration=max_duration,
                             convert_dir=os.path.join(manifest_folder, "converted"))
@@ -339,6 +351,7 @@ def prepare_iemocap(
         mark_prep_done(manifest_folder, "iemocap_all", data_opts)
 
     split = split_fold(items, test_session, valid_session, valid_fraction, seed)
+    check_disjoint(split)
     for name, rows in split.items():
         if not rows:
             raise RuntimeError(

@@ -8,7 +8,9 @@ process, with ``--test_session=<n>`` added to the overrides; every other
 override is passed on unchanged), then reads each fold's
 ``test_results.json`` and writes ``<experiment_folder>/folds_results.{json,md}``:
 per-fold UA/WA, their mean and standard deviation over folds (population std,
-ddof=0) and the confusion matrix summed over the folds. Re-running resumes:
+ddof=0), the confusion matrix summed over the folds, the ``head`` and, when the
+folds computed it, the convex reference (UA of a full-batch logistic regression
+on the same pooled features) per fold and its mean and std. Re-running resumes:
 finished folds only re-evaluate their best checkpoint.
 """
 
@@ -53,15 +55,19 @@ def aggregate_folds(fold_results):
     out = {
         "n_folds": len(fold_results),
         "folds": [{"test_session": int(r["test_session"]), "UA": float(r["UA"]), "WA": float(r["WA"]),
-                   "n_utterances": r.get("n_utterances")} for r in fold_results],
+                   "n_utterances": r.get("n_utterances"), "convex_reference": r.get("convex_reference")}
+                  for r in fold_results],
         "UA_mean": float(ua.mean()), "UA_std": float(ua.std()),
         "WA_mean": float(wa.mean()), "WA_std": float(wa.std()),
         "std": "population standard deviation over folds (ddof=0)",
         "classes": list(CLASSES),
     }
+    if all(r.get("convex_reference") is not None for r in fold_results):
+        ref = np.array([float(r["convex_reference"]) for r in fold_results])
+        out["convex_reference_mean"], out["convex_reference_std"] = float(ref.mean()), float(ref.std())
     if all("confusion" in r for r in fold_results):
         out["confusion_sum"] = np.sum([np.asarray(r["confusion"]) for r in fold_results], axis=0).tolist()
-    for key in ("upstream", "freeze", "layer"):
+    for key in ("upstream", "freeze", "layer", "head"):
         values = {json.dumps(r.get(key)) for r in fold_results}
         if len(values) == 1 and key in fold_results[0]:
             out[key] = fold_results[0][key]
@@ -72,13 +78,23 @@ def folds_markdown(agg):
     """The results table (percentages)."""
     lines = ["# IEMOCAP emotion, leave-one-session-out", ""]
     if "upstream" in agg:
-        lines += [f"upstream: `{agg['upstream']}` (freeze={agg.get('freeze')}, layer={agg.get('layer')})", ""]
-    lines += ["| test session | UA (%) | WA (%) | utterances |", "|---|---|---|---|"]
+        lines += [f"upstream: `{agg['upstream']}` (freeze={agg.get('freeze')}, layer={agg.get('layer')}), "
+                  f"head: {agg.get('head')}", ""]
+    convex = "convex_reference_mean" in agg
+    lines += ["| test session | UA (%) | WA (%) | utterances |" + (" convex reference UA (%) |" if convex else ""),
+              "|---|---|---|---|" + ("---|" if convex else "")]
     for f in agg["folds"]:
-        lines.append(f"| {f['test_session']} | {100 * f['UA']:.2f} | {100 * f['WA']:.2f} | {f['n_utterances']} |")
+        lines.append(f"| {f['test_session']} | {100 * f['UA']:.2f} | {100 * f['WA']:.2f} | {f['n_utterances']} |"
+                     + (f" {100 * f['convex_reference']:.2f} |" if convex else ""))
     lines.append(f"| **mean ± std** | **{100 * agg['UA_mean']:.2f} ± {100 * agg['UA_std']:.2f}** | "
-                 f"**{100 * agg['WA_mean']:.2f} ± {100 * agg['WA_std']:.2f}** | |")
+                 f"**{100 * agg['WA_mean']:.2f} ± {100 * agg['WA_std']:.2f}** | |"
+                 + (f" {100 * agg['convex_reference_mean']:.2f} ± {100 * agg['convex_reference_std']:.2f} |"
+                    if convex else ""))
     lines += ["", f"std: {agg['std']}."]
+    if convex:
+        lines += ["", "Convex reference: full-batch class-balanced logistic regression on the same pooled "
+                      "features (mean+std of the layer mix the probe learned), fitted on each fold's training "
+                      "sessions; a probe far below it is under-trained."]
     if "confusion_sum" in agg:
         lines += ["", "Confusion matrix summed over the folds (rows: reference, columns: prediction):", "",
                   "| reference \\ predicted | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]

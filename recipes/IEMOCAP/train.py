@@ -3,17 +3,23 @@
 
     python recipes/IEMOCAP/train.py hparams/emotion.yaml [--test_session=1] [--upstream=...]
 
-One leave-one-session-out fold: trains upstream -> layer selector -> pooling
--> classifier on four sessions (one of them for validation, see
-iemocap_prepare.py), keeps the checkpoint with the best validation UA and
-reports on the test session:
+One leave-one-session-out fold: trains upstream -> layer selector -> head on
+four sessions (one of them for validation, see iemocap_prepare.py), keeps the
+checkpoint with the best validation UA and reports on the test session. Two
+heads (``--head=``): ``linear`` (mean+std pooling, linear classifier; the
+default) and ``attentive`` (attentive pooling, one hidden layer). The
+cross-entropy is class-balanced, the lr is annealed on the dev UA with a floor
+and training stops early when the dev UA stops improving (hparams/emotion.yaml).
+Reported:
 
 - WA: weighted accuracy (plain accuracy over utterances);
 - UA: unweighted accuracy (mean per-class recall);
 - the confusion matrix (rows: reference, columns: prediction).
 
 They are logged and written to ``<output_folder>/test_results.{json,md}`` and
-``confusion_matrix.tsv``. Then the trained classifier is exported to
+``confusion_matrix.tsv``, with the ``head`` name and a ``convex_reference``: the
+UA of a full-batch logistic regression on the same pooled features (mean+std
+of the layer mix the probe learned), fitted on the training sessions. Then the trained classifier is exported to
 ``<output_folder>/model`` (:func:`export_classifier_folder`) for inference.
 Re-running the same command resumes. All five folds and their mean +- std:
 ``python recipes/IEMOCAP/run_folds.py hparams/emotion.yaml``.
@@ -44,7 +50,12 @@ from iemocap_prepare import CLASSES, prepare_iemocap  # noqa: E402
 from mgf_sb.checkpoint import CONFIG_FILE, FEATURES_FILE, FORMAT, FORMAT_VERSION, save_pretrained  # noqa: E402
 from mgf_sb.data.manifest import read_manifest  # noqa: E402
 from mgf_sb.distributed import ddp_sum  # noqa: E402
-from mgf_sb.downstream import DownstreamBrain, announce_data, write_results  # noqa: E402
+from mgf_sb.downstream import (  # noqa: E402
+    DownstreamBrain,
+    announce_data,
+    balanced_class_weights,
+    write_results,
+)
 from mgf_sb.upstream import describe_source  # noqa: E402
 from mgf_sb.recipe import start_experiment
 
@@ -79,8 +90,7 @@ class EmotionBrain(DownstreamBrain):
         metrics = emotion_metrics(self.confusion)
         stats = {"loss": stage_loss, "UA": metrics["UA"], "WA": metrics["WA"]}
         if stage == sb.Stage.VALID:
-            old_lr, new_lr = self.hparams.lr_annealing(1.0 - metrics["UA"])
-            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            old_lr = self.anneal_and_stop(1.0 - metrics["UA"])  # lr floor, early stopping
             meta = {"epoch": epoch, "lr": old_lr}
             weights = self.layer_weights()
             if weights is not None:
@@ -93,8 +103,6 @@ class EmotionBrain(DownstreamBrain):
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
             )
             self.test_metrics = dict(metrics, loss=stage_loss)
-            if if_main_process():
-                write_test_results(vars(self.hparams), metrics, stage_loss, self.class_stats, self.layer_weights())
 
 
 def emotion_metrics(confusion):
@@ -133,11 +141,16 @@ def confusion_table(confusion, classes=CLASSES):
     return "\n".join(lines)
 
 
-def write_test_results(hparams, metrics, loss, class_stats, layer_weights):
-    """test_results.{json,md}, confusion_matrix.tsv and classification_stats.txt; logs them too."""
+def write_test_results(hparams, metrics, loss, class_stats, layer_weights, convex=None):
+    """test_results.{json,md}, confusion_matrix.tsv and classification_stats.txt; logs them too.
+
+    ``convex``: :meth:`~mgf_sb.downstream.DownstreamBrain.convex_reference`'s
+    output, or None (``convex_reference: False``).
+    """
     folder = hparams["output_folder"]
     results = {
         "task": "emotion",
+        "head": hparams["head"],
         "upstream": str(hparams["upstream"]),
         "upstream_name": describe_source(hparams["upstream"]),
         "freeze": bool(hparams["freeze"]),
@@ -148,12 +161,21 @@ def write_test_results(hparams, metrics, loss, class_stats, layer_weights):
         "loss": float(loss),
         "layer_weights": layer_weights,
         **metrics,
+        "convex_reference": None,
     }
+    rows = f"| {results['head']} | {100 * metrics['UA']:.2f} | {100 * metrics['WA']:.2f} | {metrics['n_utterances']} |\n"
+    if convex is not None:
+        ref = emotion_metrics(convex_confusion(convex["pred"], convex["target"]))
+        results["convex_reference"] = ref["UA"]
+        results["convex_reference_info"] = {"UA": ref["UA"], "WA": ref["WA"], "n_train": convex["n_train"],
+                                            "l2": convex["l2"], "features": convex["features"]}
+        rows += (f"| convex reference (logistic regression) | {100 * ref['UA']:.2f} | {100 * ref['WA']:.2f} | "
+                 f"{ref['n_utterances']} |\n")
     table = confusion_table(metrics["confusion"])
     md = (f"# IEMOCAP emotion, test session {results['test_session']}\n\n"
-          f"upstream: `{results['upstream']}` (freeze={results['freeze']}, layer={results['layer']})\n\n"
-          f"| UA | WA | utterances |\n|---|---|---|\n"
-          f"| {100 * metrics['UA']:.2f} | {100 * metrics['WA']:.2f} | {metrics['n_utterances']} |\n\n"
+          f"upstream: `{results['upstream']}` (freeze={results['freeze']}, layer={results['layer']}), "
+          f"head: {results['head']}\n\n"
+          f"| head | UA | WA | utterances |\n|---|---|---|---|\n{rows}\n"
           f"Confusion matrix:\n\n{table}\n")
     write_results(folder, "test_results", results, md)
     with open(os.path.join(folder, "confusion_matrix.tsv"), "w") as f:
@@ -164,6 +186,17 @@ def write_test_results(hparams, metrics, loss, class_stats, layer_weights):
         class_stats.write_stats(f)
     logger.info(f"IEMOCAP session {results['test_session']}: UA {100 * metrics['UA']:.2f} "
                 f"WA {100 * metrics['WA']:.2f} ({metrics['n_utterances']} utterances)\n{table}")
+    if convex is not None:
+        logger.info(f"convex reference (logistic regression on the pooled features): "
+                    f"UA {100 * results['convex_reference']:.2f}")
+    return results
+
+
+def convex_confusion(pred, target, n_classes=len(CLASSES)):
+    """(N,), (N,) class indices -> (C, C) confusion matrix (rows: reference)."""
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(target), np.asarray(pred)), 1)
+    return confusion
 
 
 def export_classifier_folder(folder, upstream, layer_selector, head, upstream_source, layer, pooling,
@@ -264,42 +297,14 @@ def dataio_prepare(hparams):
 
 
 def class_weights(train_csv, balanced):
-    """Inverse-frequency cross-entropy weights (mean 1) or None."""
-    if not balanced:
-        return None
-    counts = np.array([0.0] * len(CLASSES))
-    for row in read_manifest(train_csv):
-        counts[CLASSES.index(row["emo"])] += 1
-    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(CLASSES), 0.0)
-    return torch.tensor(w, dtype=torch.float)
-
-
-def check_run_config(hparams):
-    """Refuses to resume a folder that was trained with another upstream/head."""
-    keys = ("upstream", "upstream_reference", "freeze", "layer", "pooling", "hidden_size", "test_session",
-            "valid_session", "improvised_only", "data_folder")
-    config = {k: hparams[k] for k in keys}
-    config = json.loads(json.dumps(config, default=str))
-    path = os.path.join(hparams["output_folder"], "run_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
-            raise RuntimeError(
-                f"{hparams['output_folder']} holds a run with other settings ({diff}, old -> new); "
-                f"pass another --output_folder (or --experiment_folder) or delete that folder"
-            )
-    else:
-        os.makedirs(hparams["output_folder"], exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+    """Inverse-frequency cross-entropy weights (mean 1 over the training utterances) or None."""
+    labels = [CLASSES.index(row["emo"]) for row in read_manifest(train_csv)]
+    return balanced_class_weights(labels, len(CLASSES), balanced)
 
 
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
     announce_data(hparams["data_folder"])
-    run_on_main(check_run_config, args=[hparams])  # reads/writes run_config.json once
     if not hparams["skip_prep"]:
         run_on_main(
             prepare_iemocap,
@@ -329,6 +334,9 @@ def main(argv):
     )
     weights = class_weights(os.path.join(hparams["split_folder"], "train.csv"), hparams["class_balanced_loss"])
     brain.class_weights = None if weights is None else weights.to(brain.device)
+    if weights is not None:
+        logger.info("class-balanced cross-entropy, weights: "
+                    + ", ".join(f"{c} {w:.3f}" for c, w in zip(CLASSES, weights.tolist())))
     brain.fit(
         brain.hparams.epoch_counter,
         datasets["train"],
@@ -338,15 +346,23 @@ def main(argv):
     )
     brain.evaluate(datasets["test"], max_key="UA", test_loader_kwargs=eval_opts)
     if if_main_process():
+        convex = None
+        if hparams["convex_reference"]:  # same pooled features, full-batch logistic regression
+            convex = brain.convex_reference(datasets["train"], datasets["test"], lambda b: b.emo_encoded.data[:, 0],
+                                            len(CLASSES), l2=hparams["convex_l2"], batch_size=hparams["batch_size"])
+        metrics = {k: v for k, v in brain.test_metrics.items() if k != "loss"}
+        write_test_results(hparams, metrics, brain.test_metrics["loss"], brain.class_stats,
+                           brain.layer_weights(), convex)
+        head = hparams["head_model"]
         export_classifier_folder(
             hparams["model_folder"],
             hparams["upstream_model"],
             hparams["layer_selector"],
-            hparams["head"],
+            head,
             upstream_source=hparams["upstream"],
             layer=hparams["layer"],
-            pooling=hparams["pooling"],
-            hidden_size=hparams["hidden_size"],
+            pooling=head.pooling,
+            hidden_size=head.hidden_size,
             meta={"test_session": int(hparams["test_session"]), "UA": brain.test_metrics["UA"],
                   "WA": brain.test_metrics["WA"]},
         )

@@ -32,8 +32,16 @@ import logging
 import math
 import os
 
-from mgf_sb.data.audio import scan_audio
-from mgf_sb.data.manifest import SkipReport, mark_prep_done, prep_is_done, read_manifest, write_manifest
+from mgf_sb.data.audio import scan_audio, walk_unique
+from mgf_sb.data.manifest import (
+    SkipReport,
+    check_disjoint,
+    mark_prep_done,
+    prep_is_done,
+    read_manifest,
+    read_skip_list as _read_skip_list,
+    write_manifest,
+)
 from mgf_sb.data.prepare_audio import collect_audio
 
 logger = logging.getLogger(__name__)
@@ -65,9 +73,8 @@ def read_transcripts(roots, report, uppercase=True):
     """
     entries = {}
     for root in roots:
-        for dirpath, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort()
-            for name in sorted(files):
+        for dirpath, dirs, files in walk_unique(root):  # symlink loops end, each folder read once
+            for name in files:
                 if not name.endswith(TRANSCRIPT_SUFFIX):
                     continue
                 path = os.path.join(dirpath, name)
@@ -94,15 +101,6 @@ def read_transcripts(roots, report, uppercase=True):
     return entries
 
 
-def _read_skip_list(path):
-    """(path, reason) pairs of a ``*_skipped.tsv`` written by SkipReport."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        next(f, None)
-        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if "\t" in line]
-
-
 def prepare_split(data_folder, splits, save_folder, name, alphabet, uppercase=True, **audio_kwargs):
     """Audio + transcripts of some splits -> ``<name>.csv`` rows.
 
@@ -121,7 +119,7 @@ def prepare_split(data_folder, splits, save_folder, name, alphabet, uppercase=Tr
         report.add(path, reason)  # the audio checks' own skips (unreadable, empty, ...)
 
     transcripts = read_transcripts(roots, report, uppercase)
-    all_audio = {os.path.splitext(os.path.basename(p))[0] for r in roots for p in scan_audio(r)}
+    all_audio = {os.path.splitext(os.path.basename(p))[0] for r in roots for p in scan_audio(r, seen={})}
     rows = []
     for row in audio_rows:
         utt = os.path.splitext(os.path.basename(row["source"]))[0]
@@ -137,7 +135,7 @@ def prepare_split(data_folder, splits, save_folder, name, alphabet, uppercase=Tr
                                       f"{tpath}:{lineno}; add them to `alphabet` in the YAML or fix the transcript)")
             continue
         rows.append({"ID": utt, "duration": row["duration"], "wav": row["wav"], "spk_id": utt.split("-")[0],
-                     "wrd": text})
+                     "wrd": text, "source": row["source"]})
     for utt, (text, tpath, lineno) in sorted(transcripts.items()):
         if utt not in all_audio:
             report.add(f"{tpath}:{lineno}", f"transcript line without audio (no {utt}.flac or .wav next to it)")
@@ -188,14 +186,19 @@ def prepare_librispeech(data_folder, save_folder, train_splits=("train-clean-100
     if prep_is_done(save_folder, "librispeech", opts):
         logger.info(f"LibriSpeech manifests in {save_folder} are up to date; skipping preparation")
         return present_tests
+    # seen: a file reached from two manifests (a symlink, a split listed twice) stays in the first only
     kw = dict(alphabet=alphabet, uppercase=uppercase, min_duration=min_duration, max_duration=max_duration,
-              sample_rate=sample_rate, num_workers=num_workers)
+              sample_rate=sample_rate, num_workers=num_workers, seen={})
     jobs = [("train", list(train_splits)), ("valid", list(valid_splits))] + [(s, [s]) for s in present_tests]
+    manifests = {}
     for name, splits in jobs:
         rows = prepare_split(data_folder, splits, save_folder, name, **kw)
         if not rows:
             raise ValueError(f"no usable utterance in {data_folder!r} for {name} (splits {splits}); see "
                              f"{os.path.join(save_folder, name + '_skipped.tsv')}")
+        manifests[name] = rows
+    check_disjoint(manifests, key="source")
+    for name, rows in manifests.items():
         write_manifest(rows, os.path.join(save_folder, f"{name}.csv"), COLUMNS)
     mark_prep_done(save_folder, "librispeech", opts)
     return present_tests

@@ -4,13 +4,16 @@
     python recipes/LibriSpeech/train.py hparams/librispeech_ctc.yaml [--overrides]
 
 Upstream (frozen with a learned weighted sum of its layers, or fine-tuned) ->
-CTC head (SUPERB's 2-layer BiLSTM, or linear) -> CTC loss over SentencePiece
+CTC head (``--head=bilstm``: SUPERB's 2-layer BiLSTM, the default; ``--head=linear``:
+a linear layer) -> CTC loss over SentencePiece
 units (characters or unigram pieces, trained on the training transcripts and
 saved with the run). Validation decodes greedily; the test splits are decoded
 greedily and with SpeechBrain's CTC beam search, and their WER/CER go to
 ``wer_<split>.txt`` (beam search) and ``wer_<split>_greedy.txt``, with a
 summary in ``results.json`` / ``results.md``. Re-running the command resumes
-from the last checkpoint; the test uses the checkpoint with the best valid WER.
+from the last checkpoint; the test uses the checkpoint with the best valid
+``select_metric``. The lr is annealed on the dev ``schedule_metric`` with a
+floor, and training stops early when it stops improving (hparams/librispeech_ctc.yaml).
 
 Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
 
@@ -107,7 +110,7 @@ class ASRBrain(DownstreamBrain):
         stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             weights = self.layer_weights()
-            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            meta = {"epoch": epoch, "lr": self.anneal_and_stop(stats[self.hparams.schedule_metric])}
             if weights is not None and len(weights) > 1:
                 meta["layer_weights"] = " ".join(f"{w:.2f}" for w in weights)
             self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
@@ -258,7 +261,7 @@ def main(argv):
         brain.evaluate(datasets[name], min_key=hparams["select_metric"],
                        test_loader_kwargs=hparams["test_dataloader_opts"])
 
-    results = {"upstream": describe_source(hparams["upstream"]), "freeze": hparams["freeze"],
+    results = {"head": hparams["head"], "upstream": describe_source(hparams["upstream"]), "freeze": hparams["freeze"],
                "layer": hparams["layer"], "layer_weights": brain.layer_weights(), "token_type": hparams["token_type"],
                "beam_size": hparams["beam_size"], "splits": brain.test_results}
     rows = "\n".join(
@@ -267,7 +270,8 @@ def main(argv):
         f"{'-' if r['beam_CER'] is None else format(r['beam_CER'], '.2f')} |"
         for s, r in brain.test_results.items()
     )
-    md = (f"# LibriSpeech CTC, upstream {results['upstream']} ({'frozen' if hparams['freeze'] else 'fine-tuned'})\n\n"
+    md = (f"# LibriSpeech CTC, upstream {results['upstream']} ({'frozen' if hparams['freeze'] else 'fine-tuned'}), "
+          f"head {results['head']}\n\n"
           f"| split | utterances | WER greedy | CER greedy | WER beam {hparams['beam_size']} | CER beam |\n"
           f"|---|---|---|---|---|---|\n{rows}\n")
     if if_main_process():

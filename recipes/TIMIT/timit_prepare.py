@@ -57,8 +57,8 @@ import re
 import numpy as np
 import soundfile as sf
 
-from mgf_sb.data.audio import AudioError, check_audio, read_audio
-from mgf_sb.data.manifest import SkipReport, mark_prep_done, prep_is_done, write_manifest
+from mgf_sb.data.audio import AudioError, check_audio, file_identity, read_audio
+from mgf_sb.data.manifest import SkipReport, check_disjoint, mark_prep_done, prep_is_done, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,17 @@ def read_phn(phn_path, n_samples):
     -------
     list of (start, end, phone39)
         Sample offsets, sorted; ``q`` segments and empty segments removed.
+
+    Raises
+    ------
+    TIMITError
+        Naming ``file:line``: not ASCII, a malformed line, an unknown phone, an
+        offset beyond the audio, a segment ending before it starts, or one that
+        overlaps the previous segment or leaves a gap after it (TIMIT's PHN
+        segments tile the utterance: each starts where the previous one ends).
     """
     segments = []
+    prev = None  # (line number, end) of the previous segment
     with open(phn_path, "rb") as f:
         raw = f.read().splitlines()
     lines = []
@@ -215,6 +224,13 @@ def read_phn(phn_path, n_samples):
             )
         if start > end:
             raise TIMITError(f"{phn_path}:{k}: start {start} after end {end}")
+        if prev is not None and start != prev[1]:
+            what = "overlaps the previous segment" if start < prev[1] else "leaves a gap after the previous segment"
+            raise TIMITError(
+                f"{phn_path}:{k}: segment {start}-{end} {what} (line {prev[0]} ends at {prev[1]}); TIMIT's "
+                f"segments follow each other without gaps or overlaps: fix the line or restore the file from the corpus"
+            )
+        prev = (k, end)
         if PHONE_MAP_61_39[phone] is not None and end > start:
             segments.append((start, end, PHONE_MAP_61_39[phone]))
     if not segments:
@@ -378,7 +394,7 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
             raise ValueError(f"unknown TIMIT split {s!r}; choose from {SPLITS}")
     options = dict(
         data_folder=os.path.abspath(data_folder), splits=splits, exclude_sa=exclude_sa,
-        sample_rate=sample_rate, hop_length=hop_length, version=2,
+        sample_rate=sample_rate, hop_length=hop_length, version=3,
     )
     outputs = [os.path.join(save_folder, f"{s}.csv") for s in splits]
     if prep_is_done(save_folder, "timit_prep", options) and all(os.path.isfile(p) for p in outputs):
@@ -390,6 +406,7 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
     rows = {s: [] for s in splits}
     unused = {"SA sentences": 0, "TEST speakers outside dev/core": 0}
     speakers = {s: set() for s in splits}
+    first = {}  # file identity -> first path: an utterance reached twice (symlink, copy link) is an error
     for set_name in ("train", "test"):
         for speaker, sentence, wav in list_utterances(sets[set_name]):
             split = assign_split(set_name, speaker, sentence, exclude_sa)
@@ -398,6 +415,11 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
                 continue
             if split not in rows:
                 continue
+            if first.setdefault(file_identity(wav), wav) != wav:
+                raise TIMITError(
+                    f"{wav}: the same file as {first[file_identity(wav)]} (a symlink or hard link); each TIMIT "
+                    f"utterance must be in the corpus once, or it would be in two splits. Remove the link"
+                )
             utt = read_utterance(wav, sample_rate, hop_length, convert_dir=os.path.join(save_folder, "converted"))
             if utt["note"]:
                 report.note(os.path.abspath(wav), utt["note"])
@@ -411,6 +433,7 @@ def prepare_timit(data_folder, save_folder, splits=SPLITS, exclude_sa=True, samp
                 segments=encode_segments(utt["segments"]),
                 frame_labels=" ".join(utt["frame_labels"]),
             ))
+    check_disjoint(rows)
     expected = {"dev": len(DEV_SPEAKERS), "test": len(CORE_TEST_SPEAKERS)}
     for split in splits:
         if not rows[split]:

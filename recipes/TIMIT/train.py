@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""TIMIT frame-wise phoneme classification: frozen upstream + linear probe.
+"""TIMIT frame-wise phoneme classification: frozen upstream + a frame head.
 
-    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>]
+    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>] [--head=linear|bilstm]
 
 The upstream's layers are combined by a learned weighted sum (or one layer,
-``--layer``) and a linear layer classifies every encoder frame into the 39
-folded TIMIT phones (see timit_prepare.py for the protocol). The checkpoint
+``--layer``) and the head classifies every encoder frame into the 39 folded
+TIMIT phones (see timit_prepare.py for the protocol): ``linear`` (a linear
+probe, the default) or ``bilstm`` (a small 2-layer BiLSTM + linear). The lr is
+annealed on the dev frame error with a floor, and training stops early when
+the dev accuracy stops improving (hparams/timit.yaml). The checkpoint
 with the best dev frame accuracy is evaluated on dev and on the 24-speaker
 core test set; results go to ``<output_folder>/results.{json,md}`` and the
 per-phone accuracies to ``<output_folder>/per_phone_{dev,test}.txt``.
@@ -58,7 +61,7 @@ class TIMITBrain(DownstreamBrain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         feats, n_frames = self.encode(wavs, wav_lens, stage)
-        return self.modules.probe(feats), n_frames
+        return self.modules.probe(feats, n_frames), n_frames
 
     def compute_objectives(self, predictions, batch, stage):
         """Cross-entropy over the labelled valid frames; updates the confusion matrix."""
@@ -120,7 +123,7 @@ class TIMITBrain(DownstreamBrain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = dict(stats, frames=int(self.confusion.sum()))  # all processes' frames
         elif stage == sb.Stage.VALID:
-            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            meta = {"epoch": epoch, "lr": self.anneal_and_stop(1.0 - stats["acc"])}  # lr floor, early stopping
             weights = self.layer_weights()
             if weights is not None:
                 meta["layer_weights"] = " ".join(f"{w:.3f}" for w in weights)
@@ -223,6 +226,7 @@ def main(argv):
         brain.eval_name = name
         brain.evaluate(datasets[name], max_key=hparams["test_max_key"], test_loader_kwargs=loader)
     results = {
+        "head": hparams["head"],
         "upstream": describe_source(hparams["upstream"]),
         "upstream_source": str(hparams["upstream"]),
         "layer": hparams["layer"],
@@ -232,7 +236,7 @@ def main(argv):
         **brain.eval_results,
     }
     lines = [
-        f"# TIMIT frame accuracy (39 phones), upstream {results['upstream']}\n",
+        f"# TIMIT frame accuracy (39 phones), upstream {results['upstream']}, head {results['head']}\n",
         "| set | frame accuracy | frames | chance (majority class) |",
         "|---|---|---|---|",
     ]

@@ -3,13 +3,26 @@
 
     python recipes/VoxCeleb/train.py hparams/voxceleb.yaml [--upstream=fbank|random|<folder>]
 
-Trains a pooling + linear (or cosine/AAM-softmax) head on the speakers of the
-identification split (random crops), picks the checkpoint with the best dev
-accuracy, reports top-1 accuracy on the test split (whole utterances), then
-scores the verification trials (``trial_file``) with the cosine similarity of
-pooled embeddings and reports EER and minDCF (``verify.py`` does only that
-last part, from the best checkpoint). Re-running the command resumes.
-Results: ``<output_folder>/results.json`` and ``.md``.
+Trains a head (``--head=``) on the speakers of the identification split
+(random crops), picks the checkpoint with the best dev accuracy, reports top-1
+accuracy on the test split (whole utterances), then scores the verification
+trials (``trial_file``) with the cosine similarity of the head's embeddings
+and reports EER and minDCF (``verify.py`` does only that last part, from the
+best checkpoint). Re-running the command resumes. Heads (mgf_sb.heads):
+
+- ``linear`` (default): mean+std pooling -> standardisation -> linear
+  classifier, class-weighted cross-entropy; verification on the standardised
+  pooled statistics;
+- ``xvector``: a small x-vector TDNN -> embedding -> cosine classifier with
+  AAM-softmax; verification on the embedding, and the trial speakers are left
+  out of training (``exclude_trial_speakers`` follows the head).
+
+The lr is annealed on the dev error with a floor and training stops early
+when the dev accuracy stops improving (hparams/voxceleb.yaml). After the test,
+a convex reference (full-batch logistic regression on the mean+std pooled
+features of the layer mix the probe learned, training split as whole
+utterances) is scored on the same test split. Results:
+``<output_folder>/results.json`` and ``.md``.
 
 Several GPUs (or CPU processes with ``--distributed_backend=gloo``)::
 
@@ -31,8 +44,8 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.data.audio import read_crop
 from mgf_sb.distributed import ddp_sum, unwrap
-from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
-from mgf_sb.heads import Classifier, StatisticsPooling
+from mgf_sb.downstream import DownstreamBrain, announce_data, balanced_class_weights, write_results
+from mgf_sb.heads import count_parameters, select_head
 from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
 from mgf_sb.upstream import BASELINES, describe_source
 from mgf_sb.recipe import start_experiment
@@ -43,69 +56,6 @@ from voxceleb_prepare import prepare_voxceleb  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-class SpeakerHead(torch.nn.Module):
-    """Pooling -> standardisation -> [embedding] -> linear or cosine classifier.
-
-    Arguments
-    ---------
-    input_size : int
-        Upstream feature size.
-    n_speakers : int
-    pooling : str
-        ``mean`` | ``mean+std`` | ``attentive`` (mgf_sb.heads.StatisticsPooling).
-    classifier : str
-        ``linear`` (logits, cross-entropy) or ``cosine`` (cosine similarity to
-        one learned vector per speaker, for AAM-softmax; SpeechBrain's ECAPA
-        ``Classifier``).
-    emb_dim : int
-        0: classify the standardised pooled statistics (a linear probe, the
-        BatchNorm has no affine part); >0: a Linear + BatchNorm embedding first.
-    dropout : float
-
-    Example
-    -------
-    >>> head = SpeakerHead(8, 3, emb_dim=4, classifier="cosine")
-    >>> head(torch.randn(2, 5, 8), torch.tensor([5, 3])).shape
-    torch.Size([2, 3])
-    """
-
-    def __init__(self, input_size, n_speakers, pooling="mean+std", classifier="linear", emb_dim=0, dropout=0.0):
-        super().__init__()
-        if classifier not in ("linear", "cosine"):
-            raise ValueError(f"head must be linear or cosine, got {classifier!r}")
-        self.pool = StatisticsPooling(input_size, pooling)
-        size = self.pool.output_size
-        self.norm = torch.nn.BatchNorm1d(size, affine=False)
-        self.embedding = None
-        if emb_dim:
-            self.embedding = torch.nn.Sequential(torch.nn.Linear(size, emb_dim), torch.nn.BatchNorm1d(emb_dim))
-            size = emb_dim
-        self.kind = classifier
-        if classifier == "linear":
-            self.classifier = Classifier(size, n_speakers, dropout=dropout)
-        else:
-            from speechbrain.lobes.models.ECAPA_TDNN import Classifier as CosineClassifier
-
-            self.dropout = torch.nn.Dropout(dropout)
-            self.classifier = CosineClassifier(size, lin_blocks=0, out_neurons=n_speakers)
-
-    def embed(self, x, n_frames, which="embedding"):
-        """(B, T, D), (B,) -> (B, E): the standardised pooled features
-        (``pooled``) or the embedding layer's output (``embedding``; the pooled
-        features when there is no embedding layer)."""
-        z = self.norm(self.pool(x, n_frames))
-        if which == "pooled" or self.embedding is None:
-            return z
-        return self.embedding(z)
-
-    def forward(self, x, n_frames):
-        """Logits (linear) or cosine similarities (cosine), (B, n_speakers)."""
-        z = self.embed(x, n_frames)
-        if self.kind == "linear":
-            return self.classifier(z)
-        return self.classifier(self.dropout(z).unsqueeze(1)).squeeze(1)
-
-
 class SpeakerBrain(DownstreamBrain):
     """Speaker identification on top of :class:`~mgf_sb.downstream.DownstreamBrain`."""
 
@@ -113,10 +63,11 @@ class SpeakerBrain(DownstreamBrain):
 
     def compute_objectives(self, predictions, batch, stage):
         targets = batch.spk_id_encoded.data.view(-1)
-        if self.hparams.head == "cosine":
-            loss = self.hparams.aam_loss(predictions.unsqueeze(1), targets.unsqueeze(1))
-        else:
-            loss = torch.nn.functional.cross_entropy(predictions, targets)
+        logits = predictions
+        if unwrap(self.modules.head).margin_loss:  # cosines -> AAM-softmax logits
+            one_hot = torch.nn.functional.one_hot(targets, predictions.shape[-1]).to(predictions.dtype)
+            logits = self.hparams.aam(predictions, one_hot)
+        loss = torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights)
         predicted = predictions.argmax(-1)
         self.n_correct += int((predicted == targets).sum())
         self.n_seen += targets.numel()
@@ -140,7 +91,7 @@ class SpeakerBrain(DownstreamBrain):
             return
         stats["acc"] = self.accuracy.summarize()["accuracy"]
         if stage == sb.Stage.VALID:
-            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            meta = {"epoch": epoch, "lr": self.anneal_and_stop(1.0 - stats["acc"])}  # lr floor, early stopping
             weights = self.layer_weights()
             if weights is not None:
                 meta["layer_weights"] = " ".join(f"{w:.2f}" for w in weights)
@@ -153,15 +104,15 @@ class SpeakerBrain(DownstreamBrain):
             self.test_stats = stats
 
     @torch.no_grad()
-    def embed_dataset(self, dataset, which, batch_size):
-        """{utterance ID: embedding} of whole utterances (eval mode)."""
+    def embed_dataset(self, dataset, batch_size):
+        """{utterance ID: the head's verification embedding} of whole utterances (eval mode)."""
         loader = self.make_dataloader(dataset, stage=sb.Stage.TEST, batch_size=batch_size)
         self.modules.eval()
         out = {}
         for batch in loader:
             batch = batch.to(self.device)
             feats, n_frames = self.encode(*batch.sig, sb.Stage.TEST)
-            emb = unwrap(self.modules.head).embed(feats, n_frames, which=which).float().cpu()
+            emb = unwrap(self.modules.head).embed(feats, n_frames).float().cpu()
             out.update(zip(batch.id, emb))
         return out
 
@@ -172,6 +123,8 @@ def dataio_prepare(hparams):
     datasets = {}
     for split in ("train", "dev", "test"):
         datasets[split] = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, f"{split}.csv"))
+    # whole training utterances, for the convex reference
+    datasets["train_whole"] = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, "train.csv"))
     trials_csv = os.path.join(folder, "veri_trials.csv")
     if hparams["trial_file"] and os.path.isfile(trials_csv):
         datasets["veri"] = sb.dataio.dataset.DynamicItemDataset.from_csv(os.path.join(folder, "veri_utts.csv"))
@@ -200,9 +153,10 @@ def dataio_prepare(hparams):
     sb.dataio.dataset.add_dynamic_item([datasets["train"]], crop_pipeline)
     evaluated = [d for k, d in datasets.items() if k != "train"]
     sb.dataio.dataset.add_dynamic_item(evaluated, whole_pipeline)
-    for name in ("dev", "test") + (("veri",) if "veri" in datasets else ()):
+    for name in ("dev", "test", "train_whole") + (("veri",) if "veri" in datasets else ()):
         datasets[name] = datasets[name].filtered_sorted(sort_key="duration")  # less padding
-    sb.dataio.dataset.add_dynamic_item([datasets[s] for s in ("train", "dev", "test")], label_pipeline)
+    labelled = ("train", "dev", "test", "train_whole")
+    sb.dataio.dataset.add_dynamic_item([datasets[s] for s in labelled], label_pipeline)
     label_encoder.load_or_create(
         path=os.path.join(hparams["save_folder"], "label_encoder.txt"),
         from_didatasets=[datasets["train"]],
@@ -215,7 +169,7 @@ def dataio_prepare(hparams):
             f"{hparams['save_folder']}/label_encoder.txt lists {len(label_encoder)} speakers but the training "
             f"manifest has {len(speakers)}: this output_folder holds a run on other data; use another --output_folder"
         )
-    sb.dataio.dataset.set_output_keys([datasets[s] for s in ("train", "dev", "test")], ["id", "sig", "spk_id_encoded"])
+    sb.dataio.dataset.set_output_keys([datasets[s] for s in labelled], ["id", "sig", "spk_id_encoded"])
     if "veri" in datasets:
         sb.dataio.dataset.set_output_keys([datasets["veri"]], ["id", "sig"])
     return datasets, label_encoder
@@ -226,10 +180,7 @@ def run_verification(brain, hparams, datasets):
     with open(os.path.join(hparams["manifest_folder"], "veri_trials.csv"), newline="") as f:
         trials = list(csv.DictReader(f))
     brain.on_evaluate_start(max_key="acc")
-    which = hparams["verification_embedding"]
-    if which == "embedding" and not hparams["emb_dim"]:
-        raise ValueError("verification_embedding: embedding needs an embedding layer (emb_dim > 0)")
-    emb = brain.embed_dataset(datasets["veri"], which, hparams["eval_batch_size"])
+    emb = brain.embed_dataset(datasets["veri"], hparams["eval_batch_size"])
     matrix = torch.stack(list(emb.values()))
     center = matrix.mean(0) if hparams["verification_center"] else None
     enrol = torch.stack([emb[t["enrol"]] for t in trials])
@@ -245,22 +196,23 @@ def run_verification(brain, hparams, datasets):
             for t, s in zip(trials, scores.tolist()):
                 f.write(f"{t['enrol']} {t['test']} {t['label']} {s:.6f}\n")
     results = {"eer": eer, "eer_threshold": threshold, "min_dcf": min_dcf, "dcf_p_target": hparams["dcf_p_target"],
-               "n_trials": len(trials), "n_target": int(labels.sum()), "embedding": which}
+               "n_trials": len(trials), "n_target": int(labels.sum()),
+               "embedding": "x-vector" if hparams["head"] == "xvector" else "standardised pooled statistics",
+               "trial_speakers_in_training": not hparams["exclude_trial_speakers"]}
     logger.info(f"verification: EER {100 * eer:.2f}%, minDCF(p={hparams['dcf_p_target']}) {min_dcf:.4f} "
                 f"on {len(trials)} trials (scores in {path})")
     return results
 
 
-def build_brain(hparams, run_opts, n_speakers):
-    """The Brain with the speaker head added to modules and checkpointer."""
-    head = SpeakerHead(
-        input_size=hparams["upstream_model"].output_size,
-        n_speakers=n_speakers,
-        pooling=hparams["pooling"],
-        classifier=hparams["head"],
-        emb_dim=hparams["emb_dim"],
-        dropout=hparams["dropout"],
-    )
+def build_brain(hparams, run_opts, n_speakers, train_labels=()):
+    """The Brain with the chosen speaker head added to modules and checkpointer.
+
+    ``train_labels``: every training utterance's speaker index, for the
+    class-balanced cross-entropy (``class_balanced_loss``).
+    """
+    head = select_head(hparams["heads"], hparams["head"], input_size=hparams["upstream_model"].output_size,
+                       n_classes=n_speakers)
+    logger.info(f"head {hparams['head']}: {count_parameters(head)} parameters")
     hparams["modules"]["head"] = head
     upstream = hparams["upstream_model"]
     # A frozen pretrained folder is reloaded from that folder; baselines and
@@ -268,13 +220,16 @@ def build_brain(hparams, run_opts, n_speakers):
     frozen_pretrained = hparams["freeze"] and str(hparams["upstream"]) not in BASELINES
     hparams["checkpointer"].add_recoverable("upstream", upstream.features if frozen_pretrained else upstream)
     hparams["checkpointer"].add_recoverable("head", head)
-    return SpeakerBrain(
+    brain = SpeakerBrain(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
+    weights = balanced_class_weights(train_labels, n_speakers, hparams["class_balanced_loss"] and len(train_labels))
+    brain.class_weights = None if weights is None else weights.to(brain.device)
+    return brain
 
 
 def main(argv, mode="train"):
@@ -300,9 +255,11 @@ def main(argv, mode="train"):
     datasets, label_encoder = dataio_prepare(hparams)
     hparams["label_encoder"] = label_encoder
     n_speakers = len(label_encoder)
-    brain = build_brain(hparams, run_opts, n_speakers)
-    results = {"upstream": describe_source(hparams["upstream"]), "n_speakers": n_speakers,
-               "chance_acc": 1.0 / n_speakers}
+    with datasets["train"].output_keys_as(["spk_id"]):
+        train_labels = [label_encoder.lab2ind[item["spk_id"]] for item in datasets["train"]]
+    brain = build_brain(hparams, run_opts, n_speakers, train_labels)
+    results = {"head": hparams["head"], "upstream": describe_source(hparams["upstream"]), "n_speakers": n_speakers,
+               "chance_acc": 1.0 / n_speakers, "trial_speakers_in_training": not hparams["exclude_trial_speakers"]}
     if mode == "train":
         logger.info(f"speaker identification: {n_speakers} speakers, {len(datasets['train'])} training utterances")
         eval_opts = {"batch_size": hparams["eval_batch_size"], "num_workers": hparams["num_workers"]}
@@ -319,12 +276,21 @@ def main(argv, mode="train"):
                        n_test=len(datasets["test"]), layer_weights=brain.layer_weights())
         logger.info(f"speaker identification: test accuracy {100 * brain.test_stats['acc']:.2f}% "
                     f"(chance {100 / n_speakers:.2f}%)")
+        if hparams["convex_reference"] and if_main_process():  # same pooled features, logistic regression
+            convex = brain.convex_reference(datasets["train_whole"], datasets["test"],
+                                            lambda b: b.spk_id_encoded.data.view(-1), n_speakers,
+                                            l2=hparams["convex_l2"], batch_size=hparams["eval_batch_size"])
+            results["convex_reference"] = float((convex["pred"] == convex["target"]).double().mean())
+            results["convex_reference_info"] = {k: convex[k] for k in ("n_train", "l2", "features")}
+            logger.info(f"convex reference (logistic regression on the pooled features): test accuracy "
+                        f"{100 * results['convex_reference']:.2f}%")
     if hparams["verification"] and "veri" in datasets:
         results.update(run_verification(brain, hparams, datasets))
     elif mode == "verify":
         raise ValueError("no verification trials: set --trial_file (veri_test2.txt) and --verification=True")
-    lines = [f"# VoxCeleb1, upstream {results['upstream']}", "", "| metric | value |", "|---|---|"]
-    for key in ("sid_test_acc", "chance_acc", "eer", "min_dcf"):
+    lines = [f"# VoxCeleb1, upstream {results['upstream']}, head {results['head']}", "",
+             "| metric | value |", "|---|---|"]
+    for key in ("sid_test_acc", "convex_reference", "chance_acc", "eer", "min_dcf"):
         if key in results:
             lines.append(f"| {key} | {100 * results[key]:.2f}% |" if key != "min_dcf" else f"| {key} | {results[key]:.4f} |")
     if if_main_process():

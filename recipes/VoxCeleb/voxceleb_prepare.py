@@ -28,8 +28,8 @@ import logging
 import os
 import re
 
-from mgf_sb.data.audio import check_many
-from mgf_sb.data.manifest import SkipReport, mark_prep_done, prep_is_done, write_manifest
+from mgf_sb.data.audio import check_many, file_identity
+from mgf_sb.data.manifest import SkipReport, check_disjoint, mark_prep_done, prep_is_done, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +233,18 @@ def prepare_voxceleb(
 
     # Resolve every path, then decode each file once (identification + trial audio).
     needed = {}  # relative path -> absolute path
+    first = {}  # file identity -> the first relative path leading to it (symlinks, hard links)
     for split, rel in entries:
         path = resolve(rel, where, roots)
         if path is None:
             skips.add(os.path.join(data_folder, "wav", rel),
                       f"missing (listed in {os.path.basename(split_file)}, not found under {' or '.join(roots)})")
-        else:
-            needed[rel] = path
+            continue
+        key = file_identity(path)
+        if first.setdefault(key, rel) != rel:  # one file, two entries: it would be in two splits
+            skips.add(path, f"duplicate (the same file as {first[key]}: a symlink or hard link); kept once")
+            continue
+        needed[rel] = path
     for _, e, t in trials:
         for rel in (e, t):
             if rel not in needed:
@@ -285,6 +290,7 @@ def prepare_voxceleb(
             else:
                 skips.add(r["wav"], f"speaker not in the training split ({r['spk_id']} has no usable train utterance)")
         rows[split] = kept
+    check_disjoint(rows)
     for split, split_rows in rows.items():
         write_manifest(split_rows, os.path.join(save_folder, f"{split}.csv"), extra_columns=["spk_id"])
     skips.write(save_folder)

@@ -10,10 +10,12 @@ from the last checkpoint. After every epoch the encoder is exported to
 """
 
 import logging
+import math
 import os
 import sys
 
 import speechbrain as sb
+import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
@@ -21,7 +23,9 @@ from mgf_sb.checkpoint import save_pretrained
 from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
-from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum
+from mgf_sb.data.shards import shard_loaders
+from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum, seed_data_stream
+from mgf_sb.live_curves import attach_tensorboard
 from mgf_sb.pretraining import mgf_forward
 from mgf_sb.recipe import start_experiment
 
@@ -29,7 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 class MGFBrain(CPUFriendlyDDP, sb.Brain):
-    """Sums the enabled scales' losses; logs each scale's loss per epoch."""
+    """Sums the enabled scales' losses; logs each scale's loss per epoch
+    (and to TensorBoard with ``use_tensorboard: True``, see mgf_sb.live_curves)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attach_tensorboard(self)
 
     def compute_forward(self, batch, stage):
         """Features -> masked online encoding (+ teacher encoding when needed)."""
@@ -45,7 +54,7 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         for name, loss in losses.items():
             self.scale_sums[name] = self.scale_sums.get(name, 0.0) + float(loss.detach())
         for name, value in stats.items():
-            if name.endswith("_acc"):
+            if name.endswith(("_acc", "_interp_l1")):  # accuracies; frame_interp_l1 (copying neighbours)
                 self.scale_sums[name] = self.scale_sums.get(name, 0.0) + value
         self.scale_batches += 1
         return total
@@ -138,9 +147,107 @@ def dataio_prepare(hparams):
     return datasets, train_opts, valid_opts
 
 
+def uses_shards(hparams):
+    """True for ``data_format: shards`` (WebDataset shards), False for ``manifest``."""
+    if hparams["data_format"] not in ("manifest", "shards"):
+        raise ValueError(f"data_format must be 'manifest' or 'shards', got {hparams['data_format']!r}")
+    return hparams["data_format"] == "shards"
+
+
+def shards_dataio(hparams):
+    """Loaders streaming WebDataset shards (``--data_format=shards --shards=<folder or pattern>``).
+
+    The training loader is registered with the Checkpointer, so an intra-epoch
+    checkpoint stores the shard position of every process and worker.
+    """
+    if not hparams["shards"]:
+        raise ValueError("--data_format=shards needs --shards=<shards folder or shard-{000000..000123}.tar pattern>; "
+                         "make them with recipes/pretrain/make_shards.py")
+    train, valid = shard_loaders(
+        hparams["shards"],
+        train_collate=MGFCollate(**hparams["collate_args"]),
+        valid_collate=MGFCollate(**hparams["collate_args"], random_crop=False),
+        crop_seconds=hparams["crop_seconds"],
+        max_batch_length=hparams["max_batch_length"] if hparams["dynamic_batching"] else None,
+        batch_size=hparams["batch_size"],
+        shards_index=hparams["shards_index"],
+        valid_shards=hparams["valid_shards"],
+        shuffle_buffer=hparams["shuffle_buffer"],
+        bucket_buffer=hparams["bucket_buffer"],
+        max_padding_ratio=hparams["max_padding_ratio"],
+        num_workers=hparams["num_workers"],
+        seed=hparams["seed"],
+        sample_rate=hparams["sample_rate"],
+    )
+    hparams["checkpointer"].add_recoverable("shard_loader", train)
+    return {"train": train, "valid": valid}, {}, {}
+
+
+def batches_per_epoch(train_set, train_opts, world_size=1):
+    """Training batches one process runs per epoch, as SpeechBrain will make them.
+
+    Dynamic batching: the batch sampler's length; fixed batches: ``batch_size``
+    utterances. Under DDP, SpeechBrain shards the sampler (or the utterances)
+    across ``world_size`` processes, padding the last shard. Shards
+    (``data_format: shards``): the loader's own per-process estimate.
+    """
+    sampler = train_opts.get("batch_sampler")
+    if sampler is not None:
+        return math.ceil(len(sampler) / world_size)
+    if "batch_size" in train_opts:
+        return math.ceil(math.ceil(len(train_set) / world_size) / train_opts["batch_size"])
+    return len(train_set)  # a ShardLoader: already per process
+
+
+def resolve_schedule(hparams, batches, grad_accumulation_factor=1):
+    """Optimiser-step counts of the lr schedule and the EMA annealing, from the data.
+
+    ``total = (batches // grad_accumulation_factor) * number_of_epochs`` (SpeechBrain
+    steps the optimiser every ``grad_accumulation_factor`` batches of an epoch), unless
+    ``lr_total_steps`` is given; warm-up and EMA annealing are fractions of it
+    (``lr_warmup_fraction``, ``ema_anneal_fraction``) unless ``lr_warmup_steps`` /
+    ``ema_steps`` are given.
+
+    Returns
+    -------
+    dict
+        total_steps, warmup_steps, ema_steps, steps_per_epoch and, for each, whether it
+        was computed (``*_source``: "computed" | "given").
+    """
+    accum = max(1, int(grad_accumulation_factor))
+    steps_per_epoch = max(1, int(batches) // accum)
+    computed = steps_per_epoch * int(hparams["number_of_epochs"])
+    out = {"batches_per_epoch": int(batches), "steps_per_epoch": steps_per_epoch, "grad_accumulation_factor": accum}
+
+    def pick(key, value):
+        given = hparams.get(key)
+        out[key + "_source"] = "computed" if given is None else "given"
+        return int(value) if given is None else int(given)
+
+    out["total_steps"] = pick("lr_total_steps", computed)
+    out["warmup_steps"] = pick("lr_warmup_steps", round(hparams["lr_warmup_fraction"] * out["total_steps"]))
+    out["ema_steps"] = pick("ema_steps", max(1, round(hparams["ema_anneal_fraction"] * out["total_steps"])))
+    if not 0 <= out["warmup_steps"] < out["total_steps"]:
+        raise ValueError(
+            f"lr warm-up of {out['warmup_steps']} steps does not fit in {out['total_steps']} total steps "
+            f"({batches} batches per epoch per process x {hparams['number_of_epochs']} epochs / "
+            f"grad_accumulation_factor {accum}): lower --lr_warmup_fraction / --lr_warmup_steps or train longer")
+    return out
+
+
+def describe_schedule(s, epochs, world_size):
+    """One line for the log: the resolved step counts and where they come from."""
+    return (f"schedule: {s['batches_per_epoch']} batches per epoch per process ({world_size} process"
+            f"{'es' if world_size > 1 else ''}) / grad_accumulation_factor {s['grad_accumulation_factor']} "
+            f"x {epochs} epochs -> lr_total_steps={s['total_steps']} ({s['lr_total_steps_source']}), "
+            f"lr_warmup_steps={s['warmup_steps']} ({s['lr_warmup_steps_source']}), "
+            f"ema_steps={s['ema_steps']} ({s['ema_steps_source']})")
+
+
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
-    if not hparams["skip_prep"]:
+    shards = uses_shards(hparams)
+    if not hparams["skip_prep"] and not shards:
         run_on_main(
             prepare_pretraining,
             kwargs=dict(
@@ -156,7 +263,7 @@ def main(argv):
                 seed=hparams["seed"],
             ),
         )
-    datasets, train_opts, valid_opts = dataio_prepare(hparams)
+    datasets, train_opts, valid_opts = shards_dataio(hparams) if shards else dataio_prepare(hparams)
 
     # The EMA teacher starts as a copy of the encoder; it must exist before
     # the checkpointer restores it.
@@ -171,6 +278,18 @@ def main(argv):
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
+    # Schedules follow the data: step counts from the batches each process runs.
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    schedule = resolve_schedule(hparams, batches_per_epoch(datasets["train"], train_opts, world_size),
+                                brain.grad_accumulation_factor)
+    lr_scheduler = hparams["lr_scheduler"](n_warmup_steps=schedule["warmup_steps"], total_steps=schedule["total_steps"])
+    hparams["lr_scheduler"] = brain.hparams.lr_scheduler = lr_scheduler
+    hparams["checkpointer"].add_recoverable("lr_scheduler", lr_scheduler)  # a resumed run restores its own
+    hparams["target"].ema_steps = schedule["ema_steps"]
+    logger.info(describe_schedule(schedule, hparams["number_of_epochs"], world_size))  # on the console too
+    # Same initial weights on every process (seeded at YAML load); from here on each
+    # process (and data-loader worker) draws its own crops, views and masks.
+    seed_data_stream(hparams["seed"])
     brain.fit(
         brain.hparams.epoch_counter,
         datasets["train"],
