@@ -38,8 +38,6 @@ sys.path.insert(0, REPO)
 
 def make_corpus(folder, minutes, seed=0):
     """``minutes`` of audio: copies of the bundled LibriSpeech sample with gain, speed and noise."""
-    import torchaudio.functional as AF
-
     files = sorted(glob.glob(os.path.join(REPO, "samples", "LibriSpeech", "*", "*", "*", "*.flac")))
     sources = [sf.read(f, dtype="float32")[0] for f in files]
     total = sum(len(s) for s in sources) / 16000
@@ -51,10 +49,10 @@ def make_corpus(folder, minutes, seed=0):
             out = os.path.join(folder, f"copy{c:03d}", os.path.relpath(f, os.path.join(REPO, "samples", "LibriSpeech")))
             if os.path.exists(out):
                 continue
-            x = torch.from_numpy(wav)
-            if speed != 1.0:  # resample and play at 16 kHz: speed (and pitch) perturbation
-                x = AF.resample(x, 16000, int(16000 / speed))
-            x = gain * x.numpy() + 0.003 * rng.standard_normal(x.shape[0]).astype("float32")
+            x = wav
+            if speed != 1.0:  # linear-interpolation resampling played at 16 kHz: speed (and pitch) change
+                x = np.interp(np.arange(0, len(wav) - 1, speed), np.arange(len(wav)), wav).astype("float32")
+            x = gain * x + 0.003 * rng.standard_normal(x.shape[0]).astype("float32")
             os.makedirs(os.path.dirname(out), exist_ok=True)
             sf.write(out, np.clip(x, -1, 1), 16000, subtype="PCM_16")
     return copies
@@ -100,7 +98,7 @@ def main():
 
     from mgf_sb.batch import MGFCollate
     from mgf_sb.data.prepare_audio import prepare_pretraining
-    from mgf_sb.data.shards import load_index, make_shards, shard_loaders
+    from mgf_sb.data.shards import make_shards, shard_loaders
 
     corpus, manifests, shards = (os.path.join(args.work_dir, d) for d in ("corpus", "manifest", "shards"))
     copies = make_corpus(corpus, args.minutes)

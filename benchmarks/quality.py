@@ -86,8 +86,8 @@ class Budget:
     variants: list
     seeds: list
     curve_variants: list
-    max_train_frames: int = 30000
-    max_iter: int = 200
+    max_train_frames: int = 20000
+    max_iter: int = 100
     overrides: dict = dataclasses.field(default_factory=dict)
 
 

@@ -95,3 +95,23 @@ def test_extract_errors_are_clear(model, audio, tmp_path):
     assert proc.returncode != 0 and "no audio files" in proc.stderr
     proc = _run(str(tmp_path / "no_model"), audio, str(tmp_path / "o"))
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "mgf_sb.export" in proc.stderr
+
+
+def test_readme_inference_snippet(model, audio):
+    """The README's encoder snippet runs as written (model and file names swapped for local ones)."""
+    import re
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Use a trained model", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert "MGFEncoder" in code and "wavs, wav_lens =" in code
+    code = (code.replace('"models/mgf"', repr(model)).replace('"speech.wav"', repr(os.path.join(audio, "a", "b", "one.wav")))
+            .replace('"other.flac"', repr(os.path.join(audio, "two.flac"))))
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)
+    enc, last, times = env["enc"], env["last"], env["times"]
+    seconds = sf.info(os.path.join(audio, "a", "b", "one.wav")).duration
+    assert env["layers"].shape[0] == enc.num_layers and last.shape[0] == times.shape[0]
+    assert abs(float(times[-1]) - seconds) < 2 / enc.frame_rate
+    assert env["batch"].shape[0] == 2 and env["n_frames"].tolist()[0] == last.shape[0]
+    assert env["wav_lens"].tolist()[1] == 1.0 or env["wav_lens"].tolist()[0] == 1.0

@@ -242,7 +242,7 @@ def test_freeze_vs_finetune(corpus, tmp_path, tiny_pretrained, freeze):
     brain, hparams, batch = _brain(corpus, tmp_path, upstream=tiny_pretrained, freeze=freeze, upstream_lr=0.001)
     up = hparams["upstream_model"]
     up_before = {k: v.detach().clone() for k, v in up.state_dict().items() if torch.is_tensor(v)}
-    head_before = {k: v.detach().clone() for k, v in hparams["head"].state_dict().items()}
+    head_before = {k: v.detach().clone() for k, v in hparams["head_model"].state_dict().items()}
     brain.modules.train()
     for _ in range(2):
         brain.fit_batch(batch)
@@ -253,7 +253,7 @@ def test_freeze_vs_finetune(corpus, tmp_path, tiny_pretrained, freeze):
     else:
         assert len(enc_changed) > 10 and "upstream" in brain.optimizers_dict
         assert not [k for k in changed if k.startswith("features.")]  # pretrained statistics stay fixed
-    assert any(not torch.equal(v, head_before[k]) for k, v in hparams["head"].state_dict().items())
+    assert any(not torch.equal(v, head_before[k]) for k, v in hparams["head_model"].state_dict().items())
 
 
 # ---------------------------------------------------------------- recipe runs (subprocesses)
@@ -367,18 +367,19 @@ def test_fold_runner_fbank(corpus, tmp_path):
     # training sessions, scored on the test session: recompute it from the exported normaliser.
     import speechbrain as sb
 
+    from mgf_sb.features import FeatureExtractor
     from mgf_sb.probing import fit_logistic_regression, pooled_statistics, unweighted_accuracy
-    from mgf_sb.upstream import Upstream
 
-    up = Upstream(str(model)).eval()
+    fbank = FeatureExtractor(**json.load(open(model / "mgf_config.json"))["features"]).eval()
+    fbank.load_state_dict(torch.load(model / "features.ckpt", weights_only=True))
 
     def pooled(split):
         rows = _rows(str(tmp_path / "fbank" / "session5" / "data" / f"{split}.csv"))
         x = []
         with torch.no_grad():
             for r in rows:
-                layers, n = up(sb.dataio.dataio.read_audio(r["wav"])[None], torch.ones(1))
-                x.append(pooled_statistics(layers[0], n))
+                feats, n = fbank(sb.dataio.dataio.read_audio(r["wav"])[None], torch.ones(1), epoch=10**9)
+                x.append(pooled_statistics(feats, n))
         return torch.cat(x), torch.tensor([CLASSES.index(r["emo"]) for r in rows])
 
     x_tr, y_tr = pooled("train")

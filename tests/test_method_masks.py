@@ -57,11 +57,12 @@ def test_collate_mask_rate_is_flat_for_a_short_utterance_among_long_ones():
     hp = load_hparams()
     collate = MGFCollate(**hp["collate_args"])
     torch.manual_seed(0)
-    items = [{"id": "short", "sig": torch.randn(19200)}] + [{"id": f"l{i}", "sig": torch.randn(96000)} for i in range(3)]
+    items = ([{"id": f"s{i}", "sig": torch.randn(19200)} for i in range(4)]
+             + [{"id": f"l{i}", "sig": torch.randn(96000)} for i in range(12)])
     masks, lens, rates_long = [], [], []
-    for _ in range(400):
+    for _ in range(60):
         b = collate(items)
-        short = b.utt == 0
+        short = b.utt < 4
         masks.append(b.input_mask[short])
         lens.append(b.n_frames[short])
         rates_long.append(decile_rates(b.input_mask[~short], b.n_frames[~short]))

@@ -101,6 +101,17 @@ def test_every_yaml_output_folder_is_plain(name, tiny_pretrained, hf_model):
         assert hp["save_folder"] == os.path.join(hp["output_folder"], "save")
 
 
+def test_upstream_tags_the_readme_names():
+    from mgf_sb.upstream import upstream_tag
+
+    assert upstream_tag("results/mgf_ls960/pretrained") == "mgf-mgf_ls960"
+    assert upstream_tag("results/mgf/1986/pretrained") == "mgf-mgf-1986"
+    assert upstream_tag("models/mgf") == "mgf-mgf" and upstream_tag("hf:/models/wav2vec2-base") == "hf-wav2vec2-base"
+    text = " ".join(_readme().split())
+    assert "`results/mgf_ls960/pretrained` → `mgf-mgf_ls960`" in text
+    assert "`results/mgf/1986/pretrained` → `mgf-mgf-1986`" in text
+
+
 def test_pretraining_output_folder():
     hp = load_hparams(os.path.join(HP, "mgf.yaml"))
     assert hp["output_folder"] == "results/mgf/1986"
@@ -170,7 +181,7 @@ def _header_groups(path):
         if re.search(r"--data_(folder|root)=/", l):
             g = [l]
             for nxt in lines[i + 1:]:
-                if not re.match(r"#\s{3,}--", nxt):
+                if not re.match(r"#\s{3,}\S", nxt) or "--data_" in nxt:
                     break
                 g.append(nxt)
             groups.append(" ".join(g))
