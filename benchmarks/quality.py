@@ -96,7 +96,7 @@ BUDGETS = {
     "tiny": Budget(CorpusSpec(n_pretrain_speakers=3, pretrain_utts=3, n_probe_speakers=4, probe_utts=4,
                               two_sentence_prob=0.0),
                    TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"], seeds=[0],
-                   curve_variants=["full MGF", "frame"], max_train_frames=3000, max_iter=50,
+                   curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
                    overrides={"crop_seconds": 3.0}),
     # <= 60 min on 2 idle CPU cores: 1.9 h of audio, 48 + 24 voices, 7 variants x 2 seeds
     "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=4, batch_size=8, variants=list(VARIANTS), seeds=[0, 1],
@@ -297,7 +297,7 @@ def machine_info(threads, device):
 def write_report(out, budget_name, budget, corpus, table, ranks, curves, ttp, info, timing, steps, spe):
     rows = list(table)
     md = rp.markdown_table(table, COLUMNS, rows=rows, row_header="representation", ranks=ranks)
-    layers = "\n".join(f"- {r}: phone-probe layer(s) {table[r]['phones_layers']}, speaker-probe layer(s) "
+    layers = "\n".join(f"- {r} ({table[r]['n_seeds']} seed(s)): phone-probe layer(s) {table[r]['phones_layers']}, speaker-probe layer(s) "
                        f"{table[r]['speakers_layers']}; dev accuracy phones {table[r]['phones_dev']:.1f}, "
                        f"speakers {table[r]['speakers_dev']:.1f}" for r in rows)
     ttp_line = ("not reached within the budget" if ttp is None else f"{ttp:.0f} steps")
@@ -354,12 +354,17 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--epochs", type=int, default=None, help="override the budget's pretraining epochs")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    p.add_argument("--curve_variants", nargs="*", default=None, choices=list(VARIANTS),
+                   help="variants probed after every epoch (first seed); default: full MGF and each scale alone")
+    p.add_argument("--max_train_frames", type=int, default=None, help="phone-probe training frames")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of hparams/mgf.yaml for every variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--procs", type=int, default=2, help="processes for corpus generation")
     p.add_argument("--corpus_only", action="store_true", help="generate the corpus and stop")
+    p.add_argument("--report_only", action="store_true",
+                   help="train and probe nothing: write the report from the finished runs and probes")
     return p.parse_args(argv)
 
 
@@ -372,7 +377,11 @@ def main(argv=None):
         budget.epochs = args.epochs
     if args.variants:
         budget.variants = list(args.variants)
-        budget.curve_variants = [v for v in budget.curve_variants if v in budget.variants]
+    if args.curve_variants is not None:
+        budget.curve_variants = list(args.curve_variants)
+    budget.curve_variants = [v for v in budget.curve_variants if v in budget.variants]
+    if args.max_train_frames:
+        budget.max_train_frames = args.max_train_frames
     extra = dict(kv.split("=", 1) for kv in args.set)
     out = os.path.abspath(args.out or os.path.join(REPO, "results", "quality", args.budget))
     os.makedirs(out, exist_ok=True)
@@ -396,39 +405,20 @@ def main(argv=None):
     log(f"budget {args.budget}: {len(budget.variants)} variants x seeds {budget.seeds}, {budget.epochs} epochs x "
         f"{spe} steps = {steps} steps each; output {out}")
 
-    # -- pretraining -------------------------------------------------------------------------
-    runs = {}  # (variant, seed) -> run dir
-    for seed in budget.seeds:
-        for variant in budget.variants:
-            run_dir = os.path.join(out, "runs", slug(variant), f"seed{seed}")
-            os.makedirs(run_dir, exist_ok=True)
-            ov = recipe_overrides(budget, corpus, variant, seed, run_dir, args.threads, args.device, extra)
-            log(f"pretraining {variant} (seed {seed})")
-            cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
-            sec = pretrain(run_dir, ov, budget.epochs)
-            timing["pretrain"] += sec
-            timing["pretrain_cpu"] += cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
-            log(f"  done in {sec:.0f} s" if sec else "  already done")
-            runs[(variant, seed)] = run_dir
-
-    measured = run_steps(os.path.join(next(iter(runs.values())), "snapshots", f"epoch{budget.epochs}"))
-    if measured != steps:
-        log(f"the runs took {measured} steps, not the {steps} planned; reporting {measured}")
-        steps, spe = measured, measured // budget.epochs
-
-    # -- probes ------------------------------------------------------------------------------
     from quality_probe import ProbeData, run_probes
 
     data = ProbeData(corpus)
     probe_dir = os.path.join(out, "probes")
     os.makedirs(probe_dir, exist_ok=True)
-    reference_variant = "full MGF" if "full MGF" in budget.variants else budget.variants[0]
 
     def probe(key, **kw):
+        """Runs (or reloads) the probes of one representation."""
         path = os.path.join(probe_dir, slug(key).replace("/", "__") + ".json")
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
+        if args.report_only:
+            return None
         t, cpu0 = time.time(), cpu_seconds()
         res = run_probes(data, max_train_frames=budget.max_train_frames, max_iter=budget.max_iter,
                          device=args.device, **kw)
@@ -442,37 +432,64 @@ def main(argv=None):
             f"speakers {res['speakers']['test']:.1f} (layer {res['speakers']['layer']}) [{res['seconds']:.0f} s]")
         return res
 
-    probes = {}
-    for seed in budget.seeds:
-        ref = os.path.join(runs[(reference_variant, seed)], "snapshots", f"epoch{budget.epochs}")
-        for variant in budget.variants:
-            snap = os.path.join(runs[(variant, seed)], "snapshots", f"epoch{budget.epochs}")
-            res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder", source=snap, seed=seed)
-            res["steps"] = run_steps(snap)
-            probes.setdefault(variant, {})[seed] = res
-        probes.setdefault("random", {})[seed] = probe(f"random/seed{seed}", kind="random", reference=ref, seed=seed)
-        for kind in ("fbank", "fbank+-5"):
-            probes.setdefault(kind, {})[seed] = probe(f"{kind}/seed{seed}", kind=kind, seed=seed)
+    def keep(row, seed, res):
+        if res is not None:
+            probes.setdefault(row, {})[seed] = res
 
-    # curves: the first seed, every epoch of the curve variants
-    curves = {}
-    seed0 = budget.seeds[0]
-    for variant in budget.curve_variants:
-        c = {"steps": [], "phones": [], "speakers": []}
-        for e in range(1, budget.epochs + 1):
-            snap = os.path.join(runs[(variant, seed0)], "snapshots", f"epoch{e}")
-            if not os.path.isdir(snap):
+    # Each run is probed as soon as it is trained, so an interrupted benchmark keeps its results
+    # (--report_only writes the report from whatever is finished).
+    probes, curves, seed0 = {}, {}, budget.seeds[0]
+    reference_variant = "full MGF" if "full MGF" in budget.variants else budget.variants[0]
+    for seed in budget.seeds:
+        for kind in ("fbank", "fbank+-5"):
+            keep(kind, seed, probe(f"{kind}/seed{seed}", kind=kind, seed=seed))
+        for variant in budget.variants:
+            run_dir = os.path.join(out, "runs", slug(variant), f"seed{seed}")
+            final = os.path.join(run_dir, "snapshots", f"epoch{budget.epochs}")
+            if not args.report_only:
+                os.makedirs(run_dir, exist_ok=True)
+                ov = recipe_overrides(budget, corpus, variant, seed, run_dir, args.threads, args.device, extra)
+                log(f"pretraining {variant} (seed {seed})")
+                cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
+                sec = pretrain(run_dir, ov, budget.epochs)
+                timing["pretrain"] += sec
+                timing["pretrain_cpu"] += cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
+                log(f"  done in {sec:.0f} s" if sec else "  already done")
+            if not os.path.isdir(final):
+                log(f"  {variant} (seed {seed}) not trained: left out of the report")
                 continue
-            res = probes[variant][seed0] if e == budget.epochs else \
-                probe(f"{variant}/seed{seed0}/epoch{e}", kind="encoder", source=snap, seed=seed0)
-            c["steps"].append(run_steps(snap))
-            c["phones"].append(res["phones"]["test"])
-            c["speakers"].append(res["speakers"]["test"])
-        curves[variant] = c
+            res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder", source=final, seed=seed)
+            if res is not None:
+                res["steps"] = run_steps(final)
+            keep(variant, seed, res)
+            if variant == reference_variant:
+                keep("random", seed, probe(f"random/seed{seed}", kind="random", reference=final, seed=seed))
+            if seed == seed0 and variant in budget.curve_variants:  # accuracy after every epoch
+                c = {"steps": [], "phones": [], "speakers": []}
+                for e in range(1, budget.epochs + 1):
+                    snap = os.path.join(run_dir, "snapshots", f"epoch{e}")
+                    r = res if e == budget.epochs else (
+                        probe(f"{variant}/seed{seed}/epoch{e}", kind="encoder", source=snap, seed=seed)
+                        if os.path.isdir(snap) else None)
+                    if r is not None:
+                        c["steps"].append(run_steps(snap))
+                        c["phones"].append(r["phones"]["test"])
+                        c["speakers"].append(r["speakers"]["test"])
+                curves[variant] = c
+
+    trained = [v for v in budget.variants if v in probes]
+    if not trained:
+        raise SystemExit("no finished run to report")
+    measured = probes[trained[0]][min(probes[trained[0]])]["steps"]
+    if measured != steps:
+        log(f"the runs took {measured} steps, not the {steps} planned; reporting {measured}")
+        steps, spe = measured, measured // budget.epochs
 
     # -- report ------------------------------------------------------------------------------
     rows = list(budget.variants) + list(BASELINES)
     table = aggregate(probes, rows, budget.seeds)
+    if "fbank+-5" not in table:
+        raise SystemExit("the fbank +-5 probe has not run")
     ranks = rp.mean_ranks(table, COLUMNS, rows=list(table))
     singles = [v for v in SINGLE_SCALES if v in table]
     best_single = min(singles, key=lambda v: (ranks[v], -table[v]["phones"])) if singles else None

@@ -221,7 +221,8 @@ class PooledLinearHead(torch.nn.Module):
     Example
     -------
     >>> head = PooledLinearHead(8, 3)
-    >>> head(torch.randn(2, 5, 8), torch.tensor([5, 3])).shape, head.embed(torch.randn(2, 5, 8), torch.tensor([5, 3])).shape
+    >>> x, n = torch.randn(2, 5, 8), torch.tensor([5, 3])
+    >>> head(x, n).shape, head.embed(x, n).shape
     (torch.Size([2, 3]), torch.Size([2, 16]))
     """
 

@@ -271,6 +271,26 @@ def _inside(path, folder):
         return False
 
 
+WEIGHT_EXTENSIONS = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def files_digest(folder, extensions=WEIGHT_EXTENSIONS):
+    """``sha256:<16 hex>`` of the weight files (by extension) under ``folder``: names and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(extensions):
+                path = os.path.join(root, f)
+                h.update(os.path.relpath(path, folder).encode("utf-8", "surrogateescape"))
+                with open(path, "rb") as fin:
+                    for block in iter(lambda: fin.read(1 << 20), b""):
+                        h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def run_settings(hparams):
     """The settings that define a run: ``{key: value}`` for :func:`check_run_config`.
 
@@ -281,8 +301,8 @@ def run_settings(hparams):
     built objects (they are made from the plain values). An upstream that is a
     pretrained folder (``upstream``, ``upstream_reference``, ``pretrained``) is
     recorded by the content hash of its weights
-    (:func:`mgf_sb.checkpoint.weights_digest`), not by its path. Existing paths
-    are made absolute.
+    (:func:`mgf_sb.checkpoint.weights_digest`; ``hf:<folder>``: of its weight
+    files, :func:`files_digest`), not by its path. Existing paths are made absolute.
     """
     from mgf_sb.checkpoint import CONFIG_FILE, weights_digest
 
@@ -298,6 +318,8 @@ def run_settings(hparams):
             continue  # a location derived from output_folder (save/, train_log.txt...)
         if isinstance(value, str) and key in UPSTREAM_KEYS and os.path.isfile(os.path.join(value, CONFIG_FILE)):
             value = weights_digest(value)
+        elif isinstance(value, str) and key in UPSTREAM_KEYS and value.startswith("hf:") and os.path.isdir(value[3:]):
+            value = "hf:" + files_digest(value[3:])
         elif isinstance(value, str) and value and os.path.exists(value):
             value = os.path.abspath(value)
         settings[key] = json.loads(json.dumps(value))

@@ -53,9 +53,12 @@ class TargetNetwork(torch.nn.Module):
         """EMA decay used by the update after ``step`` optimiser steps (default: the current one).
 
         Linear ramp: ``ema_start`` at step 0, ``ema_end`` from step ``ema_steps`` on
-        (data2vec anneals over tens of thousands of steps on 960 h: scale
-        ``ema_steps`` with ``lr_total_steps``).
+        (data2vec anneals over tens of thousands of steps on 960 h; the
+        recipe sets ``ema_steps`` to ``ema_anneal_fraction`` of the total steps).
         """
+        if self.ema_steps is None:
+            raise ValueError("TargetNetwork.ema_steps is not set (null in the YAML): the pretraining recipe "
+                             "resolves it from the data (ema_anneal_fraction); give a count when used directly")
         step = float(self.step) if step is None else float(step)
         frac = min(step / max(self.ema_steps, 1), 1.0)
         return self.ema_start + frac * (self.ema_end - self.ema_start)
@@ -67,10 +70,11 @@ class TargetNetwork(torch.nn.Module):
         The decay is read *before* the step counter moves, so the first update
         uses ``ema_start``.
         """
+        if self.mode != "ema":
+            self.step += 1
+            return
         d = self.decay()
         self.step += 1
-        if self.mode != "ema":
-            return
         t_params = list(self.teacher.parameters())
         o_params = [p.detach().to(t.dtype) for p, t in zip(encoder.parameters(), t_params)]
         torch._foreach_mul_(t_params, d)

@@ -51,6 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mgf_sb.checkpoint import REQUIRED_FILES  # noqa: E402
+from mgf_sb.recipe import is_bundled_sample, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.report import (  # noqa: E402
     Column,
     bar_chart_png,
@@ -224,16 +225,9 @@ def recipe_command(script, hparams, overrides, extra_argv=()):
         [f"--{k}={yaml_value(v)}" for k, v in overrides.items()] + list(extra_argv)
 
 
-def is_bundled_sample(folder):
-    """True for the corpora under the repository's ``samples/`` (as ``announce_data`` decides)."""
-    return "samples" in os.path.normpath(os.path.abspath(folder)).split(os.sep)
-
-
 def _use_sample(hp, folder):
-    mode = hp.get("use_sample_overrides", "auto")
-    if isinstance(mode, bool):
-        return mode
-    return is_bundled_sample(folder)
+    """The recipes' own rule (``mgf_sb.recipe``): auto = the corpus is a bundled sample."""
+    return use_sample_settings(hp.get("use_sample_overrides", "auto"), folder)
 
 
 def _overrides(hp, key, folder):
@@ -855,7 +849,12 @@ def main(argv, runner=run_step, log=print):
             else "the recipes' own settings: use_sample_overrides=False"
         log(f"[evaluate] USING THE BUNDLED SAMPLE CORPORA (synthetic speech; {tiny}). "
             "Pass --data_root=... (or each corpus folder) for real results.")
-    status = execute(steps, hp, runner=runner, log=log)
+    if hp.get("report_only"):  # rebuild the report from the finished steps, run nothing
+        status = {s.name: step_status(s) for s in steps}
+        status = {k: v if v == "done" else "not run" for k, v in status.items()}
+        log(f"[evaluate] report only: {sum(v == 'done' for v in status.values())} of {len(steps)} steps finished")
+    else:
+        status = execute(steps, hp, runner=runner, log=log)
     report = write_report(hp, steps, rows, sources, status, time.time() - t0, log=log)
     failed = [n for n, s in status.items() if s in ("failed", "blocked")]
     log(f"[evaluate] finished in {_fmt_s(time.time() - t0)} (all steps together: "

@@ -281,6 +281,20 @@ def test_seeds_give_spreads_and_mark_small_differences(tmp_path):
                       "within_spread": True}]
 
 
+def test_report_only_runs_nothing(tmp_path):
+    calls = []
+    evaluate.main([HPARAMS, f"--output_folder={tmp_path}/out", "--tasks=[timit]", "--upstreams=[fbank]",
+                   "--baseline_reference=False"], runner=fake_runner(calls), log=lambda *a: None)
+    assert calls == ["timit/linear / fbank", "timit/bilstm / fbank"]
+    calls.clear()
+    report, status = evaluate.main([HPARAMS, f"--output_folder={tmp_path}/out", "--tasks=[timit]",
+                                    "--upstreams=[mgf, fbank]", "--baseline_reference=False", "--report_only=True"],
+                                   runner=fake_runner(calls), log=lambda *a: None)
+    assert calls == [] and status["timit/linear / fbank"] == "done" and status["pretrain mgf"] == "not run"
+    assert report["main"]["results"]["fbank"]["timit_acc/bilstm"] == 65.0 and report["main"]["results"]["mgf"] == {}
+    assert "| mgf | not run | not run |" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_changed_settings_error_or_rerun(tmp_path):
     calls = []
     _main(tmp_path, calls, "--tasks=[timit]")

@@ -81,6 +81,9 @@ VARIANTS = [  # (overrides, scales whose masks hide the input)
     ({"use_phoneme": False, "use_utterance": False}, {"frame"}),
     ({"use_frame": False, "use_utterance": False}, {"phoneme"}),
     ({"use_frame": False, "use_phoneme": False}, set()),
+    ({"use_phoneme": False}, {"frame"}),
+    ({"use_frame": False}, {"phoneme"}),
+    ({"use_word": True}, {"frame", "phoneme", "word"}),
     ({"use_utterance": False, "phoneme_weight": 0.0}, {"frame"}),  # a weight of 0 disables a scale too
     ({"use_word": True, "use_frame": False}, {"phoneme", "word"}),
     ({"use_phoneme": False, "use_utterance": False, "shared_masks": True}, {"frame", "phoneme"}),
@@ -107,7 +110,8 @@ def test_input_hides_exactly_what_the_enabled_losses_score(overrides, masked):
     else:
         assert torch.equal(b.input_mask, scored)
     expected = {frozenset(): 0.0, frozenset({"frame"}): 0.2, frozenset({"phoneme"}): 0.3,
-                frozenset({"frame", "phoneme"}): 0.3 + 0.2 * 0.7, frozenset({"phoneme", "word"}): 0.3 + 0.2 * 0.7}
+                frozenset({"frame", "phoneme"}): 0.3 + 0.2 * 0.7, frozenset({"phoneme", "word"}): 1 - 0.7 * 0.8,
+                frozenset({"frame", "phoneme", "word"}): 1 - 0.7 * 0.8 * 0.8}
     assert abs(float(hidden) - expected[frozenset(masked)]) < 0.08, (overrides, float(hidden))
 
 

@@ -227,7 +227,7 @@ def test_resume_mid_shard_continues_where_it_stopped(tmp_path):
     resumed = _loader(urls, counts, num_workers=2)  # a new process after a kill
     Checkpointer(str(tmp_path / "ckpt"), {"loader": resumed}).recover_if_possible()
     after = [i for batch in resumed for i in batch]
-    assert len(before) + len(after) == len(everything)  # no sample twice ...
+    assert len(before) + len(after) == len(everything) and resumed.remainder == 0  # no sample twice ...
     assert set(before) | set(after) == everything  # ... and none lost
     assert resumed.epoch == 1
     assert sum(p["samples"] for p in resumed.positions.values()) == len(everything)  # counted once
@@ -263,6 +263,7 @@ def test_ddp_split_two_processes_two_workers(tmp_path):
         # the stated remainder: what the process that did not run out first still held
         # (its share is at most one shard larger, plus the workers' partial last batches)
         assert len(everything) - len(seen) <= max(counts) + 2 * 3, (epoch, len(seen))
+        assert ranks[0]["remainder"] == ranks[1]["remainder"] == len(everything) - len(seen)  # as logged
     assert "0 OK" in proc.stdout and "1 OK" in proc.stdout
 
 
@@ -282,7 +283,7 @@ def _ddp_main(folder, res):
             batches = [list(b) for b in loader]
             shards = sorted(s for w in loader.stream.plan(epoch) for s in w)
             with open(os.path.join(res, f"{epoch}-{rank}.json"), "w") as f:
-                json.dump({"batches": batches, "shards": shards}, f)
+                json.dump({"batches": batches, "shards": shards, "remainder": loader.remainder}, f)
         dist.barrier()
         print(f"{rank} OK", flush=True)
     finally:

@@ -598,14 +598,19 @@ def _dist():
     return 0, 1
 
 
+def _all_reduce(value, op):
+    """An int reduced over the DDP processes (itself without DDP)."""
+    if _dist()[1] == 1:
+        return int(value)
+    nccl = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor([int(value)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    torch.distributed.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def _every_process_has(flag):
     """True when ``flag`` is true on every DDP process (one tiny all-reduce)."""
-    if _dist()[1] == 1:
-        return flag
-    nccl = torch.distributed.get_backend() == "nccl"
-    t = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(_all_reduce(flag, torch.distributed.ReduceOp.MIN))
 
 
 class ShardLoader(DataLoader):
@@ -629,6 +634,7 @@ class ShardLoader(DataLoader):
         stream.num_workers = max(1, num_workers)
         self.stream = stream
         self.epoch, self.in_epoch, self.positions, self._resume = 0, False, {}, None
+        self.remainder = None  # samples left over on all processes in the last finished epoch
 
     def assigned(self, epoch=None):
         """Samples this process's shards hold in ``epoch``."""
@@ -666,10 +672,10 @@ class ShardLoader(DataLoader):
             self.positions[worker] = position
             yield batch
         done = sum(p["samples"] for p in self.positions.values())
-        left = self.assigned() - done
-        logger.info(f"shard stream: epoch {self.epoch} done, {done} samples on process {_dist()[0]} "
-                    f"({left} left over: another process ran out first)" if left else
-                    f"shard stream: epoch {self.epoch} done, {done} samples on process {_dist()[0]}")
+        # every process gets here at the same step: sum what they could not deliver
+        left = self.remainder = _all_reduce(self.assigned() - done, torch.distributed.ReduceOp.SUM)
+        logger.info(f"shard stream: epoch {self.epoch} done, {done} samples on process {_dist()[0]}, "
+                    f"{left} left over on all processes (the remainder)")
         self.in_epoch = False
 
     @mark_as_saver

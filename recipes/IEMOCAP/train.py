@@ -163,7 +163,8 @@ def write_test_results(hparams, metrics, loss, class_stats, layer_weights, conve
         **metrics,
         "convex_reference": None,
     }
-    rows = f"| {results['head']} | {100 * metrics['UA']:.2f} | {100 * metrics['WA']:.2f} | {metrics['n_utterances']} |\n"
+    rows = (f"| {results['head']} | {100 * metrics['UA']:.2f} | {100 * metrics['WA']:.2f} | "
+            f"{metrics['n_utterances']} |\n")
     if convex is not None:
         ref = emotion_metrics(convex_confusion(convex["pred"], convex["target"]))
         results["convex_reference"] = ref["UA"]

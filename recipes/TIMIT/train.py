@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """TIMIT frame-wise phoneme classification: frozen upstream + a frame head.
 
-    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>] [--head=linear|bilstm]
+    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>]
+        [--head=linear|bilstm]
 
 The upstream's layers are combined by a learned weighted sum (or one layer,
 ``--layer``) and the head classifies every encoder frame into the 39 folded

@@ -227,7 +227,7 @@ def build_brain(hparams, run_opts, n_speakers, train_labels=()):
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
-    weights = balanced_class_weights(train_labels, n_speakers, hparams["class_balanced_loss"] and len(train_labels))
+    weights = balanced_class_weights(train_labels, n_speakers, hparams["class_balanced_loss"]) if train_labels else None
     brain.class_weights = None if weights is None else weights.to(brain.device)
     return brain
 

@@ -6,7 +6,9 @@
 Loads the best checkpoint of ``train.py`` in the same ``output_folder`` (the
 upstream's normaliser statistics, learned layer weights and head) and scores
 every trial of ``trial_file`` with the cosine similarity of the two
-utterances' embeddings (``verification_embedding``). With a pretrained
+utterances' embeddings: the standardised pooled statistics with
+``--head=linear``, the x-vector with ``--head=xvector`` (give the same
+``--head`` as to train.py; it is part of the output folder). With a pretrained
 upstream it also runs without a checkpoint (uniform layer weights, untrained
 standardisation). Results: ``<output_folder>/verification.json``, scores in
 ``veri_scores.txt``.
