@@ -18,8 +18,11 @@ DEST receives ``hyperparams.yaml`` (the modules, their sizes and a Pretrainer),
 ``mgf_config.json``, ``features.ckpt`` (weights + normaliser statistics),
 ``encoder.ckpt`` and, for classifiers, ``layer_selector.ckpt``, ``classifier.ckpt``,
 ``label_encoder.txt`` and ``head_config.json``. Every weight file is loaded
-(``weights_only=True``, strict) and re-saved, and the exported folder is then
-loaded back and checked to reproduce the source model's outputs.
+(``weights_only=True``, strict; NaN/Inf weights refused) and re-saved, and the
+exported folder is then loaded back and checked to reproduce the source model's
+outputs. Re-exporting into an earlier export replaces only the files export writes
+(:data:`EXPORT_FILES`), each by an atomic rename from a temporary folder inside
+DEST; anything else in DEST (notes, evaluation outputs) is left alone.
 """
 
 import argparse
@@ -365,7 +368,8 @@ def main(argv=None):
     )
     parser.add_argument("source", help="pretraining <output_folder> (or its pretrained/), or a downstream "
                         "classifier <output_folder> (or its model/)")
-    parser.add_argument("dest", help="model folder to write (replaced if it is an earlier export)")
+    parser.add_argument("dest", help="model folder to write (an earlier export: its model files are replaced, "
+                        "other files kept)")
     parser.add_argument("--chunk_seconds", type=float, default=30.0,
                         help="encode_file/classify_file: files longer than this are encoded in chunks")
     parser.add_argument("--overlap_seconds", type=float, default=4.0, help="overlap between chunks")

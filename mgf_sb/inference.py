@@ -26,7 +26,11 @@ Loading is local only: ``source`` must be an existing folder; nothing is ever
 fetched from the network (no HuggingFace hub, no URL), and a missing or
 incomplete folder raises an error naming what is missing. Weights load with
 ``torch.load(..., weights_only=True)`` and strict key matching (SpeechBrain's
-default Pretrainer hook is non-strict and only warns on mismatches).
+default Pretrainer hook is non-strict and only warns on mismatches); NaN/Inf
+weights are refused, naming the tensor. ``hyperparams.yaml`` is read as UTF-8 and
+checked before HyperPyYAML evaluates it (:func:`check_hparams_safe`): a folder
+whose YAML could run code is refused with the line, unless
+``from_hparams(..., trust_code=True)``.
 """
 
 import logging
@@ -116,10 +120,11 @@ def _check_target(kind, name, where):
     allowed = "classes from " + ", ".join(SAFE_CLASS_MODULES)
     if kind == "!name:":
         allowed += " or functions from " + ", ".join(SAFE_FUNCTION_MODULES)
-    if not _DOTTED.match(name) or not _in_modules(name.rsplit(".", 1)[0], ("mgf_sb", "speechbrain")):
+    modules = SAFE_CLASS_MODULES + (SAFE_FUNCTION_MODULES if kind == "!name:" else ())
+    if not _DOTTED.match(name) or not _in_modules(name.rsplit(".", 1)[0], modules):
         raise UnsafeModelFolder(f"{where}: {kind}{name} is not allowed in a model folder (only {allowed})")
     try:
-        obj = pydoc.locate(name)  # imports a module of mgf_sb / speechbrain only (checked above)
+        obj = pydoc.locate(name)  # imports an allowed module only (checked above)
     except Exception as e:
         raise UnsafeModelFolder(f"{where}: {kind}{name} cannot be imported ({e})") from None
     module = getattr(obj, "__module__", None) or ""

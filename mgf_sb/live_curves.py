@@ -8,9 +8,9 @@ puts a :class:`TeeTrainLogger` in its place: the same statistics still go to
 ``train_log.txt`` and also, as SpeechBrain ``TensorboardLogger`` events, to
 ``tensorboard_folder`` (``<output_folder>/tensorboard`` by default):
 
-- ``<stat>/train``, ``<stat>/valid``, ``<stat>/test``: every statistic the recipe logs
-  (the loss and each scale's loss and contrastive accuracy in pretraining; accuracy,
-  UA/WA, EER, WER ... in the probes), one point per epoch;
+- ``<stat>/train``, ``<stat>/valid``, ``<stat>/test``: every numeric statistic the recipe
+  logs (the loss and each scale's loss and contrastive accuracy in pretraining; the loss
+  and the task's metrics in the probes), one point per epoch;
 - the numeric ``stats_meta`` entries (``lr``, pretraining's ``step``);
 - ``layer_weight/<i>``: the softmax weight of layer ``i`` the probe has learned (SUPERB
   weighted sum), when the Brain gives them.

@@ -621,8 +621,9 @@ def head_rankings(results, tasks, hp, rows):
                      "text": {x.key: ranking_text(results, x, rows) for x in cols}}
             for x in cols:
                 md.append(f"| {c.label} | {x.key.split('/', 1)[1] if '/' in x.key else '—'} | {entry['text'][x.key]} |")
-            if len(cols) < 2:
-                entry["summary"] = f"{c.label}: one head only"
+            both = [r for r in rows if all(results.get(r, {}).get(x.key) is not None for x in cols)]
+            if len(cols) < 2 or len(both) < 2:
+                entry["summary"] = f"{c.label}: nothing to compare yet (fewer than two heads or upstreams with results)"
             elif not ch["changed"]:
                 entry["summary"] = f"{c.label}: **the same ranking** under {' and '.join(heads)}."
             else:

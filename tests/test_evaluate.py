@@ -184,7 +184,7 @@ def test_plan_commands():
     assert "--head=xvector" in by["voxceleb/xvector / fbank"].command
     iem = " ".join(by["iemocap/attentive / fbank"].command)
     assert "run_folds.py" in iem and f"--experiment_folder={by['iemocap/attentive / fbank'].folder}" in iem
-    assert "--num_threads=2" in iem and "--number_of_epochs=4" in iem  # common + sample overrides
+    assert "--num_threads=2" in iem and "--number_of_epochs=3" in iem  # common + sample overrides
     assert "--seed=" not in iem  # no seeds given: the recipe's own seed
     with pytest.raises(ValueError, match="unknown task"):
         evaluate.build_plan(dict(hp, tasks=["timit", "nope"]))
