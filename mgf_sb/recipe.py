@@ -529,11 +529,14 @@ def apply_sample_overrides(hparams_file, overrides):
     str
         The overrides to load the YAML with (unchanged when the block does not apply).
     """
-    from ruamel.yaml import YAML
+    from ruamel.yaml import YAML, YAMLError
 
     yaml = YAML(typ="rt")
-    with open(hparams_file, encoding="utf-8") as fin:
-        raw = yaml.load(fin) or {}
+    try:
+        with open(hparams_file, encoding="utf-8") as fin:
+            raw = yaml.load(fin) or {}
+    except (UnicodeDecodeError, ValueError, YAMLError):
+        return overrides  # load_hparams reports a bad file with its name and line
     user = (yaml.load(overrides) if overrides and overrides.strip() else None) or {}
     if not hasattr(raw, "get") or "sample_overrides" not in raw:
         return overrides

@@ -189,11 +189,12 @@ def _header_groups(path):
 
 
 def test_every_real_data_command_has_its_own_output_folder():
-    real = [c for c in _commands(_readme()) if re.search(r"--data_(folder|root)=/", c) and "train.py" in c]
-    assert len(real) >= 2, real
+    real = [c for c in _commands(_readme()) if re.search(r"--(data_folder|data_root|timit_folder)=/", c)
+            and re.search(r"(train|evaluate)\.py", c)]
+    assert len(real) >= 4, real
     for c in real:
         assert re.search(r"--(output|experiment)_folder=", c), c
-    for name in RECIPE_YAMLS:
+    for name in RECIPE_YAMLS + ["evaluate.yaml"]:
         groups = _header_groups(os.path.join(HP, name))
         assert groups, name
         for g in groups:

@@ -91,7 +91,9 @@ def test_ablation_builds_and_trains(recipe, small_corpus, tmp_path, name, overri
 def test_overfit_every_scale_loss_drops(recipe, small_corpus, tmp_path):
     log = run(recipe, str(tmp_path / "overfit"), small_corpus, number_of_epochs=30, lr=0.003, lr_warmup_steps=3,
               lr_total_steps=120, crop_seconds=4.0, max_batch_length=60)
-    first, last = log[0]["train"], log[-1]["train"]
+    # Means of the first and last 3 epochs (2 batches each): single epochs are noisy.
+    first = {k: sum(r["train"][k] for r in log[:3]) / 3 for k in ("frame", "phoneme", "utterance")}
+    last = {k: sum(r["train"][k] for r in log[-3:]) / 3 for k in ("frame", "phoneme", "utterance")}
     # L1 on normalised log-Mel starts near 0.8 (predicting the mean); the
     # contrastive losses start near log(1 + distractors).
     for scale, factor in (("frame", 0.85), ("phoneme", 0.7), ("utterance", 0.7)):
