@@ -97,10 +97,16 @@ def main(argv):
 
     torch.manual_seed(0)
     base = build(args.hparams, overrides)
-    collate = MGFCollate(**{**base["collate_args"], "crop_seconds": args.utt_seconds})
     sr = base["sample_rate"]
     items = [{"id": str(i), "sig": 0.1 * torch.randn(int(args.utt_seconds * sr))} for i in range(args.batch_utts)]
-    batch = collate(items).to(device)
+
+    def make_batch(hp):
+        """The batch a run with these settings would see: its own collate, so a
+        variant with a disabled scale draws no masks for it (as in training)."""
+        torch.manual_seed(0)
+        return MGFCollate(**{**hp["collate_args"], "crop_seconds": args.utt_seconds})(items).to(device)
+
+    batch = make_batch(base)
     audio_s = args.batch_utts * args.utt_seconds  # distinct audio (mask copies not counted)
 
     # Statistics for the normaliser (one pass in train mode).
@@ -111,16 +117,18 @@ def main(argv):
         ("frame-scale-only step", "step", {"use_phoneme": False, "use_utterance": False}),
         ("full MGF step", "step", {}),
     ]
-    steps = []
+    steps, batches = [], []
     for name, mode, extra in variants:
         torch.manual_seed(0)
-        steps.append(make_step(build(args.hparams, {**overrides, **extra}), device, dtype, mode))
-    for step in steps:
-        timeit(step, batch, device, args.warmup, 0)
+        hp = build(args.hparams, {**overrides, **extra})
+        steps.append(make_step(hp, device, dtype, mode))
+        batches.append(make_batch(hp))
+    for step, b in zip(steps, batches):
+        timeit(step, b, device, args.warmup, 0)
     times = [[] for _ in steps]
     for _ in range(args.repeats):
-        for i, step in enumerate(steps):
-            times[i].append(timeit(step, batch, device, 0, 1))
+        for i, (step, b) in enumerate(zip(steps, batches)):
+            times[i].append(timeit(step, b, device, 0, 1))
     rows = [(name, statistics.median(t), audio_s / statistics.median(t)) for (name, _, _), t in zip(variants, times)]
 
     n_params = sum(p.numel() for p in base["encoder"].parameters())
