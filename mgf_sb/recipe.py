@@ -190,7 +190,7 @@ class OutputLock:
         mine = self.me()
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(mine)
             except FileExistsError:
                 info = self.read()
                 if info is not None and info.get("pid") == mine["pid"] and info.get("host") == mine["host"]:
@@ -207,6 +207,8 @@ class OutputLock:
                 # Stale: move it aside atomically (only one contender wins), then retry.
                 aside = f"{self.path}.stale-{os.getpid()}"
                 try:
+                    if self.read() != info:  # someone else took it over meanwhile
+                        continue
                     os.replace(self.path, aside)
                     os.remove(aside)
                     msg = f"taking over the stale lock of {self.folder} ({why}; it was {info})"
@@ -215,8 +217,6 @@ class OutputLock:
                 except OSError:
                     pass
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(mine, f)
             break
         else:
             raise OutputFolderLocked(f"could not take the lock {self.path}")
@@ -224,6 +224,22 @@ class OutputLock:
         thread = threading.Thread(target=self._heartbeat, name="mgf-output-lock", daemon=True)
         thread.start()
         return self
+
+    def _create(self, mine):
+        """Creates the lock file with its content at once (FileExistsError if there is one)."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+        try:
+            os.link(tmp, self.path)  # atomic, and never seen half-written
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(mine, f)
+        finally:
+            os.remove(tmp)
 
     def _heartbeat(self):
         while not self._stop.wait(self.heartbeat_s):

@@ -32,9 +32,11 @@ def file_identity(path):
     """(device, inode) of the file ``path`` leads to (symlinks followed; hard links alike)."""
     try:
         st = os.stat(path)
-        return (st.st_dev, st.st_ino)
     except OSError:
         return os.path.realpath(path)
+    if st.st_ino == 0:  # a filesystem without inode numbers: compare resolved paths
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 def walk_unique(folder, report=None):
