@@ -98,9 +98,11 @@ BUDGETS = {
                    TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"], seeds=[0],
                    curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
                    overrides={"crop_seconds": 3.0}),
-    # sized for ~60 min on 2 idle CPU cores (estimate: ~0.3 s per step of this encoder at 2 threads):
-    # 1.8 h of audio, 48 + 24 voices, 7 variants x 2 seeds x 540 steps
-    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS), seeds=[0, 1],
+    # sized for <= 60 min on 2 idle CPU cores, estimated from measured CPU time (1 thread; see
+    # benchmarks/RESULTS.md): ~0.9-1.0 CPU s per step of this encoder -> 7 variants x 2 seeds x 360
+    # steps ~ 4,800 CPU s, + ~24 probes x ~18 CPU s, i.e. 40-60 min on 2 cores, plus the one-time
+    # corpus generation; 1.8 h of audio, 48 + 24 voices
+    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=2, batch_size=8, variants=list(VARIANTS), seeds=[0, 1],
                       curve_variants=["full MGF", "frame"]),
     # longer runs (a GPU): 5 h of audio, the YAML's own encoder size, 3 seeds
     "long": Budget(CorpusSpec(n_pretrain_speakers=96, pretrain_utts=40, n_probe_speakers=36, probe_utts=20),
@@ -310,7 +312,7 @@ def write_report(out, budget_name, budget, corpus, table, ranks, curves, ttp, in
         f"({len(corpus['probe_speakers'])} festival voices); generated in {corpus['generation_seconds']:.0f} s "
         f"with {corpus['procs']} processes ({corpus['folder']}).",
         f"Pretraining: {budget.epochs} epochs x {spe} steps = **{steps} optimiser steps** per variant, batch "
-        f"{budget.batch_size} utterances (crop {budget.overrides.get('crop_seconds', 'YAML default')} s), encoder "
+        f"{budget.batch_size} utterances (crop_seconds {budget.overrides.get('crop_seconds', 'from the YAML')}), encoder "
         f"{budget.encoder or 'YAML default'}, seeds {budget.seeds}.",
         f"Machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']}, {info['threads']} "
         f"threads, device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; load average at start "

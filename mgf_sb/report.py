@@ -231,7 +231,7 @@ def ranking(results, column, rows=None):
 
 def ranking_text(results, column, rows=None):
     """``"mgf (70.00) > fbank (60.00) ≈ random (59.50)"``: ``≈`` joins neighbours whose
-    difference is smaller than the spread.
+    difference is smaller than the spread, ``=`` equal values.
 
     Example
     -------
@@ -244,8 +244,9 @@ def ranking_text(results, column, rows=None):
         v = float(results[r][column.key])
         if i:
             p = order[i - 1]
-            same = within_spread(v, results[p][column.key], _std(results, r, column.key), _std(results, p, column.key))
-            parts.append(SPREAD_MARK if same else ">")
+            pv = float(results[p][column.key])
+            same = within_spread(v, pv, _std(results, r, column.key), _std(results, p, column.key))
+            parts.append("=" if v == pv else SPREAD_MARK if same else ">")
         parts.append(f"{r} ({column.fmt.format(v)})")
     return " ".join(parts)
 
@@ -265,7 +266,8 @@ def ranking_changes(results, columns, rows=None):
     -------
     dict
         ``orders``: column key -> rows best first; ``changed``: bool (some pair of rows,
-        both ranked under two heads, is ordered differently); ``swaps``: list of
+        both ranked under two heads, is strictly ordered differently: a tie under one head
+        is not a change); ``swaps``: list of
         ``(row_a, row_b, key_1, key_2, within)``, one per swapped pair, ``within`` being
         True when the pair's difference is smaller than the spread under at least one of
         the two heads (so the change is not a real one: one of the two orders is not).
@@ -286,7 +288,9 @@ def ranking_changes(results, columns, rows=None):
             common = [r for r in orders[c1.key] if r in pos2]
             for a_i, a in enumerate(common):
                 for b in common[a_i + 1:]:
-                    if (pos1[a] - pos1[b]) * (pos2[a] - pos2[b]) < 0:
+                    d1 = float(results[a][c1.key]) - float(results[b][c1.key])
+                    d2 = float(results[a][c2.key]) - float(results[b][c2.key])
+                    if d1 * d2 < 0:  # both directions are the same metric: a sign flip is a swap (ties are not)
                         within = any(within_spread(results[a][c.key], results[b][c.key], _std(results, a, c.key),
                                                    _std(results, b, c.key)) for c in (c1, c2))
                         swaps.append((a, b, c1.key, c2.key, within))

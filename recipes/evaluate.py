@@ -625,7 +625,7 @@ def head_rankings(results, tasks, hp, rows):
             if len(cols) < 2 or len(both) < 2:
                 entry["summary"] = f"{c.label}: nothing to compare yet (fewer than two heads or upstreams with results)"
             elif not ch["changed"]:
-                entry["summary"] = f"{c.label}: **the same ranking** under {' and '.join(heads)}."
+                entry["summary"] = f"{c.label}: no two upstreams swap places between {' and '.join(heads)}."
             else:
                 parts = []
                 for a, b, k1, k2, w in ch["swaps"]:

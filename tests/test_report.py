@@ -35,12 +35,16 @@ def test_ranking_text_marks_neighbours_within_the_spread():
            "d": {"wer": None}}
     assert rp.ranking(res, col) == ["a", "b", "c"]
     assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) > c (30.00)"
+    res["d"]["wer"] = 30.0
+    assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) > c (30.00) = d (30.00)"
 
 
 def test_ranking_changes_between_heads():
     lin, big = rp.Column("acc/linear", "acc"), rp.Column("acc/bilstm", "acc")
     same = {"a": {"acc/linear": 70, "acc/bilstm": 80}, "b": {"acc/linear": 60, "acc/bilstm": 75}}
     assert rp.ranking_changes(same, [lin, big])["changed"] is False
+    tie = {"a": {"acc/linear": 70, "acc/bilstm": 80}, "b": {"acc/linear": 70, "acc/bilstm": 75}}
+    assert rp.ranking_changes(tie, [lin, big])["changed"] is False  # a tie broken is not a swap
     swapped = {"a": {"acc/linear": 70, "acc/linear_std": 1, "acc/bilstm": 74, "acc/bilstm_std": 1},
                "b": {"acc/linear": 60, "acc/linear_std": 1, "acc/bilstm": 80, "acc/bilstm_std": 1},
                "c": {"acc/linear": 50, "acc/bilstm": 40}}
