@@ -49,6 +49,7 @@ from speechbrain.utils.fetching import FetchConfig, FetchFrom, FetchSource, Loca
 from mgf_sb.batch import n_encoder_frames
 from mgf_sb.checkpoint import check_finite
 from mgf_sb.data.audio import MIN_AUDIO_SECONDS
+from mgf_sb.recipe import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +185,7 @@ def check_hparams_safe(text, path):
 
 def read_hparams_text(path):
     """A model folder's hyperparams.yaml as text; not UTF-8 -> ValueError naming the file."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); the file is damaged "
-                         f"or was saved in another encoding. {EXPORT_HINT}") from None
+    return read_utf8(path, hint=f"the file is damaged or was saved in another encoding. {EXPORT_HINT}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -456,16 +456,15 @@ def pop_on_change(argv):
     return rest, value
 
 
-def read_utf8(path):
-    """The text of a YAML file; a file that is not UTF-8 is a ValueError naming it (file:line)."""
+def read_utf8(path, hint="save the file as UTF-8"):
+    """The text of a YAML file; a file that is not UTF-8 is a ValueError naming it (file:line) and ``hint``."""
     with open(path, "rb") as fin:
         raw = fin.read()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
-                         f"save the file as UTF-8") from None
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); {hint}") from None
 
 
 def load_hparams(hparams_file, overrides=None):

@@ -64,3 +64,38 @@ def run_recipe(script, hparams, overrides, cwd=REPO, timeout=900):
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def write_hostile_audio_folder(root):
+    """A folder of 4 usable files (one 8 kHz stereo, one 44.1 kHz) and 6 bad ones.
+
+    Shared by the pretraining prep test and the shard writer's test: both must
+    keep ``good/a, good/b, x/hi, x/stereo 8k é`` (16 kHz mono) and skip and list
+    ``short.wav, silent.wav, nan.wav, text.wav, empty.flac, truncated.flac``.
+    """
+    import numpy as np
+
+    def write(path, data, sr=16000, subtype="PCM_16"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sf.write(path, data, sr, subtype=subtype)
+
+    rng = np.random.default_rng(0)
+    root = str(root)
+    speech = lambda s, sr=16000: (0.1 * rng.standard_normal(int(s * sr))).astype("float32")  # noqa: E731
+    write(os.path.join(root, "good", "a.wav"), speech(2.0))
+    write(os.path.join(root, "good", "b.flac"), speech(1.5))
+    write(os.path.join(root, "x", "stereo 8k é.wav"), np.stack([speech(2.0, 8000)] * 2, 1), sr=8000)
+    write(os.path.join(root, "x", "hi.wav"), speech(2.0, 44100), sr=44100)
+    write(os.path.join(root, "bad", "short.wav"), speech(0.3))
+    write(os.path.join(root, "bad", "silent.wav"), np.zeros(32000, dtype="float32"))
+    nan = speech(2.0)
+    nan[100] = np.nan
+    write(os.path.join(root, "bad", "nan.wav"), nan, subtype="FLOAT")
+    with open(os.path.join(root, "bad", "text.wav"), "w") as f:
+        f.write("this is not audio")
+    open(os.path.join(root, "bad", "empty.flac"), "wb").close()
+    with open(os.path.join(root, "good", "b.flac"), "rb") as f:
+        flac = f.read()
+    with open(os.path.join(root, "bad", "truncated.flac"), "wb") as f:
+        f.write(flac[: len(flac) // 3])
+    return root

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SAMPLES
+from conftest import REPO, SAMPLES, write_hostile_audio_folder
 
 TINY = {
     "d_model": 32, "num_layers": 2, "nhead": 4, "d_ffn": 64, "proj_dim": 32, "conv_pos_kernel": 9,
@@ -109,31 +109,12 @@ def test_resume_continues_from_checkpoint(recipe, small_corpus, tmp_path):
     assert "Loading a checkpoint" in open(os.path.join(out, "log.txt")).read()
 
 
-def _write(path, data, sr=16000, subtype="PCM_16"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sf.write(path, data, sr, subtype=subtype)
-
-
 def test_prep_handles_bad_files(tmp_path):
     from mgf_sb.data.manifest import read_manifest
     from mgf_sb.data.prepare_audio import prepare_pretraining
 
-    rng = np.random.default_rng(0)
     root = tmp_path / "audio"
-    speech = lambda s, sr=16000: (0.1 * rng.standard_normal(int(s * sr))).astype("float32")
-    _write(str(root / "good" / "a.wav"), speech(2.0))
-    _write(str(root / "good" / "b.flac"), speech(1.5))
-    _write(str(root / "x" / "stereo 8k é.wav"), np.stack([speech(2.0, 8000)] * 2, 1), sr=8000)
-    _write(str(root / "x" / "hi.wav"), speech(2.0, 44100), sr=44100)
-    _write(str(root / "bad" / "short.wav"), speech(0.3))
-    _write(str(root / "bad" / "silent.wav"), np.zeros(32000, dtype="float32"))
-    nan = speech(2.0)
-    nan[100] = np.nan
-    _write(str(root / "bad" / "nan.wav"), nan, subtype="FLOAT")
-    (root / "bad" / "text.wav").write_text("this is not audio")
-    (root / "bad" / "empty.flac").write_bytes(b"")
-    flac = root / "good" / "b.flac"
-    (root / "bad" / "truncated.flac").write_bytes(flac.read_bytes()[: len(flac.read_bytes()) // 3])
+    write_hostile_audio_folder(root)
     out = tmp_path / "prep"
     prepare_pretraining(str(root), str(out), train_splits=[], valid_splits=[], valid_fraction=0.25, min_duration=1.0)
     rows = read_manifest(str(out / "train.csv")) + read_manifest(str(out / "valid.csv"))

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mgf_sb.data.shards import (  # noqa: E402
     ShardLoader, ShardStream, encode_flac, load_index, low_energy_segments, make_shards, read_shard, shard_urls,
 )
+from conftest import write_hostile_audio_folder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -98,22 +99,8 @@ def test_low_energy_segments_bounds():
 
 
 def test_bad_files_are_skipped_listed_and_rerun_resumes(tmp_path):
-    rng = np.random.default_rng(0)
     root = tmp_path / "audio"
-    speech = lambda s, sr=SR: (0.1 * rng.standard_normal(int(s * sr))).astype("float32")  # noqa: E731
-    _write(str(root / "good" / "a.wav"), speech(2.0))
-    _write(str(root / "good" / "b.flac"), speech(1.5))
-    _write(str(root / "x" / "stereo 8k é.wav"), np.stack([speech(2.0, 8000)] * 2, 1), sr=8000)
-    _write(str(root / "x" / "hi.wav"), speech(2.0, 44100), sr=44100)
-    _write(str(root / "bad" / "short.wav"), speech(0.3))
-    _write(str(root / "bad" / "silent.wav"), np.zeros(32000, dtype="float32"))
-    nan = speech(2.0)
-    nan[100] = np.nan
-    _write(str(root / "bad" / "nan.wav"), nan, subtype="FLOAT")
-    (root / "bad" / "text.wav").write_text("this is not audio")
-    (root / "bad" / "empty.flac").write_bytes(b"")
-    flac = (root / "good" / "b.flac").read_bytes()
-    (root / "bad" / "truncated.flac").write_bytes(flac[: len(flac) // 3])
+    write_hostile_audio_folder(root)
     out = tmp_path / "shards"
     index = make_shards(str(root), str(out), shard_size_mb=0.03, num_workers=2)
 
