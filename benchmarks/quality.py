@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Quality benchmark: does full MGF beat each scale alone, a random encoder and fbank?
 
-    python benchmarks/quality.py                      # default budget (<= 60 min on 2 idle CPU cores)
+    python benchmarks/quality.py                      # default budget (sized for <= 60 min on 2 idle cores)
     python benchmarks/quality.py --budget=long --device=cuda   # longer runs, larger encoder, a GPU
-    python benchmarks/quality.py --budget=tiny        # the whole pipeline in ~1-2 min (the test's)
+    python benchmarks/quality.py --budget=tiny        # the whole pipeline on a few utterances (the test's)
 
 1. **Corpus** (generated on first use, cached under ``--cache``, default
    ``~/.cache/mgf_sb/quality``): pretraining speech from many synthetic voices (every TTS engine,
