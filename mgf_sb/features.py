@@ -5,6 +5,7 @@ normalisation erases the level and spectral offsets that speaker and emotion
 probes rely on.
 """
 
+import numpy as np
 import torch
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
@@ -78,6 +79,20 @@ class FeatureExtractor(torch.nn.Module):
         """(B,) valid encoder frames for padded ``wavs`` (B, samples)."""
         n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
         return n_encoder_frames(n_samples, self.hop, self.frame_stack)
+
+    def frame_centres(self, n_samples):
+        """Sample position of each encoder frame's centre in a waveform of ``n_samples``.
+
+        Fbank frame ``i`` is centred at ``i * hop`` (centred STFT); an encoder frame stacking
+        ``k`` of them sits in their middle. Frame-level labels (TIMIT) are read at these
+        positions, so they follow any frame rate.
+
+        >>> FeatureExtractor(frame_stack=2).frame_centres(800).tolist()
+        [80.0, 400.0, 720.0]
+        """
+        k = self.frame_stack
+        n = int(n_encoder_frames(int(n_samples), self.hop, k))
+        return (np.arange(n) * k + (k - 1) / 2.0) * self.hop
 
     def forward(self, wavs, wav_lens, epoch=None):
         """Computes features.

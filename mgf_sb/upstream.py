@@ -25,6 +25,7 @@ import math
 import os
 import re
 
+import numpy as np
 import torch
 
 from mgf_sb.checkpoint import load_pretrained, read_config
@@ -49,25 +50,53 @@ class HFWaveformInput(torch.nn.Module):
     padding and, when the saved ``preprocessor_config.json`` says ``do_normalize``,
     normalises each utterance to zero mean and unit variance over its valid samples.
     Exposes ``hop`` (samples per output frame: the product of the conv strides),
-    ``frame_stack`` (1) and ``frame_rate`` like :class:`~mgf_sb.features.FeatureExtractor`.
-    No trainable state.
+    ``frame_stack`` (1), ``frame_rate`` and ``frame_centres`` like
+    :class:`~mgf_sb.features.FeatureExtractor`. No trainable state.
 
     Arguments
     ---------
     sample_rate : int
-    hop : int
-        Product of the model's ``conv_stride``.
+    conv_kernel, conv_stride : sequence of int
+        The model's conv front end (``config.conv_kernel``, ``config.conv_stride``).
     do_normalize : bool
+
+    Example
+    -------
+    >>> front = HFWaveformInput(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+    >>> front.hop, front.receptive_field, front.frame_rate
+    (320, 400, 50.0)
+    >>> front.frame_centres(16000)[:2].tolist(), len(front.frame_centres(16000))
+    ([199.5, 519.5], 49)
     """
 
-    def __init__(self, sample_rate=16000, hop=320, do_normalize=True):
+    def __init__(self, sample_rate=16000, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                 do_normalize=True):
         super().__init__()
-        self.sample_rate, self.hop, self.do_normalize = int(sample_rate), int(hop), bool(do_normalize)
+        self.sample_rate, self.do_normalize = int(sample_rate), bool(do_normalize)
+        self.conv_kernel = [int(k) for k in conv_kernel]
+        self.conv_stride = [int(s) for s in conv_stride]
+        self.hop = math.prod(self.conv_stride)
+        # samples one output frame sees: k1 + sum_l (k_l - 1) x (stride of the layers below l)
+        self.receptive_field, step = 1, 1
+        for k, s in zip(self.conv_kernel, self.conv_stride):
+            self.receptive_field += (k - 1) * step
+            step *= s
         self.frame_stack = 1
 
     @property
     def frame_rate(self):
         return self.sample_rate / self.hop
+
+    def n_frames_of(self, n_samples):
+        """Output frames for ``n_samples`` of audio (the conv stack without padding)."""
+        n = int(n_samples)
+        for k, s in zip(self.conv_kernel, self.conv_stride):
+            n = max((n - k) // s + 1, 0)
+        return n
+
+    def frame_centres(self, n_samples):
+        """Sample position of each output frame's centre (the middle of its receptive field)."""
+        return np.arange(self.n_frames_of(n_samples)) * self.hop + (self.receptive_field - 1) / 2.0
 
     def forward(self, wavs, wav_lens):
         """(B, S), (B,) relative lengths -> (B, S) model input, (B, S) bool valid-sample mask."""
@@ -113,8 +142,7 @@ def load_hf_model(folder):
     if os.path.isfile(prep):
         with open(prep, encoding="utf-8") as f:
             do_normalize = bool(json.load(f).get("do_normalize", False))
-    sample_rate = 16000
-    front = HFWaveformInput(sample_rate, math.prod(int(s) for s in config.conv_stride), do_normalize)
+    front = HFWaveformInput(16000, config.conv_kernel, config.conv_stride, do_normalize)
     return model, front
 
 

@@ -13,7 +13,9 @@ The plan (printed first) is a list of steps, each one a recipe run in its own pr
 2. ``<task>/<head> / <upstream>``: each downstream recipe (TIMIT frame probe, VoxCeleb1
    speaker identification + verification, LibriSpeech CTC, IEMOCAP 5 folds) with each
    head of ``heads:`` (``--head=<name>``), for the MGF encoder, the ``fbank`` and
-   ``random`` baselines and every ablation variant; once per seed of ``seeds:`` (the
+   ``random`` baselines, any anchor encoder given as ``hf:<local folder>`` in ``upstreams``
+   (wav2vec 2.0 / HuBERT / WavLM in Hugging Face format, row ``hf-<folder name>``) and every
+   ablation variant; once per seed of ``seeds:`` (the
    probes' seed: initialisation and data order; the pretrained model is the same).
 
 Each finished step writes a mark file (``evaluate_step.json``: the step's command and its
@@ -51,6 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mgf_sb.checkpoint import REQUIRED_FILES  # noqa: E402
+from mgf_sb.upstream import HF_PREFIX, is_hf_source, upstream_tag  # noqa: E402
 from mgf_sb.recipe import is_bundled_sample, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.report import (  # noqa: E402
     Column,
@@ -239,6 +242,16 @@ def _overrides(hp, key, folder):
     return out
 
 
+def anchor_source(source):
+    """``hf:<folder>`` -> ``hf:<absolute folder>``, checked now rather than at its first probe."""
+    folder = os.path.abspath(os.path.expanduser(str(source)[len(HF_PREFIX):]))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"upstreams: {source} is not a local Hugging Face model folder ({folder} has no config.json); "
+            f"give the folder a save_pretrained / git clone wrote (nothing is downloaded)")
+    return HF_PREFIX + folder
+
+
 def build_plan(hp):
     """Steps (in run order) and the rows of the two tables.
 
@@ -256,10 +269,13 @@ def build_plan(hp):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}: choose among {list(TASKS)}")
-    upstreams = list(hp["upstreams"])
-    bad = [u for u in upstreams if u not in ("mgf",) + BASELINES]
+    upstreams = [anchor_source(u) if is_hf_source(u) else u for u in hp["upstreams"]]
+    bad = [u for u in upstreams if u not in ("mgf",) + BASELINES and not is_hf_source(u)]
     if bad:
-        raise ValueError(f"upstreams must be among mgf, fbank, random; got {bad}")
+        raise ValueError(f"upstreams must be among mgf, fbank, random, hf:<local folder>; got {bad}")
+    upstreams_by_tag = {upstream_tag(u): u for u in upstreams if is_hf_source(u)}
+    if len(upstreams_by_tag) != sum(is_hf_source(u) for u in upstreams):
+        raise ValueError(f"two hf: upstreams share a folder name ({upstreams}): their rows would collide")
     steps, sources, pretrain_of = [], {}, {}
     pre_folder = os.path.abspath(hp["pretrain_data_folder"])
     base_pretrain = _overrides(hp, "pretrain", pre_folder)
@@ -299,6 +315,9 @@ def build_plan(hp):
     for u in upstreams:
         if u == "mgf":
             row_source[u] = (mgf_source, mgf_step, {})
+        elif is_hf_source(u):  # an anchor encoder: probed as it is, no pretraining step
+            u = upstream_tag(u)
+            row_source[u] = (upstreams_by_tag[u], None, {})
         else:
             row_source[u] = (u, mgf_step if reference else None,
                              {"upstream_reference": reference} if reference else {})

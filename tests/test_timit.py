@@ -122,6 +122,22 @@ def test_frame_stack_uses_centre():
     assert tp.frame_labels(segs, 1000, 160, 2) == ["aa", "aa", "s", "s"]  # centres 80, 400, 720, 1040->999
 
 
+@pytest.mark.parametrize("stack", [1, 2, 3])
+def test_scoring_at_100fps_takes_the_nearest_upstream_frame(stack):
+    """Each 10 ms frame is scored with the upstream frame that covers it (for stacked fbank,
+    the frame whose stack contains it: what repeating each prediction ``stack`` times gives)."""
+    from mgf_sb.features import FeatureExtractor
+
+    fe = FeatureExtractor(n_mels=8, frame_stack=stack)
+    for n in (400, 1599, 1600, 16000, 16161, 23999):
+        centres = fe.frame_centres(n)
+        n_100 = n // 160 + 1
+        got = tp.nearest_frames(centres, np.arange(n_100) * 160)
+        expected = np.minimum(np.arange(n_100) // stack, len(centres) - 1)
+        assert got.tolist() == expected.tolist(), (stack, n)
+        assert len(centres) == int(fe.n_frames(torch.zeros(1, n), torch.ones(1))[0])
+
+
 def test_lower_case_tree(tmp_path):
     upper = prepared(build_timit(tmp_path / "U"), tmp_path / "pu")
     root = build_timit(tmp_path / "L" / "timit", lower=True)

@@ -7,13 +7,15 @@ downloaded (the network is cut while it loads).
 import json
 import os
 import socket
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import SAMPLES, run_recipe
 
-transformers = pytest.importorskip("transformers", reason="the test extra installs transformers (setup.cfg)")
+import transformers  # noqa: E402  (the test extra installs it: setup.cfg)
 
 from mgf_sb.upstream import LayerSelector, Upstream, run_folder, upstream_tag  # noqa: E402
 
@@ -124,3 +126,77 @@ def test_voxceleb_recipe_runs_on_a_hf_upstream(hf_folder, tmp_path):
         res = json.load(f)
     assert res["upstream"] == "hf:tiny-w2v2"
     assert 0.0 <= res["sid_test_acc"] <= 1.0 and 0.0 <= res["eer"] <= 1.0
+
+
+def test_front_end_frame_centres_match_the_model(hf_folder):
+    """Frame count and centres of the conv front end, as TIMIT's labels use them."""
+    up = Upstream("hf:" + hf_folder)
+    front = up.features
+    assert front.receptive_field == 400 and front.hop == 320
+    for n in (400, 719, 720, 8000, 16000, 16001):
+        expected = int(up.encoder._get_feat_extract_output_lengths(torch.tensor(n)))
+        centres = front.frame_centres(n)
+        assert len(centres) == expected == front.n_frames_of(n), n
+        # frame j sees samples [320 j, 320 j + 400): its centre is the middle of that window
+        assert np.allclose(centres, np.arange(expected) * 320 + 199.5)
+
+
+def test_timit_recipe_runs_on_a_hf_upstream(hf_folder, tmp_path):
+    """Training labels at the model's 50 Hz frames; dev/test scored on every 100 fps label."""
+    sys.path.insert(0, os.path.join(REPO, "recipes", "TIMIT"))
+    import timit_prepare as tp
+    from test_timit import majority_frequency, read_manifest
+
+    out = str(tmp_path / "timit")
+    run_recipe(os.path.join(REPO, "recipes", "TIMIT", "train.py"), os.path.join(REPO, "hparams", "timit.yaml"),
+               dict(upstream="hf:" + hf_folder, data_folder=os.path.join(SAMPLES, "TIMIT"), output_folder=out,
+                    number_of_epochs=2, num_threads=1))
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["upstream"] == "hf:tiny-w2v2" and res["frame_rate"] == 50.0
+    for split in ("dev", "test"):
+        manifest = os.path.join(out, "data", f"{split}.csv")
+        n_labels = sum(p != tp.IGNORE for row in read_manifest(manifest) for p in row["frame_labels"].split())
+        assert res[split]["frames"] == n_labels
+        assert abs(res[split]["majority_frequency"] - majority_frequency(manifest)) < 1e-6
+        assert 0.0 <= res[split]["acc"] <= 1.0
+
+
+def test_iemocap_fold_runs_on_a_hf_upstream_without_export(hf_folder, tmp_path):
+    from test_iemocap import _check_results, _common, build_iemocap
+
+    corpus = build_iemocap(str(tmp_path / "IEMOCAP_full_release"))
+    proc = run_recipe("recipes/IEMOCAP/train.py", "hparams/emotion.yaml",
+                      dict(_common(corpus, tmp_path, "hf"), upstream="hf:" + hf_folder, test_session=2))
+    out = tmp_path / "hf" / "session2"
+    res = _check_results(str(out))
+    assert res["upstream_name"] == "hf:tiny-w2v2" and len(res["layer_weights"]) == LAYERS + 1
+    assert not (out / "model").exists() and "no classifier export for an hf: upstream" in proc.stdout + proc.stderr
+
+
+def test_evaluate_ranks_a_hf_anchor_beside_mgf_and_the_baselines(hf_folder, tmp_path):
+    """evaluate.py takes hf:<folder> in upstreams: its own row, probed as it is (no pretraining
+    dependency, no baseline reference), in the report's table and ranks."""
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import evaluate
+    from test_evaluate import HPARAMS, fake_runner
+
+    hp = evaluate.load_hparams([HPARAMS, f"--output_folder={tmp_path}/out", "--tasks=[timit, voxceleb]",
+                                f"--upstreams=[mgf, fbank, 'hf:{hf_folder}']"])
+    steps, rows, sources = evaluate.build_plan(hp)
+    assert rows["main"] == ["mgf", "fbank", "hf-tiny-w2v2"]
+    assert sources["hf-tiny-w2v2"] == "hf:" + os.path.abspath(hf_folder)
+    hf_steps = [s for s in steps if s.row == "hf-tiny-w2v2"]
+    assert len(hf_steps) == 2 * 2  # 2 tasks x 2 heads
+    for s in hf_steps:
+        assert f"--upstream=hf:{os.path.abspath(hf_folder)}" in s.command and not s.depends
+        assert not any(a.startswith("--upstream_reference") for a in s.command)
+        assert os.path.join("probes", "hf-tiny-w2v2") in s.folder
+    calls = []
+    report, status = evaluate.main([HPARAMS, f"--output_folder={tmp_path}/out", "--tasks=[timit, voxceleb]",
+                                    f"--upstreams=[mgf, fbank, 'hf:{hf_folder}']"],
+                                   runner=fake_runner(calls), log=lambda *a: None)
+    assert "hf-tiny-w2v2" in report["main"]["results"]
+    assert "| hf-tiny-w2v2 |" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match="not a local Hugging Face model folder"):
+        evaluate.build_plan(dict(hp, upstreams=["mgf", "hf:" + str(tmp_path / "missing")]))

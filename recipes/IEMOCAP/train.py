@@ -56,7 +56,7 @@ from mgf_sb.downstream import (  # noqa: E402
     balanced_class_weights,
     write_results,
 )
-from mgf_sb.upstream import describe_source  # noqa: E402
+from mgf_sb.upstream import describe_source, is_hf_source  # noqa: E402
 from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
@@ -355,6 +355,10 @@ def main(argv):
         write_test_results(hparams, metrics, brain.test_metrics["loss"], brain.class_stats,
                            brain.layer_weights(), convex)
         head = hparams["head_model"]
+        if is_hf_source(hparams["upstream"]):  # results are written; only the inference export is MGF/fbank-only
+            logger.warning(f"no classifier export for an hf: upstream ({hparams['upstream']}): the inference "
+                           f"folder format (mgf_sb.inference.MGFEmotionClassifier) holds MGF and fbank upstreams")
+            return
         export_classifier_folder(
             hparams["model_folder"],
             hparams["upstream_model"],

@@ -268,13 +268,40 @@ def frame_labels(segments, n_samples, hop_length=160, frame_stack=1):
     n_fbank = n_samples // hop_length + 1
     n = (n_fbank + frame_stack - 1) // frame_stack
     centres = (np.arange(n) * frame_stack + (frame_stack - 1) / 2.0) * hop_length
-    centres = np.clip(centres, 0, max(n_samples - 1, 0))
+    return labels_at(segments, centres, n_samples)
+
+
+def labels_at(segments, centres, n_samples):
+    """Label of the segment containing each position of ``centres`` (samples; clipped to the audio).
+
+    Any upstream's frames: pass its front end's ``frame_centres(n_samples)``.
+
+    >>> labels_at([(0, 200, "sil"), (200, 500, "aa")], [199.5, 519.5], 500)
+    ['sil', 'aa']
+    """
+    centres = np.clip(np.asarray(centres, dtype=np.float64), 0, max(n_samples - 1, 0))
     starts = np.array([s for s, _, _ in segments])
     idx = np.searchsorted(starts, centres, side="right") - 1
     out = []
     for c, i in zip(centres, idx):
         out.append(segments[i][2] if i >= 0 and c < segments[i][1] else IGNORE)
     return out
+
+
+def nearest_frames(centres, targets):
+    """Index of the frame (of ``centres``, sorted) nearest to each position of ``targets``.
+
+    Scores any upstream at TIMIT's 100 fps: each 10 ms frame takes the prediction of the
+    upstream frame whose centre is closest (ties go to the earlier frame).
+
+    >>> nearest_frames([80.0, 400.0, 720.0], [0, 160, 320, 480, 640, 800]).tolist()
+    [0, 0, 1, 1, 2, 2]
+    """
+    centres, targets = np.asarray(centres, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    right = np.clip(np.searchsorted(centres, targets, side="left"), 0, len(centres) - 1)
+    left = np.clip(right - 1, 0, len(centres) - 1)
+    closer_left = np.abs(targets - centres[left]) <= np.abs(centres[right] - targets)
+    return np.where(closer_left, left, right).astype(np.int64)
 
 
 def encode_segments(segments):

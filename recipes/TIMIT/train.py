@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TIMIT frame-wise phoneme classification: frozen upstream + a frame head.
 
-    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>]
+    python recipes/TIMIT/train.py hparams/timit.yaml [--upstream=fbank|random|<pretrained folder>|hf:<folder>]
         [--head=linear|bilstm]
 
 The upstream's layers are combined by a learned weighted sum (or one layer,
@@ -23,11 +23,12 @@ shards the training set over the processes (``batch_size`` is per process);
 dev/test are not sharded, so every process scores the whole set and rank 0
 writes the results. ``--precision=bf16`` trains under autocast.
 
-Training labels follow the upstream's frame rate: each encoder frame gets the
-label of the phone segment containing its centre (100 fps labels at
-``frame_stack: 1``; at ``frame_stack: 2`` the centre of the two stacked 10 ms
-frames). Dev and test are always scored at the standard 100 frames/s: an
-upstream at 50 Hz has each prediction repeated over its two 10 ms frames, so
+Training labels follow the upstream's frames: each frame gets the label of the
+phone segment containing its centre, as the upstream's front end places it
+(``frame_centres``: the middle of the stacked 10 ms fbank frames for MGF and
+fbank, the middle of the conv receptive field for an ``hf:`` wav2vec 2.0 /
+HuBERT / WavLM). Dev and test are always scored at the standard 100 frames/s,
+each 10 ms frame taking the prediction of the nearest upstream frame, so
 accuracies are comparable across frame rates. Frames of deleted ``q``
 segments are ignored.
 """
@@ -36,17 +37,17 @@ import logging
 import os
 import sys
 
+import numpy as np
 import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from mgf_sb.batch import n_encoder_frames
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.heads import valid_mask
 from mgf_sb.upstream import describe_source
 from mgf_sb.recipe import start_experiment
-from timit_prepare import PHONES_39, decode_segments, frame_labels, prepare_timit
+from timit_prepare import PHONES_39, decode_segments, frame_labels, labels_at, nearest_frames, prepare_timit
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +66,23 @@ class TIMITBrain(DownstreamBrain):
         return self.modules.probe(feats, n_frames), n_frames
 
     def compute_objectives(self, predictions, batch, stage):
-        """Cross-entropy over the labelled valid frames; updates the confusion matrix."""
+        """Cross-entropy over the labelled valid frames; updates the confusion matrix.
+
+        Training uses labels at the upstream's own frames; dev and test are scored at 100 fps
+        (TIMIT's 10 ms frames), each taking the prediction of the nearest upstream frame, so
+        upstreams at any frame rate (100 Hz fbank, 50 Hz MGF, 50 Hz wav2vec 2.0) are scored on
+        the same frames.
+        """
         logits, n_frames = predictions
-        labels, _ = batch.labels
-        stack = self.hparams.upstream_model.features.frame_stack
-        if stage != sb.Stage.TRAIN and stack > 1:
-            # Score at 100 fps: each encoder frame's prediction covers its stacked 10 ms frames.
-            labels, _ = batch.labels_100
-            logits = logits.repeat_interleave(stack, dim=1)[:, : labels.shape[1]]
-            wavs, wav_lens = batch.sig
-            n_samples = torch.round(wav_lens * wavs.shape[1]).long()
-            n_frames = n_encoder_frames(n_samples, self.hparams.upstream_model.features.hop, 1)
-            loss = torch.zeros((), device=logits.device)
-            mask = valid_mask(n_frames, logits.shape[1], logits.device) & (labels >= 0)
+        if stage != sb.Stage.TRAIN:
+            labels, n_100 = batch.labels_100
+            index, _ = batch.index_100
+            n_100 = torch.round(n_100 * labels.shape[1]).long()
+            logits = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            mask = valid_mask(n_100, labels.shape[1], logits.device) & (labels >= 0)
             self._count(labels[mask], logits[mask])
-            return loss
+            return torch.zeros((), device=logits.device)
+        labels, _ = batch.labels
         if labels.shape[1] != logits.shape[1]:
             raise RuntimeError(
                 f"{labels.shape[1]} frame labels for {logits.shape[1]} upstream frames "
@@ -157,19 +160,22 @@ class TIMITBrain(DownstreamBrain):
 
 
 def dataio_prepare(hparams):
-    """train/dev/test datasets: audio + one label per upstream frame."""
-    features = hparams["upstream_model"].features
-    hop, stack = features.hop, features.frame_stack
+    """train/dev/test datasets: audio, one label per upstream frame (training), and the
+    100 fps labels with, for each, the upstream frame whose prediction scores it."""
+    front = hparams["upstream_model"].features  # FeatureExtractor or a Hugging Face model's front end
+    hop_100 = hparams["hop_length"]
 
     @sb.utils.data_pipeline.takes("wav", "segments")
-    @sb.utils.data_pipeline.provides("sig", "labels", "labels_100")
+    @sb.utils.data_pipeline.provides("sig", "labels", "labels_100", "index_100")
     def pipeline(wav, segments):
         sig = sb.dataio.dataio.read_audio(wav)
         yield sig
         segs = decode_segments(segments)
-        for k in (stack, 1):  # at the upstream's rate (training), at 100 fps (scoring)
-            labels = frame_labels(segs, len(sig), hop, k)
-            yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels])
+        centres = front.frame_centres(len(sig))
+        yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels_at(segs, centres, len(sig))])
+        labels = frame_labels(segs, len(sig), hop_100, 1)
+        yield torch.LongTensor([PHONE_INDEX.get(p, IGNORE_INDEX) for p in labels])
+        yield torch.from_numpy(nearest_frames(centres, np.arange(len(labels)) * hop_100))
 
     datasets = {}
     for split in ("train", "dev", "test"):
@@ -178,7 +184,7 @@ def dataio_prepare(hparams):
             ds = ds.filtered_sorted(sort_key="duration")
         datasets[split] = ds
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), pipeline)
-    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "labels", "labels_100"])
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "labels", "labels_100", "index_100"])
     return datasets
 
 
