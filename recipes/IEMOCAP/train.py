@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IEMOCAP emotion recognition on top of an upstream (fbank | random | MGF).
+"""IEMOCAP emotion recognition on top of an upstream (fbank | random | MGF | hf:<local folder>).
 
     python recipes/IEMOCAP/train.py hparams/emotion.yaml [--test_session=1] [--upstream=...]
 

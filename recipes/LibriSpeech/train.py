@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LibriSpeech CTC speech recognition on top of an upstream (fbank | random | MGF).
+"""LibriSpeech CTC speech recognition on top of an upstream (fbank | random | MGF | hf:<local folder>).
 
     python recipes/LibriSpeech/train.py hparams/librispeech_ctc.yaml [--overrides]
 
