@@ -328,8 +328,8 @@ def test_recipe_random_with_reference(corpus, tmp_path, tiny_pretrained):
     assert cfg["hidden_size"] == 16
     assert os.path.isfile(os.path.join(out, "model", "upstream", "encoder.ckpt"))
     # Resuming that folder with another upstream is refused, naming the difference.
-    # (the one run guard of every recipe: mgf_sb.recipe.check_run_config)
-    from mgf_sb.recipe import RunConfigChanged, check_run_config
+    # (the one run guard of every recipe: mgf_sb.run_guard.check_run_config)
+    from mgf_sb.run_guard import RunConfigChanged, check_run_config
 
     saved = json.load(open(os.path.join(out, "run_config.json")))
     hp = dict(saved["settings"], output_folder=out, resumable_keys=saved["resumable_keys"])

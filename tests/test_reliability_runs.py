@@ -19,7 +19,7 @@ from conftest import REPO
 from test_pretrain import TINY, parse_log
 from test_reliability import HPARAMS, PRETRAIN, _free_port
 
-from mgf_sb.recipe import LOCK_FILE, RUN_CONFIG, OutputFolderLocked, OutputLock
+from mgf_sb.run_guard import LOCK_FILE, RUN_CONFIG, OutputFolderLocked, OutputLock
 
 
 def _env():
@@ -65,13 +65,13 @@ def test_pretraining_rerun_with_other_settings_stops_before_writing(corpus, tmp_
     out = str(tmp_path / "run")
     first = _pretrain(out, corpus)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.load(open(os.path.join(out, RUN_CONFIG)))["settings"]["lr"] == 0.0005
+    assert json.load(open(os.path.join(out, RUN_CONFIG)))["settings"]["lr"] == 0.002
     before = _snapshot(out)
 
     # --lr and --use_utterance changed: stops at once, naming each change and both ways out
     proc = _pretrain(out, corpus, lr=0.05, use_utterance=False)
     assert proc.returncode != 0
-    assert "lr: 0.0005 -> 0.05" in proc.stderr and "use_utterance: true -> false" in proc.stderr
+    assert "lr: 0.002 -> 0.05" in proc.stderr and "use_utterance: true -> false" in proc.stderr
     assert "--output_folder=<new folder>" in proc.stderr and "--on_change=restart" in proc.stderr
     assert "number_of_epochs" in proc.stderr.split("Settings that may change on resume:")[1]
     after = _snapshot(out)
@@ -91,7 +91,7 @@ def test_pretraining_rerun_with_other_settings_stops_before_writing(corpus, tmp_
     assert [r["epoch"] for r in parse_log(os.path.join(aside, "train_log.txt"))] == [1, 2]
     assert glob.glob(os.path.join(aside, "save", "CKPT+*")) and os.path.isfile(
         os.path.join(aside, "pretrained", "encoder.ckpt"))
-    assert "lr: 0.0005" in open(os.path.join(aside, "hyperparams.yaml")).read()
+    assert "lr: 0.002" in open(os.path.join(aside, "hyperparams.yaml")).read()
     assert [r["epoch"] for r in parse_log(os.path.join(out, "train_log.txt"))] == [1]  # trained from scratch
     assert json.load(open(os.path.join(out, RUN_CONFIG)))["settings"]["lr"] == 0.05
     assert "lr: 0.05" in open(os.path.join(out, "hyperparams.yaml")).read()
@@ -189,7 +189,7 @@ def test_lock_rules(tmp_path, monkeypatch):
     lock.release()
 
     # only rank 0 of a job takes it: rank0_decides runs the function on rank 0 and shares the outcome
-    from mgf_sb import recipe
+    from mgf_sb import run_guard as recipe
 
     calls = []
     assert recipe.rank0_decides(lambda: calls.append(1) or "ok") == "ok" and calls == [1]
@@ -198,7 +198,7 @@ def test_lock_rules(tmp_path, monkeypatch):
 def test_ddp_run_on_a_locked_folder_stops_every_rank_cleanly(corpus, tmp_path):
     """2 gloo processes, the folder held by a live process: both ranks stop with the message
     (rank 0 decides, rank 1 is told), leave the process group and exit with 1, not SIGABRT."""
-    from mgf_sb.recipe import _process_start
+    from mgf_sb.run_guard import _process_start
 
     out = tmp_path / "run"
     out.mkdir()
