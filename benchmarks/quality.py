@@ -103,7 +103,7 @@ BUDGETS = {
     # steps ~ 4,800 CPU s, + ~24 probes x ~18 CPU s, i.e. 40-60 min on 2 cores, plus the one-time
     # corpus generation; 1.8 h of audio, 48 + 24 voices
     "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=2, batch_size=8, variants=list(VARIANTS), seeds=[0, 1],
-                      curve_variants=["full MGF", "frame"]),
+                      curve_variants=["full MGF", *SINGLE_SCALES]),
     # longer runs (a GPU): 5 h of audio, the YAML's own encoder size, 3 seeds
     "long": Budget(CorpusSpec(n_pretrain_speakers=96, pretrain_utts=40, n_probe_speakers=36, probe_utts=20),
                    {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2],
@@ -358,7 +358,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None, help="override the budget's pretraining epochs")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     p.add_argument("--curve_variants", nargs="*", default=None, choices=list(VARIANTS),
-                   help="variants probed after every epoch (first seed); default: full MGF and the frame scale")
+                   help="variants probed after every epoch (first seed); default: full MGF and each scale alone, "
+                        "so that the curve shows the best single scale")
     p.add_argument("--max_train_frames", type=int, default=None, help="phone-probe training frames")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of hparams/mgf.yaml for every variant")
