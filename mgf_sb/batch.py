@@ -25,6 +25,7 @@ the target network run once per view, which amortises the teacher's cost.
 from dataclasses import dataclass, field
 from typing import List
 
+import numpy as np
 import torch
 
 from mgf_sb.masking import sample_frame_mask, sample_spans, spans_to_mask
@@ -134,6 +135,19 @@ def n_encoder_frames(n_samples, hop_length, frame_stack):
     """
     fbank_frames = n_samples // hop_length + 1
     return (fbank_frames + frame_stack - 1) // frame_stack
+
+
+def encoder_frame_centres(n_samples, hop_length, frame_stack):
+    """Sample position of each encoder frame's centre for a waveform of ``n_samples`` (int).
+
+    Fbank frame ``i`` is centred at ``i * hop_length`` (centred STFT); an encoder frame stacking
+    ``k`` of them sits in their middle. Frame-level labels are read at these positions.
+
+    >>> encoder_frame_centres(800, 160, 2).tolist()
+    [80.0, 400.0, 720.0]
+    """
+    n = n_encoder_frames(int(n_samples), hop_length, frame_stack)
+    return (np.arange(n) * frame_stack + (frame_stack - 1) / 2.0) * hop_length
 
 
 class MGFCollate:

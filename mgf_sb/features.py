@@ -5,12 +5,11 @@ normalisation erases the level and spectral offsets that speaker and emotion
 probes rely on.
 """
 
-import numpy as np
 import torch
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
-from mgf_sb.batch import n_encoder_frames
+from mgf_sb.batch import encoder_frame_centres, n_encoder_frames
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -83,16 +82,13 @@ class FeatureExtractor(torch.nn.Module):
     def frame_centres(self, n_samples):
         """Sample position of each encoder frame's centre in a waveform of ``n_samples``.
 
-        Fbank frame ``i`` is centred at ``i * hop`` (centred STFT); an encoder frame stacking
-        ``k`` of them sits in their middle. Frame-level labels (TIMIT) are read at these
-        positions, so they follow any frame rate.
+        (:func:`~mgf_sb.batch.encoder_frame_centres`.) Frame-level labels (TIMIT) are read at
+        these positions, so they follow any frame rate.
 
         >>> FeatureExtractor(frame_stack=2).frame_centres(800).tolist()
         [80.0, 400.0, 720.0]
         """
-        k = self.frame_stack
-        n = int(n_encoder_frames(int(n_samples), self.hop, k))
-        return (np.arange(n) * k + (k - 1) / 2.0) * self.hop
+        return encoder_frame_centres(n_samples, self.hop, self.frame_stack)
 
     def forward(self, wavs, wav_lens, epoch=None):
         """Computes features.

@@ -111,14 +111,10 @@ class HFWaveformInput(torch.nn.Module):
         return x, valid
 
 
-def load_hf_model(folder):
-    """A local Hugging Face speech model folder -> (model, :class:`HFWaveformInput`).
-
-    ``transformers.AutoModel.from_pretrained(folder, local_files_only=True)``: the folder
-    must hold ``config.json`` and the weights (``save_pretrained``'s output, e.g. a
-    ``git clone`` of a model repository). Nothing is ever downloaded.
-    """
-    folder = os.path.expanduser(str(folder))
+def check_hf_folder(folder):
+    """A local Hugging Face model folder -> its absolute path; FileNotFoundError naming it otherwise
+    (the one check of ``hf:`` folders: the upstream and recipes/evaluate.py's plan)."""
+    folder = os.path.abspath(os.path.expanduser(str(folder)))
     if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, "config.json")):
         what = "does not exist" if not os.path.exists(folder) else "has no config.json"
         raise FileNotFoundError(
@@ -126,6 +122,17 @@ def load_hf_model(folder):
             f"model saved with save_pretrained (config.json + weights), e.g. a `git clone` of "
             f"facebook/wav2vec2-base; mgf-sb never downloads anything"
         )
+    return folder
+
+
+def load_hf_model(folder):
+    """A local Hugging Face speech model folder -> (model, :class:`HFWaveformInput`).
+
+    ``transformers.AutoModel.from_pretrained(folder, local_files_only=True)``: the folder
+    must hold ``config.json`` and the weights (``save_pretrained``'s output, e.g. a
+    ``git clone`` of a model repository). Nothing is ever downloaded.
+    """
+    folder = check_hf_folder(folder)
     try:
         import transformers
     except ImportError as e:

@@ -53,7 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mgf_sb.checkpoint import REQUIRED_FILES  # noqa: E402
-from mgf_sb.upstream import HF_PREFIX, is_hf_source, upstream_tag  # noqa: E402
+from mgf_sb.upstream import HF_PREFIX, check_hf_folder, is_hf_source, upstream_tag  # noqa: E402
 from mgf_sb.recipe import is_bundled_sample, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.report import (  # noqa: E402
     Column,
@@ -244,12 +244,10 @@ def _overrides(hp, key, folder):
 
 def anchor_source(source):
     """``hf:<folder>`` -> ``hf:<absolute folder>``, checked now rather than at its first probe."""
-    folder = os.path.abspath(os.path.expanduser(str(source)[len(HF_PREFIX):]))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(
-            f"upstreams: {source} is not a local Hugging Face model folder ({folder} has no config.json); "
-            f"give the folder a save_pretrained / git clone wrote (nothing is downloaded)")
-    return HF_PREFIX + folder
+    try:
+        return HF_PREFIX + check_hf_folder(str(source)[len(HF_PREFIX):])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"upstreams: {source} is not a local Hugging Face model folder: {e}") from None
 
 
 def build_plan(hp):
@@ -273,8 +271,8 @@ def build_plan(hp):
     bad = [u for u in upstreams if u not in ("mgf",) + BASELINES and not is_hf_source(u)]
     if bad:
         raise ValueError(f"upstreams must be among mgf, fbank, random, hf:<local folder>; got {bad}")
-    upstreams_by_tag = {upstream_tag(u): u for u in upstreams if is_hf_source(u)}
-    if len(upstreams_by_tag) != sum(is_hf_source(u) for u in upstreams):
+    anchor_tags = [upstream_tag(u) for u in upstreams if is_hf_source(u)]
+    if len(set(anchor_tags)) != len(anchor_tags):
         raise ValueError(f"two hf: upstreams share a folder name ({upstreams}): their rows would collide")
     steps, sources, pretrain_of = [], {}, {}
     pre_folder = os.path.abspath(hp["pretrain_data_folder"])
@@ -315,9 +313,9 @@ def build_plan(hp):
     for u in upstreams:
         if u == "mgf":
             row_source[u] = (mgf_source, mgf_step, {})
-        elif is_hf_source(u):  # an anchor encoder: probed as it is, no pretraining step
-            u = upstream_tag(u)
-            row_source[u] = (upstreams_by_tag[u], None, {})
+        elif is_hf_source(u):  # an anchor encoder: its own row, probed as it is, no pretraining step
+            u, source = upstream_tag(u), u
+            row_source[u] = (source, None, {})
         else:
             row_source[u] = (u, mgf_step if reference else None,
                              {"upstream_reference": reference} if reference else {})

@@ -57,6 +57,7 @@ import re
 import numpy as np
 import soundfile as sf
 
+from mgf_sb.batch import encoder_frame_centres
 from mgf_sb.data.audio import AudioError, check_audio, file_identity, read_audio
 from mgf_sb.data.manifest import SkipReport, check_disjoint, mark_prep_done, prep_is_done, write_manifest
 
@@ -265,10 +266,7 @@ def frame_labels(segments, n_samples, hop_length=160, frame_stack=1):
     >>> frame_labels(segs, 500, frame_stack=2)
     ['sil', 'aa']
     """
-    n_fbank = n_samples // hop_length + 1
-    n = (n_fbank + frame_stack - 1) // frame_stack
-    centres = (np.arange(n) * frame_stack + (frame_stack - 1) / 2.0) * hop_length
-    return labels_at(segments, centres, n_samples)
+    return labels_at(segments, encoder_frame_centres(n_samples, hop_length, frame_stack), n_samples)
 
 
 def labels_at(segments, centres, n_samples):
