@@ -1,27 +1,33 @@
 #!/usr/bin/env python3
-"""Quality benchmark: does full MGF beat each scale alone, a random encoder and fbank?
+"""Quality benchmark: does full MGF beat each scale alone, its peers, a random encoder and fbank?
 
     python benchmarks/quality.py                      # default budget (sized for <= 60 min on 2 idle cores)
     python benchmarks/quality.py --budget=long --device=cuda   # longer runs, larger encoder, a GPU
     python benchmarks/quality.py --budget=tiny        # the whole pipeline on a few utterances (the test's)
 
 1. **Corpus** (generated on first use, cached under ``--cache``, default
-   ``~/.cache/mgf_sb/quality``): pretraining speech from many synthetic voices (every TTS engine,
-   per-speaker pitch / rate / channel, per-utterance session channel) and a held-out set of
-   festival voices with phone timings for the probes (:mod:`mgf_sb.data.quality_corpus`).
+   ``~/.cache/mgf_sb/quality``; ``benchmarks/quality_corpus.py``): pretraining speech from
+   espeak-ng and flite voices, and held-out probe speech from festival voices (the only engine
+   with phone timings). No probe voice shares a synthesiser base voice with a pretraining voice,
+   probe sentences come from a vocabulary disjoint from the pretraining sentences', and every
+   utterance has its own random channel (EQ, noise, level), so no speaker is known by its channel.
 2. **Pretraining**: each variant is ``recipes/pretrain/train.py hparams/mgf.yaml`` plus overrides
    (the command a user runs, so the YAML's defaults flow through): full MGF, each scale alone,
-   each pair, at the same budget in optimiser steps, for each seed; a small encoder so that the
-   grid fits the time. The exported encoder is snapshotted after each epoch for the curves.
+   each pair, and SpeechBrain's BEST-RQ and wav2vec 2.0 objectives on the same encoder, front end,
+   corpus and steps, for each seed. Every variant gets the same settings (no per-variant tuning).
+   ``--jobs`` runs go side by side (one thread each); the export is snapshotted after each epoch
+   for the time-to-quality curve; each run's CPU seconds are measured.
 3. **Probes** on frozen features of the held-out voices (``benchmarks/quality_probe.py``): frame
-   phone classification (linear; layer chosen on dev voices, scored on test voices) and speaker
-   identification (linear on pooled mean + std), for every variant and for the baselines fbank,
-   fbank with +-5 frames of context and the random-init encoder (same architecture and
-   normaliser as full MGF).
+   phone classification (linear; labels at each representation's own frame centres; layer and
+   L2 chosen on dev voices, scored on test voices at 100 frames/s) and speaker identification
+   (linear on pooled mean + std; layer and L2 chosen on dev utterances; >= 625 test utterances),
+   for every variant and for the baselines fbank, fbank with +-5 frames of context and the
+   random-init encoder (same architecture and normaliser as full MGF).
 4. **Report** in ``--out`` (default ``results/quality/<budget>``): ``report.md`` (table with
-   mean +- std over seeds, mean ranks, time to pass fbank +-5 on phones), ``results.json``,
-   ``quality_bars.png`` and ``quality_curve.png`` (probe accuracy vs pretraining steps, full
-   MGF vs the best single scale).
+   mean +- sample std over seeds; every difference the report states as a paired bootstrap
+   interval over test utterances and seeds, "not resolved" where it spans 0; the time to pass
+   fbank +-5), ``results.json``, ``quality_bars.png`` and ``quality_curve.png`` (probe accuracy
+   vs pretraining CPU seconds, full MGF vs the best single scale, baselines as lines).
 
 A rerun reuses the corpus, finished pretraining runs and finished probes (delete ``--out`` to
 start again). ``--set key=value`` adds an override of ``hparams/mgf.yaml`` to every variant
@@ -35,10 +41,10 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -50,22 +56,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mgf_sb import report as rp  # noqa: E402
 from mgf_sb.checkpoint import read_config  # noqa: E402
-from mgf_sb.data.quality_corpus import CorpusSpec, build_corpus  # noqa: E402
+from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
 
 HPARAMS = os.path.join(REPO, "hparams", "mgf.yaml")
 RECIPE = os.path.join(REPO, "recipes", "pretrain", "train.py")
 
-# Variant name -> overrides of hparams/mgf.yaml (the README's ablation grid).
+_PEER = {"use_frame": False, "use_phoneme": False, "use_utterance": False}
+# Variant name -> overrides of hparams/mgf.yaml (the README's ablation grid + SpeechBrain's peers).
 VARIANTS = {
     "full MGF": {},
-    "frame": {"use_phoneme": False, "use_utterance": False},
+    "frame": {"use_phoneme": False, "use_utterance": False},  # the TERA / Mockingjay-style row
     "phoneme": {"use_frame": False, "use_utterance": False},
     "utterance": {"use_frame": False, "use_phoneme": False},
     "frame+phoneme": {"use_utterance": False},
     "frame+utterance": {"use_phoneme": False},
     "phoneme+utterance": {"use_frame": False},
+    "BEST-RQ": {**_PEER, "use_bestrq": True},
+    "wav2vec 2.0": {**_PEER, "use_wav2vec2": True},
 }
 SINGLE_SCALES = ("frame", "phoneme", "utterance")
+PAIRS = ("frame+phoneme", "frame+utterance", "phoneme+utterance")
+PEERS = ("BEST-RQ", "wav2vec 2.0")
 BASELINES = ("fbank", "fbank+-5", "random")
 
 SMALL_ENCODER = {"d_model": 128, "num_layers": 3, "nhead": 4, "d_ffn": 512, "proj_dim": 64,
@@ -89,32 +100,25 @@ class Budget:
     max_train_frames: int = 20000
     max_iter: int = 100
     overrides: dict = dataclasses.field(default_factory=dict)
+    speaker_split: tuple = (4, 20)  # dev / test utterances per probe voice (the rest train)
 
 
 BUDGETS = {
     # the test's: a few voices and utterances, two variants, 2 epochs of a 2-layer d=32 encoder
     "tiny": Budget(CorpusSpec(n_pretrain_speakers=3, pretrain_utts=3, n_probe_speakers=4, probe_utts=4,
-                              two_sentence_prob=0.0),
-                   TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"], seeds=[0],
-                   curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
-                   overrides={"crop_seconds": 3.0}),
-    # sized for <= 60 min on 2 idle CPU cores, estimated from measured CPU time (1 thread; see
-    # benchmarks/RESULTS.md): ~0.9-1.0 CPU s per step of this encoder -> 7 variants x 2 seeds x 360
-    # steps ~ 4,800 CPU s, + ~24 probes x ~18 CPU s, i.e. 40-60 min on 2 cores, plus the one-time
-    # corpus generation; 1.8 h of audio, 48 + 24 voices
-    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=2, batch_size=8, variants=list(VARIANTS), seeds=[0, 1],
-                      curve_variants=["full MGF", *SINGLE_SCALES]),
-    # longer runs (a GPU): 5 h of audio, the YAML's own encoder size, 3 seeds
-    "long": Budget(CorpusSpec(n_pretrain_speakers=96, pretrain_utts=40, n_probe_speakers=36, probe_utts=20),
-                   {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2],
+                              two_sentence_prob=0.0), TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"],
+                   seeds=[0, 1], curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
+                   overrides={"crop_seconds": 3.0}, speaker_split=(1, 2)),
+    # sized for <= 60 min on 2 idle CPU cores (one-time corpus generation apart): see
+    # benchmarks/RESULTS.md for the measured CPU seconds per step and per probe
+    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS), seeds=[0, 1, 2],
+                      curve_variants=["full MGF", *SINGLE_SCALES], max_train_frames=15000,
+                      overrides={"crop_seconds": 3.0}),
+    # longer runs (a GPU): more audio, the YAML's own encoder size, 5 seeds
+    "long": Budget(dataclasses.replace(CorpusSpec(), n_pretrain_speakers=96, pretrain_utts=40),
+                   {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2, 3, 4],
                    curve_variants=["full MGF", *SINGLE_SCALES], max_train_frames=60000),
 }
-
-
-def cpu_seconds(who=resource.RUSAGE_SELF):
-    """User + system CPU seconds of this process (or of its finished children)."""
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
 
 
 def log(msg):
@@ -122,7 +126,7 @@ def log(msg):
 
 
 def slug(name):
-    return name.replace(" ", "_").replace("+", "_").replace("-", "m")
+    return name.replace(" ", "_").replace("+", "_").replace("-", "m").replace(".", "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,42 +181,76 @@ def _snapshot(pretrained, snaps):
     return epoch
 
 
-def pretrain(run_dir, overrides, epochs, timeout=None):
-    """Runs the recipe in a subprocess; snapshots the export after each epoch.
+class PretrainRun:
+    """One pretraining run in a subprocess: snapshots the export after each epoch, measures the
+    run's own CPU seconds (``os.wait4``), and records them in ``<run_dir>/run.json``."""
 
-    Returns the wall seconds (0 when the final snapshot already existed).
-    """
-    snaps = os.path.join(run_dir, "snapshots")
-    if os.path.isdir(os.path.join(snaps, f"epoch{epochs}")):
-        return 0.0
-    os.makedirs(snaps, exist_ok=True)
-    cmd = [sys.executable, RECIPE, HPARAMS] + [f"--{k}={v}" for k, v in overrides.items()]
-    pretrained = os.path.join(run_dir, "pretrained")
-    t0 = time.time()
-    with open(os.path.join(run_dir, "stdout.log"), "a") as out:
-        out.write(" ".join(cmd) + "\n")
-        out.flush()
+    def __init__(self, run_dir, overrides, epochs, name):
+        self.run_dir, self.overrides, self.epochs, self.name = run_dir, overrides, epochs, name
+        self.snaps = os.path.join(run_dir, "snapshots")
+        self.proc, self.error, self.seconds = None, None, 0.0
+
+    @property
+    def done(self):
+        return os.path.isdir(os.path.join(self.snaps, f"epoch{self.epochs}")) and os.path.isfile(self.record_path)
+
+    @property
+    def record_path(self):
+        return os.path.join(self.run_dir, "run.json")
+
+    def record(self):
+        try:
+            with open(self.record_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def start(self):
+        os.makedirs(self.snaps, exist_ok=True)
+        cmd = [sys.executable, RECIPE, HPARAMS] + [f"--{k}={v}" for k, v in self.overrides.items()]
+        self.out = open(os.path.join(self.run_dir, "stdout.log"), "a")
+        self.out.write(" ".join(cmd) + "\n")
+        self.out.flush()
         # PYTHONPATH: the recipe imports mgf_sb from this tree (also when it is a copy of the repo)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-        last = None
-        while proc.poll() is None:
-            time.sleep(0.2)
-            if os.path.isfile(os.path.join(pretrained, "mgf_config.json")):
-                mtime = os.path.getmtime(os.path.join(pretrained, "mgf_config.json"))
-                if mtime != last and _snapshot(pretrained, snaps) is not None:
-                    last = mtime
-            if timeout and time.time() - t0 > timeout:
-                proc.kill()
-                raise RuntimeError(f"pretraining in {run_dir} ran over {timeout} s")
-    if proc.returncode != 0:
-        with open(os.path.join(run_dir, "stdout.log")) as f:
-            tail = f.read()[-4000:]
-        raise RuntimeError(f"pretraining failed ({run_dir}):\n{tail}")
-    _snapshot(pretrained, snaps)
-    if not os.path.isdir(os.path.join(snaps, f"epoch{epochs}")):
-        raise RuntimeError(f"{run_dir}: no export of epoch {epochs} after the run")
-    return time.time() - t0
+        if self.overrides.get("num_threads"):
+            env["OMP_NUM_THREADS"] = str(self.overrides["num_threads"])
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, env=env)
+        self._last = None
+
+    def poll(self):
+        """Snapshots a new export; returns True once the process has ended (and been reaped)."""
+        pretrained = os.path.join(self.run_dir, "pretrained")
+        cfg = os.path.join(pretrained, "mgf_config.json")
+        if os.path.isfile(cfg):
+            mtime = os.path.getmtime(cfg)
+            if mtime != self._last and _snapshot(pretrained, self.snaps) is not None:
+                self._last = mtime
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.seconds = time.time() - self.t0
+        self.out.close()
+        if self.proc.returncode != 0:
+            with open(os.path.join(self.run_dir, "stdout.log"), errors="replace") as f:
+                self.error = f"pretraining failed ({self.run_dir}, exit {self.proc.returncode}):\n" + f.read()[-3000:]
+            return True
+        _snapshot(pretrained, self.snaps)
+        final = os.path.join(self.snaps, f"epoch{self.epochs}")
+        if not os.path.isdir(final):
+            self.error = f"{self.run_dir}: no export of epoch {self.epochs} after the run"
+            return True
+        steps = run_steps(final)
+        rec = {"variant": self.name, "wall_seconds": round(self.seconds, 1),
+               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "steps": steps,
+               "cpu_seconds_per_step": round((usage.ru_utime + usage.ru_stime) / max(1, steps), 4),
+               "threads": self.overrides.get("num_threads")}
+        with open(self.record_path + ".tmp", "w") as f:
+            json.dump(rec, f)
+        os.replace(self.record_path + ".tmp", self.record_path)
+        return True
 
 
 def run_steps(snapshot):
@@ -220,10 +258,16 @@ def run_steps(snapshot):
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregation
+# Aggregation and comparisons
 # ----------------------------------------------------------------------------------------------
 COLUMNS = [rp.Column("phones", "phones, frame acc. % (test voices)"),
            rp.Column("speakers", "speakers, acc. % (test utts)")]
+METRICS = ("phones", "speakers")
+
+
+def sample_std(values):
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def aggregate(probes, rows, seeds):
@@ -234,19 +278,53 @@ def aggregate(probes, rows, seeds):
         if not got:
             continue
         entry = {"n_seeds": len(got)}
-        for m in ("phones", "speakers"):
-            mean, std, n = rp.mean_std([g[m]["test"] for g in got])
-            entry[m], entry[m + "_std"] = mean, (std if n > 1 else None)
-            entry[m + "_dev"] = rp.mean_std([g[m]["dev_best"] for g in got])[0]
+        for m in METRICS:
+            vals = [g[m]["test"] for g in got]
+            entry[m], entry[m + "_std"] = float(np.mean(vals)), sample_std(vals)
+            entry[m + "_dev"] = float(np.mean([g[m]["dev_best"] for g in got]))
             entry[m + "_layers"] = [g[m]["layer"] for g in got]
+            entry[m + "_l2"] = [g[m].get("l2") for g in got]
+            entry[m + "_per_seed"] = vals
+        entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
         table[row] = entry
     return table
 
 
-def time_to_pass(points, threshold):
-    """First step at which a rising curve passes ``threshold`` (linear between points).
+def best_on_dev(table, candidates):
+    """The candidate with the highest mean of its dev phone and dev speaker accuracies (chosen on
+    dev, so the test comparison that follows is not a selection on test)."""
+    cands = [c for c in candidates if c in table]
+    if not cands:
+        return None
+    return max(cands, key=lambda c: (table[c]["phones_dev"] + table[c]["speakers_dev"], table[c]["phones_dev"]))
 
-    points: [(step, value)] sorted by step. Returns the step (float), or None if never passed.
+
+def compare(probes, a, b, seeds, n_boot=4000):
+    """Paired bootstrap A - B on both probes -> {metric: paired_bootstrap dict}."""
+    from quality_probe import paired_bootstrap
+
+    out = {}
+    for m in METRICS:
+        sa = [probes[a][s][m]["test_items"] for s in seeds if s in probes.get(a, {})]
+        sb = [probes[b][s][m]["test_items"] for s in seeds if s in probes.get(b, {})]
+        if sa and sb:
+            out[m] = paired_bootstrap(sa, sb, n_boot=n_boot)
+    return out
+
+
+def verdict(c, a, b):
+    if c is None:
+        return "n/a"
+    txt = f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+    if not c["resolved"]:
+        return txt + " not resolved"
+    return txt + (f" **{a} better**" if c["diff"] > 0 else f" **{b} better**")
+
+
+def time_to_pass(points, threshold):
+    """First x at which a rising curve passes ``threshold`` (linear between points).
+
+    points: [(x, value)] sorted by x. Returns x (float), or None if never passed.
     """
     prev = None
     for step, value in points:
@@ -260,22 +338,22 @@ def time_to_pass(points, threshold):
 
 
 def curve_png(path, curves, hlines, title=""):
-    """Two panels (phones, speakers): accuracy vs pretraining steps.
+    """Two panels (phones, speakers): accuracy vs pretraining CPU seconds.
 
-    curves: name -> {"steps": [...], "phones": [...], "speakers": [...]};
+    curves: name -> {"cpu_seconds": [...], "phones": [...], "speakers": [...]};
     hlines: name -> {"phones": v, "speakers": v} (baselines, dashed).
     """
     fig = rp._figure((980, 380))
     axes = fig.subplots(1, 2)
     names = list(curves) + list(hlines)
     colors = {n: rp.PALETTE[i % len(rp.PALETTE)] for i, n in enumerate(names)}
-    for ax, metric in zip(axes, ("phones", "speakers")):
+    for ax, metric in zip(axes, METRICS):
         for name, c in curves.items():
-            ax.plot(c["steps"], c[metric], marker="o", linewidth=2, color=colors[name], label=name)
+            ax.plot(c["cpu_seconds"], c[metric], marker="o", linewidth=2, color=colors[name], label=name)
         for name, v in hlines.items():
             if v.get(metric) is not None:
                 ax.axhline(v[metric], linestyle="--", linewidth=1.2, color=colors[name], label=name)
-        ax.set_xlabel("pretraining steps")
+        ax.set_xlabel("pretraining CPU seconds (1 thread)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title({"phones": "frame phone accuracy (test voices)", "speakers": "speaker ID accuracy"}[metric])
         ax.grid(True, alpha=0.3)
@@ -285,9 +363,10 @@ def curve_png(path, curves, hlines, title=""):
     return rp._save(fig, path)
 
 
-def machine_info(threads, device):
+def machine_info(threads, device, jobs):
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(), "device": device}
+            "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(), "jobs": jobs,
+            "device": device}
     try:
         info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
@@ -297,48 +376,68 @@ def machine_info(threads, device):
     return info
 
 
-def write_report(out, budget_name, budget, corpus, table, ranks, curves, ttp, info, timing, steps, spe):
+def _fmt(v, std=None):
+    return "—" if v is None else (f"{v:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+
+
+def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
+                 spe, runs):
     rows = list(table)
-    md = rp.markdown_table(table, COLUMNS, rows=rows, row_header="representation", ranks=ranks)
-    layers = "\n".join(f"- {r} ({table[r]['n_seeds']} seed(s)): phone-probe layer(s) {table[r]['phones_layers']}, speaker-probe layer(s) "
-                       f"{table[r]['speakers_layers']}; dev accuracy phones {table[r]['phones_dev']:.1f}, "
-                       f"speakers {table[r]['speakers_dev']:.1f}" for r in rows)
-    ttp_line = ("not reached within the budget" if ttp is None else f"{ttp:.0f} steps")
+    lines = ["| representation | phones, frame acc. % (test voices) | speakers, acc. % (test utts) | dev phones / "
+             "dev speakers | layers chosen (phones; speakers) | CPU s / step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        t = table[r]
+        cps = runs.get(r, {}).get("cpu_seconds_per_step")
+        lines.append(f"| {r} | {_fmt(t['phones'], t['phones_std'])} | {_fmt(t['speakers'], t['speakers_std'])} | "
+                     f"{t['phones_dev']:.1f} / {t['speakers_dev']:.1f} | {t['phones_layers']}; {t['speakers_layers']} "
+                     f"| {'—' if cps is None else f'{cps:.2f}'} |")
+    comp = ["| full MGF minus | phones (points, 95 % interval) | speakers (points, 95 % interval) |", "|---|---|---|"]
+    for other, c in comparisons.items():
+        comp.append(f"| {other} | {verdict(c.get('phones'), 'full MGF', other)} | "
+                    f"{verdict(c.get('speakers'), 'full MGF', other)} |")
+    ttp_line = ("not crossed within the budget" if ttp is None else f"{ttp:.0f} CPU s")
+    n_test_spk = next(iter(table.values())).get("speakers_n_test")
     text = [
         f"# Quality benchmark ({budget_name} budget)",
         "",
         f"Corpus: {corpus['pretrain_hours']:.2f} h of pretraining audio "
-        f"({len(corpus['pretrain_speakers'])} voices), {corpus['probe_hours']:.2f} h of held-out probe audio "
-        f"({len(corpus['probe_speakers'])} festival voices); generated in {corpus['generation_seconds']:.0f} s "
+        f"({len(corpus['pretrain_speakers'])} espeak-ng / flite voices), {corpus['probe_hours']:.2f} h of held-out "
+        f"probe audio ({len(corpus['probe_speakers'])} festival voices, no shared base voice, disjoint sentence "
+        f"vocabulary, a random channel per utterance); generated in {corpus['generation_seconds']:.0f} s "
         f"with {corpus['procs']} processes ({corpus['folder']}).",
-        f"Pretraining: {budget.epochs} epochs x {spe} steps = **{steps} optimiser steps** per variant, batch "
-        f"{budget.batch_size} utterances (crop_seconds {budget.overrides.get('crop_seconds', 'from the YAML')}), encoder "
-        f"{budget.encoder or 'YAML default'}, seeds {budget.seeds}.",
-        f"Machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']}, {info['threads']} "
-        f"threads, device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; load average at start "
-        f"{info.get('load_average_start')}.",
-        f"Wall time: corpus {timing['corpus']:.0f} s (0 = cached), pretraining {timing['pretrain']:.0f} s, "
-        f"probes {timing['probes']:.0f} s, total {timing['total']:.0f} s; CPU time (load-independent): "
-        f"pretraining {timing['pretrain_cpu']:.0f} s, probes {timing['probes_cpu']:.0f} s (runs reused from an "
-        f"earlier invocation count 0).",
+        f"Pretraining: {budget.epochs} epochs x {spe} steps = **{steps} optimiser steps** per run, batch "
+        f"{budget.batch_size} utterances (crop_seconds {budget.overrides.get('crop_seconds', 'from the YAML')}), "
+        f"encoder {budget.encoder or 'YAML default'}, seeds {budget.seeds}; every variant with the same settings "
+        f"(no per-variant tuning).",
+        f"Probes: phones: labels at each representation's frame centres, scored at 100 frames/s on "
+        f"the test voices, layer and L2 chosen on the dev voices; speakers: {n_test_spk} test utterances "
+        f"(binomial SE <= {100 * math.sqrt(0.25 / max(1, n_test_spk or 1)):.1f} points), layer and L2 chosen on dev.",
+        f"Machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']}, {info['jobs']} runs side "
+        f"by side x {info['threads']} thread(s), device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
+        f"load average at start {info.get('load_average_start')}, at end {info.get('load_average_end')}.",
+        f"Wall time: corpus {timing['corpus']:.0f} s (0 = cached), pretraining + probes {timing['grid']:.0f} s, "
+        f"total {timing['total']:.0f} s; CPU time (load-independent): pretraining {timing['pretrain_cpu']:.0f} s, "
+        f"probes {timing['probes_cpu']:.0f} s (runs and probes reused from an earlier invocation count 0).",
         "",
-        md,
+        "Mean ± sample std over seeds; CPU s / step measured on the run itself (1 thread, teacher pass included).",
         "",
-        "Mean rank over the two probes (1 = best on both): "
-        + ", ".join(f"{r} {ranks[r]:.2f}" for r in sorted(ranks, key=lambda r: ranks[r]) if ranks[r] is not None),
+        *lines,
         "",
-        f"Steps full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**.",
+        f"Differences (paired bootstrap over the test utterances and, independently per row, the seeds; "
+        f"4,000 replicates; 'not resolved' = the 95 % interval spans 0). Best single scale (chosen on dev): "
+        f"**{picks.get('single')}**; best pair (chosen on dev): **{picks.get('pair')}**.",
         "",
-        "Chosen layers (0 = input embedding) and dev accuracies:",
+        *comp,
         "",
-        layers,
+        f"Pretraining CPU seconds full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**.",
         "",
     ]
     if curves:
         text += ["Curves (first seed; test accuracy after each epoch):", ""]
         for name, c in curves.items():
-            pts = ", ".join(f"{s}: {p:.1f} / {k:.1f}" for s, p, k in zip(c["steps"], c["phones"], c["speakers"]))
-            text.append(f"- {name} (step: phones / speakers): {pts}")
+            pts = ", ".join(f"{s} steps / {x:.0f} CPU s: {p:.1f} / {k:.1f}"
+                            for s, x, p, k in zip(c["steps"], c["cpu_seconds"], c["phones"], c["speakers"]))
+            text.append(f"- {name} (phones / speakers): {pts}")
         text.append("")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(text))
@@ -363,12 +462,13 @@ def parse_args(argv):
     p.add_argument("--max_train_frames", type=int, default=None, help="phone-probe training frames")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of hparams/mgf.yaml for every variant")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="pretraining runs side by side (default: the CPU count, at most 2 on CPU; 1 on a GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default 1 when several runs go side by side)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--procs", type=int, default=2, help="processes for corpus generation")
     p.add_argument("--corpus_only", action="store_true", help="generate the corpus and stop")
-    p.add_argument("--skip_fbank", action="store_true",
-                   help="do not probe the fbank baselines (e.g. when another invocation on the same --out does)")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     return p.parse_args(argv)
@@ -389,15 +489,14 @@ def main(argv=None):
     if args.max_train_frames:
         budget.max_train_frames = args.max_train_frames
     extra = dict(kv.split("=", 1) for kv in args.set)
+    jobs = args.jobs or (1 if args.device != "cpu" else max(1, min(2, os.cpu_count() or 1)))
+    threads = args.threads or (1 if jobs > 1 else None)
     out = os.path.abspath(args.out or os.path.join(REPO, "results", "quality", args.budget))
     os.makedirs(out, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.threads, args.device)
+    torch.set_num_threads(max(1, threads or torch.get_num_threads()))
+    info = machine_info(threads, args.device, jobs)
     t_start = time.time()
-    # wall seconds per phase, and CPU seconds (load-independent: on an idle machine with 2 cores
-    # the wall time is about CPU / 2 for the 2-thread pretraining)
-    timing = {"corpus": 0.0, "pretrain": 0.0, "probes": 0.0, "pretrain_cpu": 0.0, "probes_cpu": 0.0}
+    timing = {"corpus": 0.0, "grid": 0.0, "pretrain_cpu": 0.0, "probes_cpu": 0.0}
 
     t0 = time.time()
     corpus = build_corpus(args.cache, budget.corpus, procs=args.procs, log=log)
@@ -409,125 +508,207 @@ def main(argv=None):
     spe = math.ceil(n_train / budget.batch_size)
     steps = budget.epochs * spe
     log(f"budget {args.budget}: {len(budget.variants)} variants x seeds {budget.seeds}, {budget.epochs} epochs x "
-        f"{spe} steps = {steps} steps each; output {out}")
+        f"{spe} steps = {steps} steps each; {jobs} run(s) side by side; output {out}")
 
     from quality_probe import ProbeData, run_probes
 
-    data = ProbeData(corpus)
+    data = ProbeData(corpus, speaker_split=budget.speaker_split)
     probe_dir = os.path.join(out, "probes")
     os.makedirs(probe_dir, exist_ok=True)
+    seed0 = budget.seeds[0]
+
+    def probe_path(key):
+        return os.path.join(probe_dir, slug(key).replace("/", "__") + ".json")
 
     def probe(key, **kw):
         """Runs (or reloads) the probes of one representation."""
-        path = os.path.join(probe_dir, slug(key).replace("/", "__") + ".json")
+        path = probe_path(key)
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
         if args.report_only:
             return None
-        t, cpu0 = time.time(), cpu_seconds()
+        t, cpu0 = time.time(), time.thread_time()
         res = run_probes(data, max_train_frames=budget.max_train_frames, max_iter=budget.max_iter,
                          device=args.device, **kw)
-        res["seconds"], res["cpu_seconds"] = time.time() - t, cpu_seconds() - cpu0
-        timing["probes"] += res["seconds"]
+        res["seconds"], res["cpu_seconds"] = time.time() - t, time.thread_time() - cpu0
         timing["probes_cpu"] += res["cpu_seconds"]
         with open(path + ".tmp", "w") as f:
             json.dump(res, f)
         os.replace(path + ".tmp", path)
-        log(f"  probe {key}: phones {res['phones']['test']:.1f} (layer {res['phones']['layer']}), "
-            f"speakers {res['speakers']['test']:.1f} (layer {res['speakers']['layer']}) [{res['seconds']:.0f} s]")
+        log(f"  probe {key}: phones {res['phones']['test']:.1f} (layer {res['phones']['layer']}, l2 "
+            f"{res['phones']['l2']:g}), speakers {res['speakers']['test']:.1f} (layer {res['speakers']['layer']}) "
+            f"[{res['seconds']:.0f} s]")
         return res
 
-    def keep(row, seed, res):
-        if res is not None:
-            probes.setdefault(row, {})[seed] = res
-
-    # Each run is probed as soon as it is trained, so an interrupted benchmark keeps its results
-    # (--report_only writes the report from whatever is finished).
-    probes, curves, seed0 = {}, {}, budget.seeds[0]
-    # random-init encoder: full MGF's architecture and normaliser (skipped when full MGF is not run)
-    reference_variant = "full MGF"
+    # -- the grid: pretraining runs side by side, each probed as soon as it is done ----------------
+    runs = {}
     for seed in budget.seeds:
-        for kind in ("fbank", "fbank+-5") if not args.skip_fbank else ():
-            keep(kind, seed, probe(f"{kind}/seed{seed}", kind=kind, seed=seed))
         for variant in budget.variants:
             run_dir = os.path.join(out, "runs", slug(variant), f"seed{seed}")
-            final = os.path.join(run_dir, "snapshots", f"epoch{budget.epochs}")
-            if not args.report_only:
-                os.makedirs(run_dir, exist_ok=True)
-                ov = recipe_overrides(budget, corpus, variant, seed, run_dir, args.threads, args.device, extra)
-                log(f"pretraining {variant} (seed {seed})")
-                cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
-                sec = pretrain(run_dir, ov, budget.epochs)
-                timing["pretrain"] += sec
-                timing["pretrain_cpu"] += cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
-                log(f"  done in {sec:.0f} s" if sec else "  already done")
-            if not os.path.isdir(final):
-                log(f"  {variant} (seed {seed}) not trained: left out of the report")
+            ov = recipe_overrides(budget, corpus, variant, seed, run_dir, threads, args.device, extra)
+            runs[(variant, seed)] = PretrainRun(run_dir, ov, budget.epochs, variant)
+    probe_jobs = []  # (key, kwargs), run by the main thread between polls
+    for seed in budget.seeds:
+        for kind in ("fbank", "fbank+-5"):
+            probe_jobs.append((f"{kind}/seed{seed}", {"kind": kind, "seed": seed}))
+
+    def probes_of_run(variant, seed):
+        r = runs[(variant, seed)]
+        final = os.path.join(r.snaps, f"epoch{budget.epochs}")
+        jobs_ = [(f"{variant}/seed{seed}/epoch{budget.epochs}", {"kind": "encoder", "source": final, "seed": seed})]
+        if variant == "full MGF":
+            jobs_.append((f"random/seed{seed}", {"kind": "random", "reference": final, "seed": seed}))
+        if seed == seed0 and variant in budget.curve_variants:
+            for e in range(1, budget.epochs):
+                jobs_.append((f"{variant}/seed{seed}/epoch{e}",
+                              {"kind": "encoder", "source": os.path.join(r.snaps, f"epoch{e}"), "seed": seed}))
+        return jobs_
+
+    t_grid = time.time()
+    todo = [k for k, r in runs.items() if not r.done]
+    for k, r in runs.items():
+        if r.done:
+            probe_jobs += probes_of_run(*k)
+    if todo and args.report_only:
+        log(f"{len(todo)} run(s) not trained: left out of the report")
+        todo = []
+    running, failed = [], []
+    while todo or running or probe_jobs:
+        for r in list(running):
+            if r.poll():
+                running.remove(r)
+                key = next(k for k, v in runs.items() if v is r)
+                if r.error:
+                    failed.append(key)
+                    log(f"  FAILED {key[0]} (seed {key[1]}): {r.error}")
+                    continue
+                rec = r.record()
+                timing["pretrain_cpu"] += rec.get("cpu_seconds", 0.0)
+                log(f"  done {key[0]} (seed {key[1]}): {rec.get('steps')} steps in {r.seconds:.0f} s, "
+                    f"{rec.get('cpu_seconds')} CPU s")
+                probe_jobs += probes_of_run(*key)
+        # a probe in this process takes one of the ``jobs`` slots while any is waiting
+        while todo and len(running) < jobs - (1 if probe_jobs else 0):
+            key = todo.pop(0)
+            log(f"pretraining {key[0]} (seed {key[1]})")
+            runs[key].start()
+            running.append(runs[key])
+        # one probe at a time in this process; runs keep going meanwhile, a poller thread snapshots them
+        if probe_jobs:
+            key, kw = probe_jobs.pop(0)
+            if kw.get("source") and not os.path.isdir(kw["source"]):
                 continue
-            res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder", source=final, seed=seed)
+            stop = threading.Event()
+
+            def keep_polling():
+                while not stop.wait(1.0):
+                    for rr in running:
+                        try:
+                            pretrained = os.path.join(rr.run_dir, "pretrained")
+                            if os.path.isfile(os.path.join(pretrained, "mgf_config.json")):
+                                _snapshot(pretrained, rr.snaps)
+                        except OSError:
+                            pass
+
+            th = threading.Thread(target=keep_polling, daemon=True)
+            th.start()
+            try:
+                probe(key, **kw)
+            finally:
+                stop.set()
+                th.join()
+            continue
+        time.sleep(0.5)
+    timing["grid"] = time.time() - t_grid
+    if failed:
+        log(f"{len(failed)} run(s) failed: {failed} (left out of the report; their logs are in their run folders)")
+
+    # -- collect -----------------------------------------------------------------------------------
+    probes, curves, run_records = {}, {}, {}
+    for (variant, seed), r in runs.items():
+        res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder",
+                    source=os.path.join(r.snaps, f"epoch{budget.epochs}"), seed=seed) if r.done else None
+        if res is None:
+            continue
+        probes.setdefault(variant, {})[seed] = res
+        rec = r.record()
+        run_records.setdefault(variant, []).append(rec)
+        if variant == "full MGF":
+            rnd = probe(f"random/seed{seed}", kind="random", reference=os.path.join(r.snaps, f"epoch{budget.epochs}"),
+                        seed=seed)
+            if rnd is not None:
+                probes.setdefault("random", {})[seed] = rnd
+        if seed == seed0 and variant in budget.curve_variants:
+            c = {"steps": [], "cpu_seconds": [], "phones": [], "speakers": []}
+            for e in range(1, budget.epochs + 1):
+                snap = os.path.join(r.snaps, f"epoch{e}")
+                rr = res if e == budget.epochs else (
+                    probe(f"{variant}/seed{seed}/epoch{e}", kind="encoder", source=snap, seed=seed)
+                    if os.path.isdir(snap) else None)
+                if rr is not None:
+                    st = run_steps(snap)
+                    c["steps"].append(st)
+                    c["cpu_seconds"].append(st * rec.get("cpu_seconds_per_step", float("nan")))
+                    c["phones"].append(rr["phones"]["test"])
+                    c["speakers"].append(rr["speakers"]["test"])
+            curves[variant] = c
+    for seed in budget.seeds:
+        for kind in ("fbank", "fbank+-5"):
+            res = probe(f"{kind}/seed{seed}", kind=kind, seed=seed)
             if res is not None:
-                res["steps"] = run_steps(final)
-            keep(variant, seed, res)
-            if variant == reference_variant:
-                keep("random", seed, probe(f"random/seed{seed}", kind="random", reference=final, seed=seed))
-            if seed == seed0 and variant in budget.curve_variants:  # accuracy after every epoch
-                c = {"steps": [], "phones": [], "speakers": []}
-                for e in range(1, budget.epochs + 1):
-                    snap = os.path.join(run_dir, "snapshots", f"epoch{e}")
-                    r = res if e == budget.epochs else (
-                        probe(f"{variant}/seed{seed}/epoch{e}", kind="encoder", source=snap, seed=seed)
-                        if os.path.isdir(snap) else None)
-                    if r is not None:
-                        c["steps"].append(run_steps(snap))
-                        c["phones"].append(r["phones"]["test"])
-                        c["speakers"].append(r["speakers"]["test"])
-                curves[variant] = c
-
+                probes.setdefault(kind, {})[seed] = res
     trained = [v for v in budget.variants if v in probes]
-    if not trained or args.skip_fbank:
-        log("finished without a report (nothing trained, or --skip_fbank); --report_only writes it")
+    if not trained or "fbank+-5" not in probes:
+        log("finished without a report (nothing trained or probed yet)")
         return None
-    measured = probes[trained[0]][min(probes[trained[0]])]["steps"]
-    if measured != steps:
-        log(f"the runs took {measured} steps, not the {steps} planned; reporting {measured}")
-        steps, spe = measured, measured // budget.epochs
+    recs = [x for v in run_records.values() for x in v if x.get("steps")]
+    if recs and recs[0]["steps"] != steps:
+        log(f"the runs took {recs[0]['steps']} steps, not the {steps} planned; reporting {recs[0]['steps']}")
+        steps, spe = recs[0]["steps"], recs[0]["steps"] // budget.epochs
 
-    # -- report ------------------------------------------------------------------------------
+    # -- report ------------------------------------------------------------------------------------
     rows = list(budget.variants) + list(BASELINES)
     table = aggregate(probes, rows, budget.seeds)
-    if "fbank+-5" not in table:
-        raise SystemExit("the fbank +-5 probe has not run")
-    ranks = rp.mean_ranks(table, COLUMNS, rows=list(table))
-    singles = [v for v in SINGLE_SCALES if v in table]
-    best_single = min(singles, key=lambda v: (ranks[v], -table[v]["phones"])) if singles else None
+    runs_summary = {v: {"cpu_seconds_per_step": float(np.mean([x["cpu_seconds_per_step"] for x in recs_]))}
+                    for v, recs_ in run_records.items() if recs_ and all("cpu_seconds_per_step" in x for x in recs_)}
+    picks = {"single": best_on_dev(table, SINGLE_SCALES), "pair": best_on_dev(table, PAIRS)}
+    comparisons = {}
+    if "full MGF" in table:
+        others = [v for v in SINGLE_SCALES if v in table] + [p for p in (picks["pair"],) if p] + \
+                 [v for v in PEERS if v in table] + [b for b in ("fbank+-5", "random") if b in table]
+        for o in others:
+            comparisons[o] = compare(probes, "full MGF", o, budget.seeds)
     ttp = None
-    if "full MGF" in curves:
-        pts = list(zip(curves["full MGF"]["steps"], curves["full MGF"]["phones"]))
+    if "full MGF" in curves and "fbank+-5" in table:
+        pts = list(zip(curves["full MGF"]["cpu_seconds"], curves["full MGF"]["phones"]))
         ttp = time_to_pass(pts, table["fbank+-5"]["phones"])
-    # the curve: full MGF vs the best single scale (or the single scale that has a curve)
-    single = best_single if best_single in curves else next((v for v in SINGLE_SCALES if v in curves), None)
+    single = picks["single"] if picks["single"] in curves else next((v for v in SINGLE_SCALES if v in curves), None)
     shown = {k: v for k, v in curves.items() if k in ("full MGF", single)}
-    hlines = {b: {m: table[b][m] for m in ("phones", "speakers")} for b in BASELINES if b in table}
-    what = "the best single scale" if single == best_single else "a single scale"
+    hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random") if b in table}
+    what = "the best single scale (chosen on dev)" if single == picks["single"] else "a single scale"
     curve_png(os.path.join(out, "quality_curve.png"), shown, hlines,
-              title=f"full MGF vs {what} ({single}); seed {seed0}")
+              title=f"full MGF vs {what}: {single}; seed {seed0}")
     rp.bar_chart_png(os.path.join(out, "quality_bars.png"), ["phones (frame acc.)", "speakers (acc.)"],
                      {r: [table[r]["phones"], table[r]["speakers"]] for r in table},
                      errors={r: [table[r]["phones_std"], table[r]["speakers_std"]] for r in table},
-                     title=f"Quality benchmark ({args.budget}): {steps} steps, seeds {budget.seeds}",
+                     title=f"Quality benchmark ({args.budget}): {steps} steps, seeds {budget.seeds} (± sample std)",
                      ylabel="accuracy (%)")
     timing["total"] = time.time() - t_start
     try:
         info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    text = write_report(out, args.budget, budget, corpus, table, ranks, curves, ttp, info, timing, steps, spe)
+    text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
+                        steps, spe, runs_summary)
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
-              "table": table, "mean_ranks": ranks, "best_single_scale": best_single, "curves": curves,
-              "steps_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
-              "corpus": {k: v for k, v in corpus.items() if k != "probe"}, "probes": probes}
+              "table": table, "comparisons": comparisons, "picks": picks, "curves": curves,
+              "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
+              "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
+              "corpus": {k: v for k, v in corpus.items() if k != "probe"},
+              "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids")}
+                                      for m in METRICS} for s, res in by_seed.items()} for r, by_seed in probes.items()}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(text)

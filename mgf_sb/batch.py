@@ -61,6 +61,9 @@ class MGFBatch:
         (M, W) word-scale spans (0.3-0.6 s; W = 0 when the word scale is off).
     partner : torch.LongTensor
         (M,) index of the other view of the same utterance, -1 if none.
+    peer_mask : torch.BoolTensor
+        (M, T) frames masked for a peer objective (BEST-RQ / wav2vec 2.0, see
+        ``peer_masks`` of :class:`MGFCollate`); all False when none is enabled.
     """
 
     id: List[str]
@@ -77,9 +80,10 @@ class MGFBatch:
     word_valid: torch.Tensor = None
     source: torch.Tensor = None
     utt: torch.Tensor = None
+    peer_mask: torch.Tensor = None
     _tensor_fields: tuple = field(
         default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner",
-                 "word_start", "word_len", "word_valid", "source", "utt"),
+                 "word_start", "word_len", "word_valid", "source", "utt", "peer_mask"),
         repr=False,
     )
 
@@ -93,6 +97,8 @@ class MGFBatch:
             self.word_start = torch.zeros(M, 0, dtype=torch.long)
             self.word_len = torch.zeros(M, 0, dtype=torch.long)
             self.word_valid = torch.zeros(M, 0, dtype=torch.bool)
+        if self.peer_mask is None:  # no peer objective
+            self.peer_mask = torch.zeros_like(self.frame_mask)
 
     @property
     def span_mask(self):
@@ -107,7 +113,7 @@ class MGFBatch:
     @property
     def input_mask(self):
         """(M, T) every frame the encoder must not see."""
-        return self.frame_mask | self.span_mask | self.word_mask
+        return self.frame_mask | self.span_mask | self.word_mask | self.peer_mask
 
     def _map(self, fn):
         kwargs = {"id": self.id}
@@ -148,6 +154,22 @@ def encoder_frame_centres(n_samples, hop_length, frame_stack):
     """
     n = n_encoder_frames(int(n_samples), hop_length, frame_stack)
     return (np.arange(n) * frame_stack + (frame_stack - 1) / 2.0) * hop_length
+
+
+def nearest_frames(centres, targets):
+    """Index of the frame (of ``centres``, sorted) nearest to each position of ``targets``.
+
+    Scores any upstream at 100 fps labels (TIMIT, the quality benchmark): each 10 ms frame takes the prediction of the
+    upstream frame whose centre is closest (ties go to the earlier frame).
+
+    >>> nearest_frames([80.0, 400.0, 720.0], [0, 160, 320, 480, 640, 800]).tolist()
+    [0, 0, 1, 1, 2, 2]
+    """
+    centres, targets = np.asarray(centres, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    right = np.clip(np.searchsorted(centres, targets, side="left"), 0, len(centres) - 1)
+    left = np.clip(right - 1, 0, len(centres) - 1)
+    closer_left = np.abs(targets - centres[left]) <= np.abs(centres[right] - targets)
+    return np.where(closer_left, left, right).astype(np.int64)
 
 
 class MGFCollate:
@@ -206,6 +228,12 @@ class MGFCollate:
         Dataset key of the waveform.
     random_crop : bool
         Random crop position (training) or the start of the file (validation).
+    peer_masks : dict, optional
+        ``{name: {"mask_ratio": r, "span": s}}`` for the peer objectives
+        (``bestrq``, ``wav2vec2``; mgf_sb/objectives/bestrq.py, wav2vec2.py):
+        spans of ``s`` encoder frames covering ``r`` of each sequence on average
+        (:func:`~mgf_sb.masking.sample_spans`), drawn only for a peer in
+        ``active_scales`` (all listed when it is None), into ``peer_mask``.
     """
 
     def __init__(
@@ -236,6 +264,7 @@ class MGFCollate:
         mask_copies=1,
         sig_key="sig",
         random_crop=True,
+        peer_masks=None,
     ):
         if n_views not in (1, 2):
             raise ValueError(f"n_views must be 1 or 2, got {n_views}")
@@ -252,6 +281,16 @@ class MGFCollate:
         self.span_args = (span_mask_ratio if draws("phoneme", True) else 0.0, span_min, span_max)
         self.word_args = (word_mask_ratio if draws("word", False) else 0.0, word_span_min, word_span_max)
         self.max_spans = max_spans
+        self.peer_args = [(name, float(a["mask_ratio"]), int(a["span"])) for name, a in (peer_masks or {}).items()
+                          if active is None or name in active]
+        for name, ratio, span in self.peer_args:
+            if not 0.0 < ratio < 1.0 or span < 1:
+                keys = "bestrq_mask_prob x bestrq_mask_length" if name == "bestrq" else f"{name}_mask_prob"
+                raise ValueError(f"{name} mask: fraction of frames masked {ratio} ({keys} in hparams/mgf.yaml) must be "
+                                 f"in (0, 1) and its span ({span} encoder frames) >= 1: change those keys")
+        if len(self.peer_args) > 1:
+            raise ValueError(f"peers {[a[0] for a in self.peer_args]} are all enabled: they are separate baselines; "
+                             f"enable one (e.g. --use_bestrq=True --use_wav2vec2=False)")
         if int(mask_copies) < 1:
             raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
         self.mask_copies = int(mask_copies)
@@ -329,6 +368,9 @@ class MGFCollate:
             word = dict(word_start=word_start, word_len=word_len, word_valid=word_valid)
             taken = taken | spans_to_mask(word_start, word_len, T)
         frame_mask = sample_frame_mask(n_frames, T, *self.frame_args, exclude=taken)
+        peer_mask = torch.zeros_like(frame_mask)
+        for _, ratio, span in self.peer_args:  # drawn only when a peer is on (MGF runs draw as before)
+            peer_mask = spans_to_mask(*sample_spans(n_frames, ratio, span, span)[:2], T)
         utt = source // self.n_views
         if self.n_views == 2:  # the other view of the same crop, same copy
             partner = torch.arange(U * K) + 1 - 2 * (source % 2)
@@ -346,5 +388,6 @@ class MGFCollate:
             partner=partner,
             source=source,
             utt=utt,
+            peer_mask=peer_mask,
             **word,
         )

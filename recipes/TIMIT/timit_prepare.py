@@ -57,7 +57,7 @@ import re
 import numpy as np
 import soundfile as sf
 
-from mgf_sb.batch import encoder_frame_centres
+from mgf_sb.batch import encoder_frame_centres, nearest_frames  # noqa: F401  (nearest_frames: used by train.py)
 from mgf_sb.data.audio import AudioError, check_audio, file_identity, read_audio
 from mgf_sb.data.manifest import SkipReport, check_disjoint, mark_prep_done, prep_is_done, write_manifest
 
@@ -284,22 +284,6 @@ def labels_at(segments, centres, n_samples):
     for c, i in zip(centres, idx):
         out.append(segments[i][2] if i >= 0 and c < segments[i][1] else IGNORE)
     return out
-
-
-def nearest_frames(centres, targets):
-    """Index of the frame (of ``centres``, sorted) nearest to each position of ``targets``.
-
-    Scores any upstream at TIMIT's 100 fps: each 10 ms frame takes the prediction of the
-    upstream frame whose centre is closest (ties go to the earlier frame).
-
-    >>> nearest_frames([80.0, 400.0, 720.0], [0, 160, 320, 480, 640, 800]).tolist()
-    [0, 0, 1, 1, 2, 2]
-    """
-    centres, targets = np.asarray(centres, dtype=np.float64), np.asarray(targets, dtype=np.float64)
-    right = np.clip(np.searchsorted(centres, targets, side="left"), 0, len(centres) - 1)
-    left = np.clip(right - 1, 0, len(centres) - 1)
-    closer_left = np.abs(targets - centres[left]) <= np.abs(centres[right] - targets)
-    return np.where(closer_left, left, right).astype(np.int64)
 
 
 def encode_segments(segments):

@@ -1,0 +1,157 @@
+"""The quality benchmark's statistics: paired bootstrap intervals, dev-chosen picks, probe scoring
+at each representation's own frame centres."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import use_benchmarks
+
+use_benchmarks()
+
+import quality  # noqa: E402
+from quality_probe import Layer, ProbeData, _score_100fps, paired_bootstrap, phone_probe, speaker_probe  # noqa: E402
+
+
+def _items(rng, acc, n, frames=50):
+    """Per-utterance [correct, frames] with a true frame accuracy ``acc``."""
+    return [[int(rng.binomial(frames, acc)), frames] for _ in range(n)]
+
+
+def test_bootstrap_interval_covers_zero_about_95_percent_when_rows_are_equal():
+    """Two rows with the same true accuracy: the 95 % interval should span 0 in ~95 % of the trials
+    (a coverage check of the procedure, not of one draw)."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    trials = 120
+    for t in range(trials):
+        # per-utterance difficulty shared by both rows (pairing), seeds adding their own noise
+        p = rng.uniform(0.3, 0.8, 150)
+        a = [[[int(rng.binomial(40, pi)), 40] for pi in p] for _ in range(3)]
+        b = [[[int(rng.binomial(40, pi)), 40] for pi in p] for _ in range(3)]
+        c = paired_bootstrap(a, b, n_boot=400, rng_seed=t)
+        covered += c["low"] <= 0 <= c["high"]
+    assert 0.88 <= covered / trials <= 1.0
+
+
+def test_bootstrap_resolves_a_real_difference_and_orders_it():
+    rng = np.random.default_rng(1)
+    a = [_items(rng, 0.60, 300) for _ in range(3)]
+    b = [_items(rng, 0.55, 300) for _ in range(3)]
+    c = paired_bootstrap(a, b, n_boot=1000)
+    assert c["resolved"] and c["low"] > 0 and 3.5 < c["diff"] < 6.5
+    r = paired_bootstrap(b, a, n_boot=1000)
+    assert r["resolved"] and r["high"] < 0 and r["diff"] == pytest.approx(-c["diff"])
+
+
+def test_bootstrap_width_includes_the_seed_spread():
+    """Seeds that disagree widen the interval compared with seeds that agree (same mean)."""
+    rng = np.random.default_rng(2)
+    base = _items(rng, 0.6, 400)
+    b = [base, base, base]
+    agree = [base, base, base]
+    spread = [[[min(f, c + d), f] for c, f in base] for d in (-6, 0, 6)]
+    w_agree = paired_bootstrap(agree, b, n_boot=1000)
+    w_spread = paired_bootstrap(spread, b, n_boot=1000)
+    assert w_agree["high"] - w_agree["low"] < 1e-9  # identical rows: no difference at all
+    assert w_spread["high"] - w_spread["low"] > 5
+
+
+def test_bootstrap_speaker_items_and_mismatched_test_sets():
+    a = [[1, 1, 0, 1] * 50 for _ in range(3)]
+    b = [[0, 1, 0, 1] * 50 for _ in range(3)]
+    c = paired_bootstrap(a, b, n_boot=500)
+    assert c["diff"] == pytest.approx(25.0) and c["resolved"]
+    with pytest.raises(ValueError, match="different test sets"):
+        paired_bootstrap(a, [[1, 0] for _ in range(3)])
+
+
+def test_best_single_and_pair_are_chosen_on_dev_not_on_test():
+    table = {"frame": {"phones_dev": 50, "speakers_dev": 80, "phones": 99},
+             "phoneme": {"phones_dev": 55, "speakers_dev": 80, "phones": 1}}
+    assert quality.best_on_dev(table, quality.SINGLE_SCALES) == "phoneme"
+    assert quality.best_on_dev(table, quality.PAIRS) is None
+    assert "not resolved" in quality.verdict({"diff": 0.3, "low": -0.2, "high": 0.8, "resolved": False}, "a", "b")
+    assert "**b better**" in quality.verdict({"diff": -1.0, "low": -1.5, "high": -0.5, "resolved": True}, "a", "b")
+
+
+def test_sample_std_uses_n_minus_1():
+    assert quality.sample_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))
+    assert quality.sample_std([1.0]) is None
+
+
+def _corpus(tmp_path, n_voices=6, n_utts=8, seed=0):
+    """Voices of noise; each utterance 1 s with phones a (0-0.305 s), b (0.305-0.6), c (0.6-1.0)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for v in range(n_voices):
+        for u in range(n_utts):
+            path = f"probe/h{v:03d}/h{v:03d}-{u:03d}.flac"
+            os.makedirs(os.path.dirname(tmp_path / path), exist_ok=True)
+            sf.write(tmp_path / path, (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
+            rows.append({"path": path, "speaker": f"h{v:03d}", "duration": 1.0,
+                         "phones": [[0.0, 0.305, "a"], [0.305, 0.6, "b"], [0.6, 1.0, "c"]]})
+    speakers = [{"id": f"h{v:03d}", "voice": ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"][v % 3]}
+                for v in range(n_voices)]
+    return {"probe": rows, "folder": str(tmp_path), "probe_speakers": speakers}
+
+
+def test_probe_data_splits_voices_across_bases_and_counts_speaker_utterances(tmp_path):
+    data = ProbeData(_corpus(tmp_path, n_voices=12, n_utts=8), phone_split=(0.25, 0.25), speaker_split=(2, 3))
+    base = {f"h{v:03d}": v % 3 for v in range(12)}
+    for role in ("train", "dev", "test"):  # every role spans all three base voices
+        assert {base[s] for s, r in data.voice_role.items() if r == role} == {0, 1, 2}
+    for s in range(data.n_speakers):
+        r = data.speaker_role[data.speaker == s]
+        assert (r == "test").sum() == 3 and (r == "dev").sum() == 2 and (r == "train").sum() == 3
+    with pytest.raises(ValueError, match="too few"):
+        ProbeData(_corpus(tmp_path, n_voices=6, n_utts=5), speaker_split=(2, 3))
+
+
+def test_native_labels_sit_at_frame_centres_and_scoring_is_at_100fps(tmp_path):
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    a, b, c = (data.inventory[p] for p in "abc")
+    # 100 Hz: frame i centred at 10 i ms; 0.30 s -> a (frame 30), 0.31 s -> b (frame 31)
+    lab = data.native_labels(0, 1)
+    assert len(lab) == 101 and lab[30] == a and lab[31] == b and lab[60] == c and lab[59] == b
+    # 50 Hz: frame j centred at 20 j + 5 ms: j=15 -> 305 ms -> b (boundary belongs to the next phone)
+    lab2 = data.native_labels(0, 2)
+    assert len(lab2) == 51 and lab2[14] == a and lab2[15] == b and lab2[29] == b and lab2[30] == c
+    # each 10 ms frame is scored with the nearest 50 Hz frame: i -> i // 2
+    assert data.to_100fps(0, 2).tolist() == [i // 2 for i in range(101)]
+
+    class Oracle:  # predicts the native label of each frame from the frame's first feature
+        def predict(self, x):
+            return x[:, 0].long()
+
+    native = [torch.from_numpy(data.native_labels(i, 2)).float()[:, None] for i in range(len(data))]
+    got = _score_100fps(Oracle(), Layer(native, stack=2), data, "test")
+    # the 50 Hz oracle loses only the 10 ms frames whose nearest 50 Hz frame has another label
+    assert got[:, 1].sum() == 101 * int((data.phone_role == "test").sum())
+    assert got[:, 0].sum() == pytest.approx(got[:, 1].sum() * 100 / 101)  # frame 30 (a) sits in 50 Hz frame 15 (b)
+
+
+def test_phone_probe_chooses_layer_and_l2_on_dev(tmp_path):
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    rng = torch.Generator().manual_seed(0)
+    informative = [torch.nn.functional.one_hot(torch.from_numpy(data.native_labels(i, 1)), 3).float()
+                   + 0.3 * torch.randn(101, 3, generator=rng) for i in range(len(data))]
+    noise = [torch.randn(101, 3, generator=rng) for _ in range(len(data))]
+    res = phone_probe([Layer(noise), Layer(informative)], data, max_iter=50)
+    assert res["layer"] == 1 and res["l2"] in (1e-4, 1e-3, 1e-2)
+    assert res["test"] > 90 and res["dev"][1] > res["dev"][0] + 30
+    assert len(res["test_items"]) == int((data.phone_role == "test").sum())
+
+
+def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    g = torch.Generator().manual_seed(0)
+    spk = torch.from_numpy(data.speaker)
+    good = torch.nn.functional.one_hot(spk, data.n_speakers).float() + 0.1 * torch.randn(len(data), data.n_speakers,
+                                                                                         generator=g)
+    res = speaker_probe([torch.randn(len(data), 4, generator=g), good], data, max_iter=50)
+    assert res["layer"] == 1 and res["test"] == 100.0
+    assert res["n_test"] == len(res["test_items"]) == 3 * data.n_speakers
