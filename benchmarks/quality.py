@@ -433,7 +433,7 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         "",
     ]
     if curves:
-        text += ["Curves (first seed; test accuracy after each epoch):", ""]
+        text += ["Curves (first seed; test accuracy after each epoch; step 0 = the random-init encoder):", ""]
         for name, c in curves.items():
             pts = ", ".join(f"{s} steps / {x:.0f} CPU s: {p:.1f} / {k:.1f}"
                             for s, x, p, k in zip(c["steps"], c["cpu_seconds"], c["phones"], c["speakers"]))
@@ -567,6 +567,7 @@ def main(argv=None):
 
     t_grid = time.time()
     todo = [k for k, r in runs.items() if not r.done]
+    log(f"{len(runs) - len(todo)} pretraining run(s) already done, {len(todo)} to train")
     for k, r in runs.items():
         if r.done:
             probe_jobs += probes_of_run(*k)
@@ -658,6 +659,12 @@ def main(argv=None):
             res = probe(f"{kind}/seed{seed}", kind=kind, seed=seed)
             if res is not None:
                 probes.setdefault(kind, {})[seed] = res
+    start = probes.get("random", {}).get(seed0)
+    for c in curves.values():  # step 0: the random-init encoder (full MGF's shape, seed0's draw)
+        if start is not None:
+            for k, v in (("steps", 0), ("cpu_seconds", 0.0), ("phones", start["phones"]["test"]),
+                         ("speakers", start["speakers"]["test"])):
+                c[k].insert(0, v)
     trained = [v for v in budget.variants if v in probes]
     if not trained or "fbank+-5" not in probes:
         log("finished without a report (nothing trained or probed yet)")
@@ -706,7 +713,7 @@ def main(argv=None):
               "table": table, "comparisons": comparisons, "picks": picks, "curves": curves,
               "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
-              "corpus": {k: v for k, v in corpus.items() if k != "probe"},
+              "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain")},
               "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids")}
                                       for m in METRICS} for s, res in by_seed.items()} for r, by_seed in probes.items()}}
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -28,7 +28,7 @@ from typing import List
 import numpy as np
 import torch
 
-from mgf_sb.masking import sample_frame_mask, sample_spans, spans_to_mask
+from mgf_sb.masking import MaskSampler, sample_spans, spans_to_mask
 
 
 @dataclass
@@ -172,8 +172,183 @@ def nearest_frames(centres, targets):
     return np.where(closer_left, left, right).astype(np.int64)
 
 
+def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter=0.0, min_view=0,
+                        random_crop=True):
+    """Where the views of one waveform lie (the collate's view half, as ``compute_mask_indices`` is fairseq's mask).
+
+    A crop of at most ``crop`` samples (random position, or the start of the
+    file) is cut into ``n_views`` disjoint views: for two, each half of the
+    crop minus a central ``gap`` holds one view of independently jittered
+    length at a random position in its half.
+
+    Arguments
+    ---------
+    n : int
+        Samples of the waveform.
+    crop : int
+        Longest audio taken (both views and the gap together).
+    n_views : int
+        1 or 2.
+    gap : int
+        Samples skipped between the views (at most ``gap_max_fraction`` of the crop).
+    gap_max_fraction : float
+    jitter : float
+        Each view's length is uniform in ``[max((1 - jitter) v, min_view), v]``,
+        ``v`` = half of the crop minus the gap.
+    min_view : int
+        Shortest view in samples. A crop too short for two such views first
+        loses its gap; if it is still too short it gives one view (the whole
+        crop; it has no partner for the utterance scale).
+    random_crop : bool
+
+    Returns
+    -------
+    list of (int, int)
+        ``(start, stop)`` of each view, in samples of the waveform.
+
+    Example
+    -------
+    >>> sample_view_windows(1000, 2000, gap=100, random_crop=False)
+    [(0, 450), (550, 1000)]
+    >>> sample_view_windows(1000, 2000, gap=100, min_view=600)
+    [(0, 1000)]
+    """
+    off = 0
+    if n > crop:
+        off = int(torch.randint(0, n - crop + 1, (1,))) if random_crop else 0
+        n = crop
+    if n_views == 1:
+        return [(off, off + n)]
+    g = min(gap, int(gap_max_fraction * n))
+    if min_view > 0 and (n - g) // 2 < min_view:
+        g = min(g, max(0, n - 2 * min_view))  # the gap gives way first
+    v = (n - g) // 2  # each view's half; the second half starts at v + g
+    if min_view > 0 and v < min_view:
+        return [(off, off + n)]
+    if jitter > 0:
+        lo = max((1.0 - jitter) * v, float(min_view))
+        lens = (v - (v - lo) * torch.rand(2)).long().clamp(min=1)
+        offs = (torch.rand(2) * (v - lens + 1).float()).long()
+    else:
+        lens, offs = torch.tensor([v, v]), torch.tensor([0, 0])
+    a0, b0 = off + int(offs[0]), off + v + g + int(offs[1])
+    return [(a0, a0 + int(lens[0])), (b0, b0 + int(lens[1]))]
+
+
+def perturb_view(x, gain_db=0.0, eq=0.0, noise_snr_db=None):
+    """One view's own random channel: EQ tilt, white noise, gain (each off at 0 / None).
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        (samples,) waveform.
+    gain_db : float
+        Gain uniform in ``[-gain_db, gain_db]`` dB.
+    eq : float
+        First-order filter ``y[t] = x[t] + c x[t-1]``, ``c`` uniform in
+        ``[-eq, eq]``: a spectral tilt of ``20 log10((1 + c) / (1 - c))`` dB
+        between 0 Hz and Nyquist (eq 0.3: up to +-5.4 dB).
+    noise_snr_db : tuple of two floats, optional
+        White noise at an SNR uniform in ``[low, high]`` dB.
+
+    Returns
+    -------
+    torch.Tensor
+        (samples,) the perturbed view.
+    """
+    if eq > 0 and x.shape[0] > 1:
+        c = float(torch.empty(()).uniform_(-eq, eq))
+        x = torch.cat([x[:1], x[1:] + c * x[:-1]])
+    if noise_snr_db is not None and x.shape[0] > 0:
+        power = x.float().pow(2).mean()
+        lo, hi = noise_snr_db
+        snr = float(torch.empty(()).uniform_(lo, hi)) if hi > lo else lo
+        x = x + torch.randn_like(x) * torch.sqrt(power / 10 ** (snr / 10.0))
+    if gain_db > 0:
+        x = x * 10 ** (float(torch.empty(()).uniform_(-gain_db, gain_db)) / 20.0)
+    return x
+
+
+class ViewSampler:
+    """The collate's view half: crops one waveform into perturbed views.
+
+    Arguments
+    ---------
+    sample_rate : int
+    crop_seconds : float
+        Longest audio taken from one utterance (both views and the gap together).
+    n_views : int
+        1 or 2 views per utterance (2 is needed by the utterance scale).
+    gap_seconds, gap_max_fraction, length_jitter :
+        See :func:`sample_view_windows`.
+    min_view_seconds : float
+        Shortest view (0: no minimum; see :func:`sample_view_windows`).
+    gain_db, eq, noise_snr_db :
+        Each view's own channel (see :func:`perturb_view`); ``noise_snr_db`` a
+        number or ``[low, high]``.
+
+    Example
+    -------
+    >>> views = ViewSampler(crop_seconds=2.0, gap_seconds=0.5)(torch.randn(48000), random_crop=False)
+    >>> [v.shape[0] for v in views]
+    [12000, 12000]
+    """
+
+    def __init__(self, sample_rate=16000, crop_seconds=8.0, n_views=2, gap_seconds=0.0, gap_max_fraction=0.34,
+                 length_jitter=0.0, min_view_seconds=0.0, gain_db=0.0, eq=0.0, noise_snr_db=None):
+        if n_views not in (1, 2):
+            raise ValueError(f"n_views must be 1 or 2, got {n_views}")
+        if not 0.0 <= length_jitter < 1.0:
+            raise ValueError(f"view_length_jitter must be in [0, 1), got {length_jitter}")
+        if not 0.0 <= gap_max_fraction < 1.0:
+            raise ValueError(f"view_gap_max_fraction must be in [0, 1), got {gap_max_fraction}")
+        if not 0.0 <= float(min_view_seconds or 0.0) <= crop_seconds / 2:
+            raise ValueError(f"view_min_seconds must be in [0, crop_seconds / 2 = {crop_seconds / 2}], "
+                             f"got {min_view_seconds}")
+        if not 0.0 <= eq < 1.0:
+            raise ValueError(f"view_eq must be in [0, 1) (the filter's coefficient), got {eq}")
+        self.crop = int(crop_seconds * sample_rate)
+        self.n_views = n_views
+        self.gap = int(round(gap_seconds * sample_rate))
+        self.gap_max_fraction = float(gap_max_fraction)
+        self.jitter = float(length_jitter)
+        self.min_view = int(round(float(min_view_seconds or 0.0) * sample_rate))
+        self.gain_db = float(gain_db)
+        self.eq = float(eq)
+        if noise_snr_db is not None:
+            lo, hi = (float(noise_snr_db), float(noise_snr_db)) if isinstance(noise_snr_db, (int, float)) else (
+                float(noise_snr_db[0]), float(noise_snr_db[1]))
+            noise_snr_db = (min(lo, hi), max(lo, hi))
+        self.noise_snr = noise_snr_db
+
+    def __call__(self, sig, random_crop=True):
+        """(samples,) waveform -> list of 1 or 2 perturbed views."""
+        windows = sample_view_windows(sig.shape[0], self.crop, self.n_views, self.gap, self.gap_max_fraction,
+                                      self.jitter, self.min_view, random_crop)
+        return [perturb_view(sig[a:b], self.gain_db, self.eq, self.noise_snr) for a, b in windows]
+
+
+# MGFCollate's flat keywords (the arguments before the view / mask split), routed by name.
+_FLAT_VIEW_KEYS = {"crop_seconds": "crop_seconds", "n_views": "n_views", "view_gap_seconds": "gap_seconds",
+                   "view_gap_max_fraction": "gap_max_fraction", "view_length_jitter": "length_jitter",
+                   "view_min_seconds": "min_view_seconds", "view_gain_db": "gain_db", "view_eq": "eq",
+                   "view_noise_snr_db": "noise_snr_db"}
+_FLAT_MASK_SPANS = {"frame_mask_ratio": ("frame", None), "frame_span_min": ("frame", 0),
+                    "frame_span_max": ("frame", 1), "span_mask_ratio": ("phoneme", None), "span_min": ("phoneme", 0),
+                    "span_max": ("phoneme", 1), "word_mask_ratio": ("word", None), "word_span_min": ("word", 0),
+                    "word_span_max": ("word", 1)}
+_FLAT_MASK_KEYS = ("active_scales", "shared_masks", "max_spans", "whole_frame_spans")
+# Their defaults, spans in encoder frames (MGFCollate() with no arguments behaves as it always did).
+_FLAT_MASK_DEFAULTS = {"frame": (0.15, 1, 3), "phoneme": (0.3, 5, 20), "word": (0.0, 30, 60)}
+
+
 class MGFCollate:
-    """Builds an :class:`MGFBatch` from SpeechBrain dataset items.
+    """Builds an :class:`MGFBatch` from SpeechBrain dataset items: views, then masks.
+
+    Two samplers do the work: a :class:`ViewSampler` (crop, views and their
+    channel perturbation) and a :class:`~mgf_sb.masking.MaskSampler` (each
+    scale's spans, in ms, rounded up to the encoder frame
+    ``hop_length_ms x frame_stack``); see hparams/mgf.yaml ``collate_args``.
 
     Randomness (crop positions, view placement and perturbations, masks) comes
     from torch's global generator of the process that runs the collate; the
@@ -182,46 +357,18 @@ class MGFCollate:
 
     Arguments
     ---------
+    views : dict or ViewSampler, optional
+        The :class:`ViewSampler` or its keyword arguments (``sample_rate`` is added).
+    masks : dict or MaskSampler, optional
+        The :class:`~mgf_sb.masking.MaskSampler` or its keyword arguments
+        (``frame_ms`` is added): ``frame`` / ``phoneme`` / ``word`` as
+        ``{"mask_ratio": r, "span_ms": [min, max]}``, ``active_scales``,
+        ``shared_masks``, ``whole_frame_spans``, ``max_spans``.
     sample_rate : int
     hop_length_ms : float
         Fbank hop (10 ms = 100 frames/s).
     frame_stack : int
         Fbank frames stacked per encoder frame (1 = 100 Hz, 2 = 50 Hz).
-    crop_seconds : float
-        Longest audio taken from one utterance (both views and the gap together).
-    n_views : int
-        1 or 2 views per utterance (2 is needed by the utterance scale).
-    frame_mask_ratio, frame_span_min, frame_span_max :
-        Frame-scale mask (spans in encoder frames).
-    span_mask_ratio, span_min, span_max, max_spans :
-        Phoneme-scale spans (in encoder frames).
-    word_mask_ratio, word_span_min, word_span_max :
-        Word-scale spans (in encoder frames); ratio 0 turns them off.
-    active_scales : iterable of str, optional
-        The enabled scales (e.g. the ``ScaleSet``, whose keys they are). Only
-        ``frame``, ``phoneme`` and ``word`` in it draw masks. None: every scale
-        whose mask ratio is > 0 draws its masks.
-    shared_masks : bool
-        Draw the frame and phoneme masks even for disabled scales (word spans
-        still only when the word scale is active).
-    view_gap_seconds : float
-        Gap between the two views of a crop (at most ``view_gap_max_fraction``
-        of a short crop).
-    view_gap_max_fraction : float
-        Largest share of a crop the gap may take.
-    view_length_jitter : float
-        Each view's length is drawn independently, uniform in
-        ``[(1 - jitter) * v, v]`` where ``v`` is half of the crop minus the gap;
-        it sits at a random position of its half. 0: both views are exactly ``v``.
-    view_gain_db : float
-        Each view is scaled by an independent random gain, uniform in
-        ``[-view_gain_db, +view_gain_db]`` dB (0: off).
-    view_eq : float
-        Each view is filtered by ``y[t] = x[t] + c x[t-1]``, ``c`` uniform in
-        ``[-view_eq, view_eq]`` (a light spectral tilt; 0: off).
-    view_noise_snr_db : list of two floats, optional
-        ``[low, high]``: white noise is added to each view at an SNR drawn
-        uniformly in that range (None: off).
     mask_copies : int
         Independently masked student copies of each view (K).
     sig_key : str
@@ -234,53 +381,35 @@ class MGFCollate:
         spans of ``s`` encoder frames covering ``r`` of each sequence on average
         (:func:`~mgf_sb.masking.sample_spans`), drawn only for a peer in
         ``active_scales`` (all listed when it is None), into ``peer_mask``.
+    **flat :
+        The keywords of the collate before the split, still accepted (and
+        overriding the matching entry of ``views`` / ``masks``): ``crop_seconds``,
+        ``n_views``, ``view_*`` (``view_gap_seconds``, ...), the mask keys
+        ``frame_mask_ratio``, ``span_mask_ratio``, ``word_mask_ratio`` and the
+        spans in *encoder frames* ``frame_span_min/max``, ``span_min/max``,
+        ``word_span_min/max``, and ``active_scales``, ``shared_masks``,
+        ``max_spans``, ``whole_frame_spans``.
     """
 
-    def __init__(
-        self,
-        sample_rate=16000,
-        hop_length_ms=10.0,
-        frame_stack=1,
-        crop_seconds=8.0,
-        n_views=2,
-        frame_mask_ratio=0.15,
-        frame_span_min=1,
-        frame_span_max=3,
-        span_mask_ratio=0.3,
-        span_min=5,
-        span_max=20,
-        max_spans=None,
-        word_mask_ratio=0.0,
-        word_span_min=30,
-        word_span_max=60,
-        active_scales=None,
-        shared_masks=False,
-        view_gap_seconds=0.0,
-        view_gap_max_fraction=0.34,
-        view_length_jitter=0.0,
-        view_gain_db=0.0,
-        view_eq=0.0,
-        view_noise_snr_db=None,
-        mask_copies=1,
-        sig_key="sig",
-        random_crop=True,
-        peer_masks=None,
-    ):
-        if n_views not in (1, 2):
-            raise ValueError(f"n_views must be 1 or 2, got {n_views}")
+    def __init__(self, views=None, masks=None, sample_rate=16000, hop_length_ms=10.0, frame_stack=1, mask_copies=1,
+                 sig_key="sig", random_crop=True, peer_masks=None, **flat):
+        unknown = sorted(set(flat) - set(_FLAT_VIEW_KEYS) - set(_FLAT_MASK_SPANS) - set(_FLAT_MASK_KEYS))
+        if unknown:
+            raise TypeError(f"MGFCollate got unknown arguments {unknown}")
         self.hop = int(round(sample_rate * hop_length_ms / 1000.0))
         self.frame_stack = frame_stack
-        self.crop = int(crop_seconds * sample_rate)
-        self.n_views = n_views
-        active = None if active_scales is None else {str(k) for k in active_scales}
-
-        def draws(scale, shared):
-            return active is None or scale in active or (shared and bool(shared_masks))
-
-        self.frame_args = (frame_mask_ratio if draws("frame", True) else 0.0, frame_span_min, frame_span_max)
-        self.span_args = (span_mask_ratio if draws("phoneme", True) else 0.0, span_min, span_max)
-        self.word_args = (word_mask_ratio if draws("word", False) else 0.0, word_span_min, word_span_max)
-        self.max_spans = max_spans
+        frame_ms = hop_length_ms * frame_stack
+        if not isinstance(views, ViewSampler):
+            views = dict(views or {}, sample_rate=sample_rate)
+            views.update({_FLAT_VIEW_KEYS[k]: v for k, v in flat.items() if k in _FLAT_VIEW_KEYS})
+            views = ViewSampler(**views)
+        self.views = views
+        self.n_views = views.n_views
+        if not isinstance(masks, MaskSampler):
+            masks = self._mask_args(masks, flat, frame_ms)
+            masks = MaskSampler(frame_ms=frame_ms, **masks)
+        self.masks = masks
+        active = masks.active_scales
         self.peer_args = [(name, float(a["mask_ratio"]), int(a["span"])) for name, a in (peer_masks or {}).items()
                           if active is None or name in active]
         for name, ratio, span in self.peer_args:
@@ -294,62 +423,40 @@ class MGFCollate:
         if int(mask_copies) < 1:
             raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
         self.mask_copies = int(mask_copies)
-        if not 0.0 <= view_length_jitter < 1.0:
-            raise ValueError(f"view_length_jitter must be in [0, 1), got {view_length_jitter}")
-        if not 0.0 <= view_gap_max_fraction < 1.0:
-            raise ValueError(f"view_gap_max_fraction must be in [0, 1), got {view_gap_max_fraction}")
-        self.gap = int(round(view_gap_seconds * sample_rate))
-        self.gap_max_fraction = float(view_gap_max_fraction)
-        self.jitter = float(view_length_jitter)
-        self.gain_db = float(view_gain_db)
-        self.eq = float(view_eq)
-        if view_noise_snr_db is not None:
-            lo, hi = (float(view_noise_snr_db), float(view_noise_snr_db)) if isinstance(
-                view_noise_snr_db, (int, float)) else (float(view_noise_snr_db[0]), float(view_noise_snr_db[1]))
-            view_noise_snr_db = (min(lo, hi), max(lo, hi))
-        self.noise_snr = view_noise_snr_db
         self.sig_key = sig_key
         self.random_crop = random_crop
 
-    def _views(self, sig):
-        """Crops one waveform (samples,) into ``n_views`` disjoint, perturbed views."""
-        n = sig.shape[0]
-        if n > self.crop:
-            off = int(torch.randint(0, n - self.crop + 1, (1,))) if self.random_crop else 0
-            sig = sig[off : off + self.crop]
-            n = self.crop
-        if self.n_views == 1:
-            return [self._perturb(sig)]
-        gap = min(self.gap, int(self.gap_max_fraction * n))
-        v = (n - gap) // 2  # each view's half; the second half starts at v + gap
-        if self.jitter > 0:
-            lens = (v * (1.0 - self.jitter * torch.rand(2))).long().clamp(min=1)
-            offs = (torch.rand(2) * (v - lens + 1).float()).long()
+    @staticmethod
+    def _mask_args(masks, flat, frame_ms):
+        """MaskSampler keywords from ``masks`` (spans in ms) and the flat keywords (spans in frames)."""
+        if masks is None:  # the flat keywords alone, with their old defaults
+            masks = {scale: {"mask_ratio": r, "span_ms": [lo * frame_ms, hi * frame_ms]}
+                     for scale, (r, lo, hi) in _FLAT_MASK_DEFAULTS.items()}
         else:
-            lens, offs = torch.tensor([v, v]), torch.tensor([0, 0])
-        a0, b0 = int(offs[0]), v + gap + int(offs[1])
-        return [self._perturb(sig[a0 : a0 + int(lens[0])]), self._perturb(sig[b0 : b0 + int(lens[1])])]
-
-    def _perturb(self, x):
-        """Independent random gain, EQ tilt and noise of one view (each off at 0 / None)."""
-        if self.eq > 0 and x.shape[0] > 1:
-            c = float(torch.empty(()).uniform_(-self.eq, self.eq))
-            x = torch.cat([x[:1], x[1:] + c * x[:-1]])
-        if self.noise_snr is not None and x.shape[0] > 0:
-            power = x.float().pow(2).mean()
-            snr = float(torch.empty(()).uniform_(*self.noise_snr)) if self.noise_snr[1] > self.noise_snr[0] \
-                else self.noise_snr[0]
-            x = x + torch.randn_like(x) * torch.sqrt(power / 10 ** (snr / 10.0))
-        if self.gain_db > 0:
-            x = x * 10 ** (float(torch.empty(()).uniform_(-self.gain_db, self.gain_db)) / 20.0)
-        return x
+            masks = {k: (dict(v, span_ms=list(v["span_ms"])) if k in MaskSampler.SCALES and v else v)
+                     for k, v in masks.items()}
+        for key, (scale, end) in _FLAT_MASK_SPANS.items():
+            if key not in flat:
+                continue
+            spec = masks.setdefault(scale, {"mask_ratio": 0.0, "span_ms": [frame_ms, frame_ms]})
+            if end is None:
+                spec["mask_ratio"] = flat[key]
+            else:
+                spec["span_ms"][end] = flat[key] * frame_ms
+        masks.update({k: flat[k] for k in _FLAT_MASK_KEYS if k in flat})
+        return masks
 
     def __call__(self, items):
-        ids, views = [], []
-        for item in items:  # a loop over utterances, not frames
-            for v, piece in enumerate(self._views(item[self.sig_key])):
+        ids, views, view_utt, partner_view = [], [], [], []
+        for i, item in enumerate(items):  # a loop over utterances, not frames
+            pieces = self.views(item[self.sig_key], random_crop=self.random_crop)
+            first = len(views)
+            for v, piece in enumerate(pieces):
                 ids.append(f"{item['id']}/{v}")
                 views.append(piece)
+                view_utt.append(i)
+                # the other view of the same crop (none when the crop gave one view)
+                partner_view.append(first + 1 - v if len(pieces) == 2 else -1)
         U, K = len(views), self.mask_copies
         n_samples = torch.tensor([p.shape[0] for p in views])
         wavs = torch.zeros(U, int(n_samples.max()))
@@ -360,34 +467,21 @@ class MGFCollate:
         n_frames = n_encoder_frames(n_samples, self.hop, self.frame_stack)[source]
         T = int(n_encoder_frames(wavs.shape[1], self.hop, self.frame_stack))
 
-        span_start, span_len, span_valid = sample_spans(n_frames, *self.span_args, max_spans=self.max_spans)
-        taken = spans_to_mask(span_start, span_len, T)
-        word = {}
-        if self.word_args[0] > 0:  # word spans are drawn on their own and may contain phoneme spans
-            word_start, word_len, word_valid = sample_spans(n_frames, *self.word_args)
-            word = dict(word_start=word_start, word_len=word_len, word_valid=word_valid)
-            taken = taken | spans_to_mask(word_start, word_len, T)
-        frame_mask = sample_frame_mask(n_frames, T, *self.frame_args, exclude=taken)
-        peer_mask = torch.zeros_like(frame_mask)
+        masks = self.masks(n_frames, T)
+        peer_mask = torch.zeros_like(masks["frame_mask"])
         for _, ratio, span in self.peer_args:  # drawn only when a peer is on (MGF runs draw as before)
             peer_mask = spans_to_mask(*sample_spans(n_frames, ratio, span, span)[:2], T)
-        utt = source // self.n_views
-        if self.n_views == 2:  # the other view of the same crop, same copy
-            partner = torch.arange(U * K) + 1 - 2 * (source % 2)
-        else:
-            partner = torch.full((U * K,), -1)
+        utt = torch.tensor(view_utt)[source]
+        pv = torch.tensor(partner_view)[source]  # same copy k: sequence k * U + partner view
+        partner = torch.where(pv >= 0, pv + (torch.arange(U * K) // U) * U, torch.full_like(pv, -1))
         return MGFBatch(
             id=[f"{ids[u]}/{k}" if K > 1 else ids[u] for k in range(K) for u in range(U)],
             wavs=wavs,
             wav_lens=n_samples.float() / wavs.shape[1],
             n_frames=n_frames,
-            frame_mask=frame_mask,
-            span_start=span_start,
-            span_len=span_len,
-            span_valid=span_valid,
             partner=partner,
             source=source,
             utt=utt,
             peer_mask=peer_mask,
-            **word,
+            **masks,
         )

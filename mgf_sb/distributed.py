@@ -6,8 +6,77 @@ laptops) would fail. :class:`CPUFriendlyDDP` keeps plain BatchNorm there.
 """
 
 import contextlib
+import gc
+import logging
+import os
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# Threads of a gloo process group (C++; named by PyTorch / gloo).
+GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def import_before_process_group():
+    """Imports ``torch.distributed.nn`` *before* the DDP group is created.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated
+    when the module is first imported. DDP imports it lazily, after the group
+    exists, so ten function defaults would hold the default ProcessGroup for the
+    life of the interpreter: ``destroy_process_group`` could then never free it,
+    and its gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) lived on into
+    interpreter shutdown, where a thread releasing a tensor owned by Python
+    needs the GIL that is being torn down (``terminate called without an
+    active exception``, SIGABRT after the last epoch, seen under load).
+    Imported first, those defaults are ``None`` (the default group, looked up
+    at call time).
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
+def os_threads():
+    """Names of this process's OS threads (Linux ``/proc``; empty elsewhere)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+def end_process_group():
+    """Destroys the DDP process group and joins its threads while Python is alive (idempotent).
+
+    ``destroy_process_group`` only unregisters the group; its gloo worker and
+    network threads end when the last reference to it goes (ProcessGroupGloo's
+    destructor waits for queued work and joins them). A garbage collection
+    frees the references held by reference cycles (the Brain's DDP wrappers),
+    so the threads are joined here, deterministically, not during interpreter
+    shutdown. Threads still alive afterwards are logged by name.
+
+    Returns
+    -------
+    list of str
+        The gloo threads left (empty after a clean exit).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception as e:  # already torn down by a failing peer: nothing left to clean
+        logger.debug(f"destroy_process_group: {e}")
+    gc.collect()
+    left = [n for n in os_threads() if n in GLOO_THREAD_NAMES]
+    if left:
+        logger.warning(f"the process group's threads outlive it: {left} (a reference to the group is still held)")
+    return left
 
 
 @contextlib.contextmanager

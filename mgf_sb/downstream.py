@@ -170,8 +170,7 @@ def announce_data(data_folder, sample_folder_name="samples"):
     if sample_folder_name in os.path.normpath(data_folder).split(os.sep):
         msg = (f"USING THE BUNDLED SAMPLE CORPUS at {data_folder} (synthetic speech, a smoke test). "
                f"Pass --data_folder=/path/to/the/real/corpus for real results.")
-        logger.warning("=" * 20 + " " + msg + " " + "=" * 20)
-        print(msg, flush=True)
+        logger.warning("=" * 20 + " " + msg + " " + "=" * 20)  # SpeechBrain's handlers: console + log.txt, once
         return True
     return False
 

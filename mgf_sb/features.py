@@ -25,6 +25,11 @@ class FeatureExtractor(torch.nn.Module):
         encoder's frame rate and roughly halves its cost).
     update_until_epoch : int
         The global statistics are accumulated during training until this epoch.
+    update_until_step : int, optional
+        Instead: they are accumulated over the first ``update_until_step``
+        training batches, then frozen (the targets of the frame scale stop
+        drifting after a known number of steps, however long an epoch is).
+        None: ``update_until_epoch`` decides.
 
     Example
     -------
@@ -42,6 +47,7 @@ class FeatureExtractor(torch.nn.Module):
         hop_length_ms=10.0,
         frame_stack=1,
         update_until_epoch=2,
+        update_until_step=None,
     ):
         super().__init__()
         self.config = dict(
@@ -51,6 +57,7 @@ class FeatureExtractor(torch.nn.Module):
             hop_length_ms=hop_length_ms,
             frame_stack=frame_stack,
             update_until_epoch=update_until_epoch,
+            update_until_step=update_until_step,
         )
         self.fbank = Fbank(
             sample_rate=sample_rate,
@@ -59,7 +66,11 @@ class FeatureExtractor(torch.nn.Module):
             hop_length=hop_length_ms,
             n_fft=int(2 ** torch.ceil(torch.log2(torch.tensor(sample_rate * win_length_ms / 1000.0)))),
         )
+        if update_until_step is not None and int(update_until_step) < 1:
+            raise ValueError(f"normalizer_update_steps must be >= 1 or null, got {update_until_step}")
+        self.update_until_step = None if update_until_step is None else int(update_until_step)
         self.normalizer = InputNormalization(norm_type="global", update_until_epoch=update_until_epoch)
+        self.updates = 0  # training batches that updated the statistics (saved with them)
         self.hop = int(round(sample_rate * hop_length_ms / 1000.0))
         self.frame_stack = frame_stack
         self.sample_rate = sample_rate
@@ -116,6 +127,11 @@ class FeatureExtractor(torch.nn.Module):
             n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
             n_fb = (n_samples // self.hop + 1).clamp(max=Tf)
             nrm = self.normalizer
+            if self.update_until_step is not None:
+                # past the budget of batches, an epoch beyond update_until_epoch tells it to stop
+                epoch = 0 if self.updates < self.update_until_step else float("inf")
+            if self.training and nrm._should_update(epoch):
+                self.updates += 1
             if nrm.count > 0:  # its statistics are plain attributes, not buffers
                 nrm.glob_mean = nrm.glob_mean.to(fb.device)
                 nrm.glob_std = nrm.glob_std.to(fb.device)
@@ -143,11 +159,13 @@ class FeatureExtractor(torch.nn.Module):
         """The global statistics as a plain dict of tensors (for saving)."""
         n = self.normalizer
         if n.count == 0:
-            return {"glob_mean": torch.zeros(0), "glob_std": torch.zeros(0), "count": torch.tensor(0)}
+            return {"glob_mean": torch.zeros(0), "glob_std": torch.zeros(0), "count": torch.tensor(0),
+                    "updates": torch.tensor(0)}
         return {
             "glob_mean": torch.as_tensor(n.glob_mean).detach().cpu(),
             "glob_std": torch.as_tensor(n.glob_std).detach().cpu(),
             "count": torch.as_tensor(n.count),
+            "updates": torch.tensor(int(self.updates)),
         }
 
     # The statistics travel inside state_dict(), so SpeechBrain's Checkpointer
@@ -164,3 +182,4 @@ class FeatureExtractor(torch.nn.Module):
         n.glob_mean = state["glob_mean"].float()
         n.glob_std = state["glob_std"].float()
         n.count = int(state["count"])
+        self.updates = int(state.get("updates", 0))  # absent from folders saved before normalizer_update_steps

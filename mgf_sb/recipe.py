@@ -3,7 +3,11 @@
 :func:`start_experiment` is the one place (pretraining, the four probes, and
 therefore every step of ``recipes/evaluate.py``, which runs them) that
 
-1. parses ``hparams.yaml --overrides`` (plus ``--on_change=stop|restart``, see 4);
+1. parses ``hparams.yaml --overrides`` (plus ``--on_change=stop|restart``, see 4) and checks
+   the settings by name before anything is built (:mod:`mgf_sb.settings`): a misspelt key gets
+   "did you mean", a value of the wrong type or out of range is refused naming the key, the
+   value and what it must be, and a missing ``data_folder`` is reported as such (before the
+   run guard compares anything);
 2. joins the DDP group when launched by torchrun, and makes sure the process
    leaves it cleanly at exit, on success and on error (:func:`leave_process_group`,
    registered with ``atexit``): without it gloo's threads are torn down during
@@ -12,11 +16,12 @@ therefore every step of ``recipes/evaluate.py``, which runs them) that
    second run on the same folder stops at once naming the running process; a
    lock left by a killed run is detected and taken over;
 4. checks the run guard (:func:`mgf_sb.run_guard.check_run_config`): the settings that define a
-   run are recorded in ``<output_folder>/run_config.json`` at the first run; a
-   rerun that changes any of them stops *before anything is written*, listing
-   each change, unless ``--on_change=restart`` (the earlier run's checkpoints and
-   logs are moved aside, never deleted). Keys in the YAML's ``resumable_keys``
-   may change on resume;
+   run are recorded in ``<output_folder>/run_config.json`` (and in a save folder
+   outside it); once the run has trained, a rerun that changes any of them stops
+   *before anything is written*, listing each change, unless ``--on_change=restart``
+   (every output of the earlier run is moved aside, never deleted). A run that
+   never trained binds nothing: the corrected command replaces its record. Keys in
+   the YAML's ``resumable_keys`` may change on resume;
 5. creates ``output_folder`` with a copy of the YAML and the overrides.
 """
 
@@ -28,8 +33,10 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from mgf_sb.distributed import import_before_process_group
 from mgf_sb.run_guard import (OutputLock, check_run_config, leave_process_group, pop_on_change, rank0_decides,
                               release_locks)
+from mgf_sb.settings import check_built_settings, check_override_keys, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +173,10 @@ def start_experiment(argv):
 
     Parses ``hparams.yaml --overrides [--on_change=stop|restart]`` with
     SpeechBrain, joins the DDP group when launched by torchrun (a no-op for a
-    plain single-process run) and registers a clean exit from it, loads the
-    YAML, applies ``num_threads`` (torch's CPU threads; one job using all cores
-    is fastest, oversubscribed jobs run many times slower), locks
+    plain single-process run) and registers a clean exit from it, checks the
+    settings (:mod:`mgf_sb.settings`), loads the YAML, applies ``num_threads``
+    (torch's CPU threads; one job using all cores is fastest, oversubscribed
+    jobs run many times slower), locks
     ``output_folder``, checks the run guard and creates ``output_folder`` with a
     copy of the YAML and the overrides (see the module docstring).
 
@@ -180,11 +188,15 @@ def start_experiment(argv):
     """
     argv, on_change = pop_on_change(argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    import_before_process_group()  # else the group outlives destroy_process_group (see there)
     sb.utils.distributed.ddp_init_group(run_opts)
     _register_exit_hooks()
     read_utf8(hparams_file)  # a non-UTF-8 YAML: an error naming the file, not a UnicodeDecodeError
+    check_override_keys(hparams_file, overrides)  # a misspelt key: "did you mean", not a list of every key
     overrides = apply_sample_overrides(hparams_file, overrides)  # real-data defaults or the sample's
+    check_settings(hparams_file, overrides)  # types, ranges, data_folder: by name, before anything is built
     hparams = load_hparams(hparams_file, overrides)
+    check_built_settings(hparams, hparams_file)  # values made at load (VoxCeleb's lr, chosen by head)
     if hparams.get("num_threads"):
         torch.set_num_threads(int(hparams["num_threads"]))
     out = hparams["output_folder"]

@@ -2,16 +2,47 @@
 
 Two modes, chosen in YAML:
 - ``ema``: a copy of the encoder whose weights follow the online encoder by an
-  exponential moving average (data2vec / BYOL); the decay ramps from
-  ``ema_start`` to ``ema_end`` over ``ema_steps`` optimiser steps.
+  exponential moving average (data2vec / BYOL), with one of two decay schedules
+  (``schedule``): ``ramp`` - the decay rises linearly from ``ema_start`` to
+  ``ema_end`` over ``ema_steps`` optimiser steps, then stays (data2vec's
+  schedule; in a run of a few thousand steps the teacher then keeps most of
+  its random initial weights) - or ``half_life``: a constant decay
+  ``tau = 0.5 ** (1 / (half_life_fraction * total_steps))``, so the initial
+  weights' share of the teacher halves every ``half_life_fraction`` of the run,
+  whatever its length (0.05: 25 % left after a tenth of the run, 1e-6 at its end).
 - ``online``: the online encoder itself, run without gradient and in eval mode.
 Either way the target sees the *unmasked* input, and no gradient reaches it.
+
+Which weights are averaged (``scope``): ``encoder`` averages every encoder
+parameter; ``layers`` follows data2vec (fairseq ``data2vec_audio.py``,
+``ema_transformer_only`` and ``ema_layers_only`` both True by default): its EMA
+model is the Transformer encoder alone - the teacher reads the *student's*
+feature extractor and input projection (``post_extract_proj``), and the
+positional convolution is in ``skip_keys``, i.e. copied from the student at
+every step, not averaged - while the Transformer layers and the encoder's
+LayerNorm are averaged. Here: ``input_proj`` (and the unused ``mask_emb``) and
+the positional convolution ``pos`` are copied, ``input_norm`` and the
+Transformer layers averaged. The feature normaliser is never part of the
+teacher (both read the same normalised features).
+
+The run's log shows how far the teacher is from its start:
+``teacher_init_share`` (the product of the decays so far: the share of the
+initial weights still in the averaged parameters), ``teacher_init_dist``
+(``||teacher - initial|| / ||initial||`` over all its parameters) and
+``teacher_half_life`` (the current decay's half-life in optimiser steps).
 """
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
+
+SCHEDULES = ("ramp", "half_life")
+SCOPES = ("encoder", "layers")
+LAYER_NORMS = ("auto", "instance", "none")
+FINAL_NORMS = ("none", "instance", "layer")
+COPIED_IN_LAYERS_SCOPE = ("input_proj.", "mask_emb", "pos.")  # data2vec: the student's, not averaged
 
 
 class TargetNetwork(torch.nn.Module):
@@ -22,40 +53,90 @@ class TargetNetwork(torch.nn.Module):
     mode : str
         ``"ema"`` or ``"online"``.
     top_k_layers : int
-        The target is the mean of the top-k layers, each instance-normalised
-        over time (data2vec); 1 = the last layer.
+        The target is the mean of the top-k layers; 1 = the last layer.
     ema_start, ema_end : float
-        EMA decay at step 0 and after ``ema_steps`` steps.
+        ``ramp`` schedule: EMA decay at step 0 and after ``ema_steps`` steps.
     ema_steps : int
+    schedule : str
+        ``ramp`` or ``half_life`` (see the module docstring).
+    half_life_fraction : float
+        ``half_life`` schedule: the initial weights' half-life as a fraction of ``total_steps``.
+    total_steps : int
+        Optimiser steps of the run (the recipe resolves it from the data).
+    scope : str
+        ``encoder`` (average every parameter) or ``layers`` (data2vec: average the
+        Transformer and its input LayerNorm, copy the input projection and the
+        positional convolution from the student).
+    layer_norm : str
+        Per-layer normalisation before averaging the top-k layers: ``instance``
+        (over time, per sequence and channel, data2vec), ``none``, or ``auto``
+        (instance when ``top_k_layers > 1``, none for one layer).
+    final_norm : str
+        Normalisation of the averaged target: ``none``, ``instance`` (data2vec's
+        ``instance_norm_targets``: removes each sequence's per-channel offset, so
+        a constant channel or voice colour cannot identify its spans) or ``layer``.
     """
 
-    def __init__(self, mode="ema", top_k_layers=1, ema_start=0.999, ema_end=0.9999, ema_steps=10000):
+    def __init__(self, mode="ema", top_k_layers=1, ema_start=0.999, ema_end=0.9999, ema_steps=10000,
+                 schedule="ramp", half_life_fraction=0.05, total_steps=None, scope="encoder", layer_norm="auto",
+                 final_norm="none"):
         super().__init__()
         if mode not in ("ema", "online"):
             raise ValueError(f"target mode must be 'ema' or 'online', got {mode!r}")
+        for key, value, allowed in (("ema_schedule", schedule, SCHEDULES), ("ema_scope", scope, SCOPES),
+                                    ("target_layer_norm", layer_norm, LAYER_NORMS),
+                                    ("target_final_norm", final_norm, FINAL_NORMS)):
+            if value not in allowed:
+                raise ValueError(f"{key}: {value!r} is not one of {allowed} (hparams/mgf.yaml)")
+        if schedule == "half_life" and not 0 < float(half_life_fraction):
+            raise ValueError(f"ema_half_life_fraction must be > 0, got {half_life_fraction}")
         self.mode = mode
         self.top_k_layers = top_k_layers
         self.ema_start, self.ema_end, self.ema_steps = ema_start, ema_end, ema_steps
+        self.schedule, self.half_life_fraction, self.total_steps = schedule, float(half_life_fraction), total_steps
+        self.scope, self.layer_norm, self.final_norm = scope, layer_norm, final_norm
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # log of the product of the decays applied so far (the initial weights' share of the teacher)
+        self.register_buffer("log_init_share", torch.zeros((), dtype=torch.float64))
         self.teacher = None  # built lazily from the online encoder
 
     def attach(self, encoder):
-        """Creates the EMA copy of ``encoder`` (no-op in online mode).
+        """Creates the EMA copy of ``encoder`` (no-op in online mode) and keeps its initial weights.
 
         Call once, before the checkpointer restores a saved teacher.
         """
         if self.mode == "ema" and self.teacher is None:
             self.teacher = copy.deepcopy(encoder)
             self.teacher.requires_grad_(False)
+        if not hasattr(self, "init_params"):  # for teacher_init_dist
+            flat = torch.cat([p.detach().float().reshape(-1) for p in encoder.parameters()])
+            self.register_buffer("init_params", flat.clone())
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before the distance diagnostic have no initial weights / share:
+        # keep loading them (the diagnostics then read NaN).
+        for key in ("init_params", "log_init_share"):
+            if prefix + key not in state_dict and hasattr(self, key):
+                getattr(self, key).fill_(float("nan"))
+                state_dict[prefix + key] = getattr(self, key).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def decay(self, step=None):
         """EMA decay used by the update after ``step`` optimiser steps (default: the current one).
 
-        Linear ramp: ``ema_start`` at step 0, ``ema_end`` from step ``ema_steps`` on
-        (data2vec anneals over tens of thousands of steps on 960 h; the
+        ``ramp``: ``ema_start`` at step 0, linear to ``ema_end`` at step ``ema_steps``,
+        then constant (data2vec anneals over tens of thousands of steps on 960 h; the
         recipe sets ``ema_steps`` to ``ema_anneal_fraction`` of the total steps).
+        ``half_life``: ``0.5 ** (1 / (half_life_fraction * total_steps))`` at every step.
         """
+        if self.schedule == "half_life":
+            if not self.total_steps:
+                raise ValueError("TargetNetwork.total_steps is not set: the pretraining recipe resolves it from the "
+                                 "data; give a count when used directly (ema_schedule: half_life)")
+            return 0.5 ** (1.0 / max(self.half_life_fraction * float(self.total_steps), 1e-9))
         if self.ema_steps is None:
             raise ValueError("TargetNetwork.ema_steps is not set (null in the YAML): the pretraining recipe "
                              "resolves it from the data (ema_anneal_fraction); give a count when used directly")
@@ -75,13 +156,50 @@ class TargetNetwork(torch.nn.Module):
             return
         d = self.decay()
         self.step += 1
-        t_params = list(self.teacher.parameters())
-        o_params = [p.detach().to(t.dtype) for p, t in zip(encoder.parameters(), t_params)]
-        torch._foreach_mul_(t_params, d)
-        torch._foreach_add_(t_params, o_params, alpha=1.0 - d)
+        self.log_init_share += math.log(d) if d > 0 else float("-inf")
+        averaged, copied = [], []
+        for (name, t), o in zip(self.teacher.named_parameters(), encoder.parameters()):
+            if self.scope == "layers" and name.startswith(COPIED_IN_LAYERS_SCOPE):
+                copied.append((t, o.detach().to(t.dtype)))
+            else:
+                averaged.append((t, o.detach().to(t.dtype)))
+        if averaged:
+            t_params, o_params = [t for t, _ in averaged], [o for _, o in averaged]
+            torch._foreach_mul_(t_params, d)
+            torch._foreach_add_(t_params, o_params, alpha=1.0 - d)
+        for t, o in copied:
+            t.copy_(o)
 
     @torch.no_grad()
-    def forward(self, encoder, feats, n_frames):
+    def init_stats(self, encoder):
+        """How far the teacher is from its initial weights (``teacher_*``), and the student (``encoder_init_dist``).
+
+        ``teacher_init_share``: product of the decays so far (the initial weights' share
+        of the averaged parameters; 0 in online mode, where the teacher is the
+        student); ``teacher_init_dist``: ``||theta - theta_0|| / ||theta_0||`` over the
+        teacher's parameters (the student's in online mode), ``encoder_init_dist`` the same
+        for the student (the teacher cannot be much further); ``teacher_half_life``: the
+        half-life in optimiser steps of the decay the next update uses
+        (``log 0.5 / log tau``: how many steps the teacher lags behind).
+        """
+        out = {"teacher_init_share": math.exp(float(self.log_init_share)) if self.mode == "ema" else 0.0}
+        if hasattr(self, "init_params"):
+            nets = {"teacher": self.teacher if self.mode == "ema" else encoder, "encoder": encoder}
+            for name, net in nets.items():
+                flat = torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
+                if flat.shape == self.init_params.shape:
+                    dist = (flat.to(self.init_params.device) - self.init_params).norm()
+                    out[f"{name}_init_dist"] = float(dist / self.init_params.norm().clamp(min=1e-12))
+        if self.mode == "ema":
+            try:
+                tau = float(self.decay())
+                out["teacher_half_life"] = math.log(0.5) / math.log(tau) if 0 < tau < 1 else float("inf")
+            except ValueError:  # schedule not resolved (used outside the recipe)
+                pass
+        return out
+
+    @torch.no_grad()
+    def forward(self, encoder, feats, n_frames, mask=None):
         """Teacher targets for every frame.
 
         Arguments
@@ -92,6 +210,9 @@ class TargetNetwork(torch.nn.Module):
             (B, T, F) unmasked features.
         n_frames : torch.LongTensor
             (B,) valid frames.
+        mask : torch.BoolTensor, optional
+            (B, T) frames replaced by the mask embedding: the teacher then sees
+            what the student sees (the context-only baseline), not the targets.
 
         Returns
         -------
@@ -102,13 +223,18 @@ class TargetNetwork(torch.nn.Module):
         was_training = net.training
         net.eval()
         try:
-            hidden = net(feats, n_frames)
+            hidden = net(feats, n_frames, mask=mask)
         finally:
             net.train(was_training)
         layers = hidden[-self.top_k_layers :]
-        if self.top_k_layers > 1:
+        per_layer = self.layer_norm if self.layer_norm != "auto" else ("instance" if self.top_k_layers > 1 else "none")
+        if per_layer == "instance":
             layers = [instance_norm(h, n_frames) for h in layers]
         target = torch.stack(layers).mean(0)
+        if self.final_norm == "instance":
+            target = instance_norm(target, n_frames)
+        elif self.final_norm == "layer":
+            target = layer_norm_target(target)
         valid = torch.arange(target.shape[1], device=target.device)[None, :] < n_frames[:, None]
         return (target * valid[..., None]).detach()
 

@@ -28,7 +28,7 @@ import re
 import numpy as np
 import torch
 
-from mgf_sb.checkpoint import load_pretrained, read_config
+from mgf_sb.checkpoint import check_finite, load_pretrained, read_config
 from mgf_sb.encoder import MGFEncoder
 from mgf_sb.features import FeatureExtractor
 
@@ -130,7 +130,8 @@ def load_hf_model(folder):
 
     ``transformers.AutoModel.from_pretrained(folder, local_files_only=True)``: the folder
     must hold ``config.json`` and the weights (``save_pretrained``'s output, e.g. a
-    ``git clone`` of a model repository). Nothing is ever downloaded.
+    ``git clone`` of a model repository). Nothing is ever downloaded. Weights with NaN
+    or Inf values are a ValueError naming the tensor.
     """
     folder = check_hf_folder(folder)
     try:
@@ -144,6 +145,9 @@ def load_hf_model(folder):
             f"upstream 'hf:{folder}': a {type(config).__name__} is not a wav2vec 2.0-style speech encoder "
             f"(supported: wav2vec 2.0, HuBERT, WavLM and other models with a conv front end on raw audio)")
     model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    # refused here, naming the tensor, as MGF folders are: NaN weights give NaN layers
+    # (a run at chance accuracy that fails only at its end)
+    check_finite(model.state_dict(), f"upstream 'hf:{folder}'")
     do_normalize = False
     prep = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(prep):

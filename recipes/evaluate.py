@@ -54,7 +54,8 @@ sys.path.insert(0, REPO)
 
 from mgf_sb.checkpoint import REQUIRED_FILES  # noqa: E402
 from mgf_sb.upstream import HF_PREFIX, check_hf_folder, is_hf_source, upstream_tag  # noqa: E402
-from mgf_sb.recipe import is_bundled_sample, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
+from mgf_sb.recipe import is_bundled_sample, read_utf8, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
+from mgf_sb.settings import check_override_keys, check_settings  # noqa: E402
 from mgf_sb.report import (  # noqa: E402
     Column,
     bar_chart_png,
@@ -848,14 +849,113 @@ def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
 
 
 # ----------------------------------------------------------------------------------------------
+# The command line: --help, list settings, --dry_run
+# ----------------------------------------------------------------------------------------------
+DEFAULT_HPARAMS = os.path.join(REPO, "hparams", "evaluate.yaml")
+LIST_KEYS = ("upstreams", "tasks", "seeds", "ablation_variants", "ablation_tasks")  # a scalar is one item
+NONEMPTY_KEYS = ("upstreams", "tasks")
+
+
+def settings_help(hparams_file=DEFAULT_HPARAMS):
+    """One line per top-level setting of the YAML: ``--key (default) description``.
+
+    The description is the key's own comment, else the comment block just above it;
+    keys built from others (``!ref``) are shown with their expression.
+    """
+    import re
+
+    lines, out, block = read_utf8(hparams_file).splitlines(), [], []
+    for line in lines:
+        if line.startswith("#"):
+            text = line.lstrip("#").strip()
+            block = [] if not text or set(text) <= set("-=# ") or text.startswith("----") else block + [text]
+            continue
+        m = re.match(r"^([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if not m:
+            if not line.strip():
+                block = []
+            continue
+        key, value, comment = m.groups()
+        if key in ("sample_overrides",):
+            block = []
+            continue
+        desc = comment or " ".join(block)
+        desc = re.split(r"(?<!e\.g)(?<!i\.e)\. ", desc)[0].rstrip(".")  # the first sentence
+        value = value or "{...}"
+        out.append(f"  --{key}={value}" + (f"    {desc}" if desc else ""))
+        block = []
+    return "\n".join(out)
+
+
+def print_help(argv):
+    """``--help`` / ``-h``: evaluate.py's own settings (SpeechBrain's parser knows none of them)."""
+    hparams_file = next((a for a in argv if a.endswith((".yaml", ".yml"))), DEFAULT_HPARAMS)
+    print(__doc__.split("\n\n")[0].strip() + "\n")
+    print(f"usage: python recipes/evaluate.py {os.path.relpath(hparams_file, REPO)} [--<setting>=<value> ...]\n")
+    print(f"settings (from {os.path.relpath(hparams_file, REPO)}; --<setting>=<value> overrides one, YAML syntax "
+          f"for lists, e.g. --tasks='[timit, iemocap]'):")
+    print(settings_help(hparams_file))
+    print("\nplus SpeechBrain's run options (--device, --precision, ...: python -m speechbrain --help).")
+
+
+def normalize_lists(hp):
+    """``--upstreams=mgf`` is one upstream (YAML reads it as a string, not a list of letters);
+    an empty ``upstreams`` or ``tasks`` is an empty plan: refused, naming the key and the fix."""
+    for key in LIST_KEYS:
+        v = hp.get(key)
+        if v is not None and not isinstance(v, (list, tuple)):
+            hp[key] = [v]
+    for key in NONEMPTY_KEYS:
+        if not hp.get(key):
+            example = "mgf, fbank, random or hf:<local folder>" if key == "upstreams" else ", ".join(TASKS)
+            raise ValueError(f"{key}={hp.get(key)!r}: nothing to evaluate (an empty plan). Give at least one, "
+                             f"e.g. --{key}='[{example.split(' or ')[0]}]' (choices: {example})")
+    return hp
+
+
 def load_hparams(argv):
     hparams_file, _, overrides = sb.parse_arguments(argv)
+    check_override_keys(hparams_file, overrides)  # a misspelt key: "did you mean", before anything runs
+    check_settings(hparams_file, overrides)  # types and ranges by name (mgf_sb.settings.RULES)
     with open(hparams_file, encoding="utf-8") as fin:
-        return load_hyperpyyaml(fin, overrides)
+        return normalize_lists(load_hyperpyyaml(fin, overrides))
+
+
+def estimate_seconds(step, hp):
+    """(seconds, source) of one step: the duration its last mark recorded (same folder,
+    even under other settings), else ``dry_run_step_seconds`` of its kind."""
+    mark = read_mark(step)
+    if mark and mark.get("seconds") is not None:
+        return float(mark["seconds"]), "last run"
+    table = hp.get("dry_run_step_seconds") or {}
+    key = "pretrain" if step.kind == "pretrain" else step.task
+    return float(table.get(key, table.get("default", 60))), "estimate"
+
+
+def dry_run(steps, hp, log=print):
+    """Prints the plan, each step's status and estimated time, and the total; runs nothing."""
+    total_todo, lines = 0.0, []
+    for k, s in enumerate(steps, 1):
+        status = step_status(s)
+        seconds, source = estimate_seconds(s, hp)
+        if status != "done":
+            total_todo += seconds
+        lines.append(f"    {k:3d}. [{status}] {s.name}: ~{_fmt_s(seconds)} ({source})")
+    todo = sum(step_status(s) != "done" for s in steps)
+    log(f"[evaluate] dry run: {len(steps)} steps, {len(steps) - todo} already done, {todo} to run")
+    for line in lines:
+        log(line)
+    log(f"[evaluate] estimated time of the steps to run: ~{_fmt_s(total_todo)} (from the last run's marks where "
+        f"present, else dry_run_step_seconds; real corpora take far longer than its sample-run figures). "
+        f"Nothing was run.")
+    return total_todo
 
 
 def main(argv, runner=run_step, log=print):
     t0 = time.time()
+    if any(a in ("--help", "-h") for a in argv):
+        print_help(argv)
+        return None, {}
     hp = load_hparams(argv)
     for key in ("pretrain_data_folder",) + tuple(TASKS[t].corpus for t in hp["tasks"]):
         if not os.path.isdir(hp[key]):
@@ -867,6 +967,9 @@ def main(argv, runner=run_step, log=print):
             else "the recipes' own settings: use_sample_overrides=False"
         log(f"[evaluate] USING THE BUNDLED SAMPLE CORPORA (synthetic speech; {tiny}). "
             "Pass --data_root=... (or each corpus folder) for real results.")
+    if hp.get("dry_run"):  # the plan and its estimated time, nothing run
+        dry_run(steps, hp, log=log)
+        return None, {}
     if hp.get("report_only"):  # rebuild the report from the finished steps, run nothing
         status = {s.name: step_status(s) for s in steps}
         status = {k: v if v == "done" else "not run" for k, v in status.items()}

@@ -5,7 +5,7 @@
 
 Each corpus is written in the real on-disk layout of LibriSpeech, TIMIT (LDC,
 upper-case), VoxCeleb1 and IEMOCAP, from offline TTS (espeak-ng, festival,
-flite + sox; see ``mgf_sb/data/tts.py``).  Output is deterministic (seeded).
+flite + sox; see ``benchmarks/tts.py``).  Output is deterministic (seeded).
 All labels (speakers, phones, emotions) are synthetic.
 """
 
@@ -23,8 +23,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mgf_sb.data import tts  # noqa: E402
+# the TTS front end is a benchmark tool, not part of the mgf_sb library
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import tts  # noqa: E402
 
 SR = 16000
 

@@ -10,7 +10,15 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "samples")
+BENCHMARKS = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, REPO)
+
+
+def use_benchmarks():
+    """Puts ``benchmarks/`` on ``sys.path`` so that its tools (``tts``, ``quality_corpus``, ...)
+    import as the benchmark scripts import them; they are not part of the ``mgf_sb`` library."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
 
 torch.set_num_threads(int(os.environ.get("MGF_TEST_THREADS", "2")))
 

@@ -98,3 +98,69 @@ def test_word_spans_are_masked_and_kept_out_of_the_frame_mask():
     assert not (b.frame_mask & b.word_mask).any()
     off = MGFCollate(crop_seconds=8.0)([{"id": "a", "sig": torch.randn(16000 * 8)}])
     assert off.word_start.shape[1] == 0 and not off.word_mask.any()
+
+
+def test_whole_spans_are_never_cut_and_stay_flat_in_position():
+    """sample_spans(whole=True): every span keeps its drawn length, the mask rate stays flat per decile."""
+    from test_method_masks import decile_rates
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([41, 151, 97]).repeat(1500)
+    start, length, valid = sample_spans(lengths, 0.35, 3, 10, generator=g, whole=True)
+    assert ((length[valid] >= 3) & (length[valid] <= 10)).all()  # no cut piece, anywhere
+    assert ((start + length) * valid <= lengths[:, None]).all()
+    member = span_membership(start, length, 151)
+    assert member.sum(1).max() <= 1
+    mask = member.any(1)
+    for n, tol in ((41, 0.07), (97, 0.04), (151, 0.04)):
+        rows = lengths == n
+        rates = decile_rates(mask[rows], lengths[rows])
+        # whole spans cannot cover the two ends quite like the rest: a few points in a 4-span sequence
+        assert (rates - 0.35).abs().max() < tol, (n, rates)
+        assert abs(float(rates.mean()) - 0.35) < 0.01, (n, rates)
+    # the default draw cuts the span crossing the sequence end (short pieces exist)
+    start, length, valid = sample_spans(lengths, 0.35, 3, 10, generator=g)
+    assert (length[valid] < 3).any()
+
+
+def test_disjoint_spans_keep_each_scale_ratio_and_kind():
+    from mgf_sb.masking import sample_disjoint_spans
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.full((2000,), 150)
+    (ps, pl, pv), (fs, fl, fv) = sample_disjoint_spans(
+        lengths, [{"mask_ratio": 0.3, "span_min": 3, "span_max": 10},
+                  {"mask_ratio": 0.2, "span_min": 4, "span_max": 6, "of_rest": True}], generator=g)
+    assert ((pl[pv] >= 3) & (pl[pv] <= 10)).all() and ((fl[fv] >= 4) & (fl[fv] <= 6)).all()
+    phon, frame = spans_to_mask(ps, pl, 150), spans_to_mask(fs, fl, 150)
+    assert not (phon & frame).any()
+    assert abs(float(phon.float().mean()) - 0.3) < 0.01
+    assert abs(float(frame.float().mean()) - 0.2 * 0.7) < 0.01  # frame ratio: of the frames outside phoneme spans
+    assert (ps[:, 1:] >= ps[:, :-1])[pv[:, 1:]].all()  # each scale's spans ascending, valid first
+
+
+def test_mask_sampler_takes_ms_and_matches_the_frame_keywords():
+    """Spans in ms (rounded up to the encoder frame) give the same masks as the old frame counts."""
+    from mgf_sb.masking import MaskSampler, ms_to_frames
+
+    assert [ms_to_frames(ms, 20) for ms in (50, 60, 61, 70, 120, 200)] == [3, 3, 4, 4, 6, 10]
+    assert [ms_to_frames(ms, 10) for ms in (50, 70, 120)] == [5, 7, 12]
+    spec = {"frame": {"mask_ratio": 0.2, "span_ms": [70, 120]}, "phoneme": {"mask_ratio": 0.3, "span_ms": [50, 200]}}
+    items = [{"id": f"u{i}", "sig": torch.randn(16000 * (2 + i))} for i in range(3)]
+    new = MGFCollate(frame_stack=2, crop_seconds=4.0, masks=spec)
+    old = MGFCollate(frame_stack=2, crop_seconds=4.0, frame_mask_ratio=0.2, frame_span_min=4, frame_span_max=6,
+                     span_mask_ratio=0.3, span_min=3, span_max=10)
+    assert isinstance(new.masks, MaskSampler) and new.masks.frame == old.masks.frame == (0.2, 4, 6)
+    torch.manual_seed(3)
+    a = new(items)
+    torch.manual_seed(3)
+    b = old(items)
+    assert torch.equal(a.frame_mask, b.frame_mask) and torch.equal(a.span_start, b.span_start)
+    # a flat keyword overrides the matching entry of the dict (as benchmarks pass crop_seconds)
+    assert MGFCollate(masks=spec, frame_stack=2, span_min=5).masks.phoneme == (0.3, 5, 10)
+    try:
+        MGFCollate(masks={"frame": {"mask_ratio": 0.2, "span_ms": [120, 70]}})
+    except ValueError as e:
+        assert "frame_span_min_ms" in str(e)
+    else:
+        raise AssertionError("a span range with min > max must be refused")

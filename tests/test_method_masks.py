@@ -119,7 +119,11 @@ def test_frame_spans_default_to_tera_length_at_both_frame_rates():
     for stack in (1, 2):
         hp = load_hparams(frame_stack=stack)
         frame_ms = 10 * stack
-        assert hp["collate_args"]["frame_span_min"] * frame_ms >= 70  # >= 7 frames at 100 Hz
+        collate = MGFCollate(**hp["collate_args"])  # spans given in ms, rounded up to the encoder frame
+        assert collate.masks.frame[1] * frame_ms >= 70  # >= 7 frames at 100 Hz
+        assert collate.masks.frame[1] == -(-hp["frame_span_min_ms"] // frame_ms)
+        assert collate.masks.phoneme[1:] == (-(-hp["phoneme_span_min_ms"] // frame_ms),
+                                             -(-hp["phoneme_span_max_ms"] // frame_ms))
 
 
 def test_neighbour_interpolation_hand_computed():
@@ -150,10 +154,10 @@ def test_default_frame_spans_are_not_solved_by_interpolation():
     fe = FeatureExtractor(frame_stack=2).train()
     feats, n_frames = fe(torch.stack([w[:n] for w in wavs]), torch.ones(len(wavs)), epoch=1)
     hp = load_hparams(use_phoneme=False, use_utterance=False)
-    args = hp["collate_args"]
+    _, span_min, span_max = MGFCollate(**hp["collate_args"]).masks.frame
     l1 = {}
     torch.manual_seed(0)
-    for name, (lo, hi) in {"short": (1, 2), "default": (args["frame_span_min"], args["frame_span_max"])}.items():
+    for name, (lo, hi) in {"short": (1, 2), "default": (span_min, span_max)}.items():
         vals = []
         for _ in range(20):
             start, length, _ = sample_spans(n_frames, 0.2, lo, hi)
@@ -161,3 +165,49 @@ def test_default_frame_spans_are_not_solved_by_interpolation():
             vals.append(neighbour_interpolation_l1(feats, mask, mask, n_frames))
         l1[name] = sum(vals) / len(vals)
     assert l1["default"] > 1.2 * l1["short"], l1
+
+
+def test_whole_frame_spans_are_not_cut_by_phoneme_spans():
+    """Issue 23 (5): by default phoneme spans cut ~35 % of frame-mask runs below the frame span
+    length (interpolation territory); whole_frame_spans lays all spans out together instead."""
+    from mgf_sb.objectives.frame import mask_run_lengths
+
+    items = [{"id": f"u{i}", "sig": torch.randn(16000 * (2 + i % 4))} for i in range(12)]
+    measured = {}
+    for whole in (False, True):
+        hp = load_hparams(whole_frame_spans=whole)
+        collate = MGFCollate(**hp["collate_args"])
+        span_min = collate.masks.frame[1]
+        torch.manual_seed(0)
+        runs, frame, phon, rates = [], [], [], []
+        for _ in range(30):
+            b = collate(items)
+            assert not (b.frame_mask & b.span_mask).any()  # disjoint either way
+            runs.append(mask_run_lengths(b.frame_mask))
+            valid = torch.arange(b.frame_mask.shape[1])[None] < b.n_frames[:, None]
+            frame.append(float(b.frame_mask.sum() / valid.sum()))
+            phon.append(float(b.span_mask.sum() / valid.sum()))
+            rates.append(decile_rates(b.input_mask, b.n_frames))
+        runs = torch.cat(runs)
+        measured[whole] = dict(short=float((runs < span_min).float().mean()), frame=sum(frame) / len(frame),
+                               phon=sum(phon) / len(phon), rates=torch.stack(rates).mean(0))
+        if whole:
+            assert int(runs.min()) >= span_min, int(runs.min())  # no frame-mask run shorter than a frame span
+    assert measured[False]["short"] > 0.25, measured[False]  # the cut runs the switch removes
+    assert measured[True]["short"] == 0.0
+    for whole in (False, True):  # the same amounts of masking: phoneme 0.3, frame 0.2 of the rest
+        assert abs(measured[whole]["phon"] - 0.3) < 0.02 and abs(measured[whole]["frame"] - 0.14) < 0.02, measured
+        rates = measured[whole]["rates"]
+        assert (rates - rates.mean()).abs().max() < 0.04, (whole, rates)  # still flat in position
+
+
+@pytest.mark.parametrize("overrides,masked", VARIANTS[:7], ids=[str(sorted(v[0].items())) for v in VARIANTS[:7]])
+def test_whole_frame_spans_hide_what_the_enabled_losses_score(overrides, masked):
+    hp = load_hparams(whole_frame_spans=True, **overrides)
+    torch.manual_seed(0)
+    b = MGFCollate(**hp["collate_args"])([{"id": f"u{i}", "sig": torch.randn(16000 * (3 + i))} for i in range(4)])
+    per_scale = {"frame": b.frame_mask, "phoneme": b.span_mask, "word": b.word_mask}
+    for scale, m in per_scale.items():
+        assert bool(m.any()) == (scale in masked), (scale, overrides)
+    assert not (b.frame_mask & (b.span_mask | b.word_mask)).any()
+    assert not (b.span_mask & b.word_mask).any()  # whole: word spans no longer contain phoneme spans

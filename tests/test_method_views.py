@@ -1,5 +1,7 @@
 """Issue 13 (4): the two utterance views are separate crops with a gap, independently
-jittered lengths and independent random gain (optional EQ tilt and noise)."""
+jittered lengths and independent random gain (optional EQ tilt and noise).
+Issue 23 (4): each view's own channel by the configured amount, a minimum view length,
+more negatives (a queue), an utterance branch, validation batches that mix speakers."""
 
 import math
 import os
@@ -89,15 +91,16 @@ def test_default_yaml_separates_and_perturbs_the_views():
     with open(os.path.join(REPO, "hparams", "mgf.yaml"), encoding="utf-8") as f:
         hp = load_hyperpyyaml(f, {})
     args = hp["collate_args"]
-    assert args["view_gap_seconds"] > 0 and args["view_gain_db"] > 0 and args["view_length_jitter"] > 0
+    assert hp["view_gap_seconds"] > 0 and hp["view_gain_db"] > 0 and hp["view_length_jitter"] > 0
     c = MGFCollate(**args)
+    assert c.views.gap == int(hp["view_gap_seconds"] * SR) and c.views.gain_db == hp["view_gain_db"]
     torch.manual_seed(0)
     b = c([{"id": f"u{i}", "sig": torch.randn(6 * SR)} for i in range(8)])
     U = b.wavs.shape[0]
     n = torch.round(b.wav_lens * b.wavs.shape[1]).long()
     assert len(set(n.tolist())) > U // 2  # view lengths differ: length alone does not match partners
     # every view is shorter than half the crop: the gap is skipped
-    assert (n <= (6 * SR - int(args["view_gap_seconds"] * SR)) // 2).all()
+    assert (n <= (6 * SR - int(hp["view_gap_seconds"] * SR)) // 2).all()
 
 
 def _partner_match_rate(collate, wavs, fe, reps):
@@ -139,3 +142,158 @@ def test_default_views_are_harder_to_match_by_raw_fbank_statistics():
     old = _partner_match_rate(halves, wavs, fe, reps=8)
     new = _partner_match_rate(MGFCollate(**hp["collate_args"]), wavs, fe, reps=8)
     assert new < old - 0.04, (old, new)
+
+
+def _tilt_db(x):
+    """Spectral tilt of a view of white noise: power of the top eighth of the band over the bottom eighth, in dB."""
+    p = torch.fft.rfft(x.double()).abs() ** 2
+    k = p.shape[0] // 8
+    return 10 * math.log10(float(p[:k].mean() / p[-k:].mean()))
+
+
+def test_channel_perturbation_tilts_and_noises_each_view_by_the_configured_amount():
+    """view_eq c gives a tilt of 20 log10((1 + c) / (1 - c)) dB (eq 0.3: +-5.4 dB), uniform in c and drawn
+    per view; view_noise_snr_db [10, 30] gives each view its own SNR in that range."""
+    torch.manual_seed(0)
+    eq = 0.3
+    c = MGFCollate(crop_seconds=4.0, view_eq=eq)
+    white = torch.randn(4 * SR)
+    tilts = torch.tensor([[-_tilt_db(x) for x in _views(c, white)] for _ in range(150)])  # low minus high band
+    bound = 20 * math.log10((1 + eq) / (1 - eq))
+    # bands an eighth wide: the measured tilt is a little under the 0 Hz / Nyquist one
+    assert tilts.abs().max() < bound + 0.6 and tilts.abs().max() > 0.75 * bound, (float(tilts.abs().max()), bound)
+    assert tilts.std() > bound / 3  # spread over the range, not a fixed filter
+    assert abs(torch.corrcoef(tilts.t())[0, 1]) < 0.25  # the two views of one utterance: independent
+    assert (tilts[:, 0] - tilts[:, 1]).abs().mean() > bound / 3  # so the views differ in colour
+    off = MGFCollate(crop_seconds=4.0)
+    assert max(abs(_tilt_db(x)) for x in _views(off, white)) < 0.6  # view_eq 0: no tilt
+
+    tone = torch.sin(2 * math.pi * 440 * torch.arange(4 * SR) / SR)
+    noisy = MGFCollate(crop_seconds=4.0, view_noise_snr_db=[10, 30])
+    half = (4 * SR) // 2
+    snrs = []
+    for _ in range(100):
+        pair = []
+        for x, clean in zip(_views(noisy, tone), (tone[:half], tone[half : 2 * half])):
+            pair.append(10 * math.log10(float((clean ** 2).mean() / ((x - clean) ** 2).mean())))
+        snrs.append(pair)
+    snrs = torch.tensor(snrs)
+    assert snrs.min() > 9.7 and snrs.max() < 30.3, (float(snrs.min()), float(snrs.max()))
+    assert snrs.min() < 13 and snrs.max() > 27  # the whole range is used
+    assert abs(torch.corrcoef(snrs.t())[0, 1]) < 0.25
+
+
+def test_views_are_at_least_min_view_seconds():
+    """view_min_seconds: every view >= 1 s; a crop too short for two gives one view without a partner."""
+    c = MGFCollate(crop_seconds=6.0, view_gap_seconds=0.5, view_length_jitter=0.5, view_min_seconds=1.0)
+    torch.manual_seed(0)
+    for n_s in (2.2, 2.6, 4.0, 6.0, 9.0):
+        for _ in range(20):
+            b = c([{"id": "u", "sig": torch.randn(int(n_s * SR))}])
+            n = torch.round(b.wav_lens * b.wavs.shape[1]).long()
+            assert len(n) == 2 and (n >= SR).all(), (n_s, n.tolist())
+            assert b.partner.tolist() == [1, 0]
+    # 2.2 s: the 0.5 s gap gives way (2 x 1 s + 0.2 s); 1.5 s: one view, the whole crop, no pair
+    b = c([{"id": "short", "sig": torch.randn(int(1.5 * SR))}, {"id": "long", "sig": torch.randn(4 * SR)}])
+    assert b.id[:3] == ["short/0", "long/0", "long/1"] and b.partner.tolist() == [-1, 2, 1]
+    assert b.utt.tolist() == [0, 1, 1] and int(round(float(b.wav_lens[0] * b.wavs.shape[1]))) == int(1.5 * SR)
+    # without the minimum (the default), a 2.2 s crop gives views under 1 s
+    short = MGFCollate(crop_seconds=6.0, view_gap_seconds=0.5)([{"id": "u", "sig": torch.randn(int(2.2 * SR))}])
+    assert (torch.round(short.wav_lens * short.wavs.shape[1]) < SR).all()
+
+
+def _view_batch(n_utts, dim=8):
+    """An MGFBatch-like set of ObjectiveInputs with one layer of random frames."""
+    from mgf_sb.objectives import ObjectiveInputs
+
+    batch = MGFCollate(crop_seconds=2.0, n_views=2)([{"id": str(i), "sig": torch.randn(2 * SR)}
+                                                     for i in range(n_utts)])
+    M, T = batch.frame_mask.shape
+    return ObjectiveInputs([torch.randn(M, T, dim)], torch.randn(M, T, 80), None, batch)
+
+
+def test_utterance_queue_adds_negatives_from_earlier_batches():
+    from mgf_sb.objectives import UtteranceObjective
+
+    torch.manual_seed(0)
+    plain = UtteranceObjective(8, 80, proj_dim=4)
+    queued = UtteranceObjective(8, 80, proj_dim=4, queue_size=20)
+    queued.load_state_dict(plain.state_dict())  # the queue is not saved: same keys as without it
+    x = _view_batch(3)
+    _, st = plain(x)
+    assert st["negatives"] == 4  # 3 utterances x 2 views: the 4 views of the other 2
+    seen = []
+    for _ in range(5):
+        _, st = queued(x)
+        seen.append(st["negatives"])
+    assert seen == [4, 10, 16, 18 + 4, 20 + 4], seen  # 6 views per batch enter the queue, at most 20 kept
+    queued.eval()
+    before = queued.queue.clone()
+    queued(x)
+    assert torch.equal(before, queued.queue)  # validation reads the queue, never fills it
+
+
+def test_utterance_branch_is_its_own_parameters_and_a_crop_without_pair_gives_no_loss():
+    from mgf_sb.objectives import ObjectiveInputs, UtteranceObjective
+
+    torch.manual_seed(0)
+    obj = UtteranceObjective(8, 80, proj_dim=4, branch="attentive")
+    x = _view_batch(3)
+    x.hidden[0].requires_grad_(True)
+    loss, st = obj(x)
+    loss.backward()
+    assert obj.pool.score.weight.grad is not None and obj.pool.frame[1].weight.grad.abs().sum() > 0
+    assert st["pairs"] == 6
+    single = MGFCollate(crop_seconds=2.0, view_min_seconds=1.0)([{"id": "a", "sig": torch.randn(SR + 100)}])
+    M, T = single.frame_mask.shape
+    h = torch.randn(M, T, 8, requires_grad=True)
+    loss, st = obj(ObjectiveInputs([h], torch.randn(M, T, 80), None, single))
+    assert float(loss.detach()) == 0.0 and st == {"pairs": 0.0}
+    loss.backward()  # still part of the graph (DDP sees every parameter used)
+    two = MGFCollate(crop_seconds=2.0, view_min_seconds=1.0)([{"id": i, "sig": torch.randn(SR + 100)} for i in "ab"])
+    M, T = two.frame_mask.shape
+    loss, st = obj(ObjectiveInputs([torch.randn(M, T, 8)], torch.randn(M, T, 80), None, two))
+    assert M == 2 and float(loss.detach()) == 0.0 and st == {"pairs": 0.0}
+
+
+def test_validation_batches_mix_speakers(tmp_path):
+    """Issue 23 (4): valid batches were 8 consecutive manifest rows (one speaker); the recipe's valid
+    loader now reads a fixed seeded shuffle (valid_shuffle_seed, valid_batch_size in the YAML)."""
+    import csv
+
+    import soundfile as sf
+    from torch.utils.data import DataLoader
+
+    from test_pretrain import _load_recipe
+
+    rows = []
+    for spk in range(6):  # a manifest lists each speaker's files together
+        for u in range(8):
+            path = tmp_path / f"{spk}-{u}.wav"
+            sf.write(str(path), 0.1 * torch.randn(int(1.2 * SR)).numpy(), SR)
+            rows.append({"ID": f"spk{spk}/{spk}-{u}", "duration": 1.2, "wav": str(path)})
+    for split in ("train", "valid"):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["ID", "duration", "wav"])
+            w.writeheader()
+            w.writerows(rows)
+    recipe = _load_recipe()
+    with open(os.path.join(REPO, "hparams", "mgf.yaml"), encoding="utf-8") as f:
+        hp = load_hyperpyyaml(f, {"manifest_folder": str(tmp_path), "crop_seconds": 1.0})
+
+    def speakers_per_batch(hparams):
+        _, _, valid_opts = recipe.dataio_prepare(hparams)
+        datasets, _, _ = recipe.dataio_prepare(hparams)
+        counts, order = [], []
+        for batch in DataLoader(datasets["valid"], **valid_opts):
+            spk = [i.split("/")[0] for i in batch.id]
+            counts.append(len(set(spk)))
+            order += [i.rsplit("/", 1)[0] for i in batch.id[: len(batch.id) // 2]]  # views 0 and 1: first half
+        return sum(counts) / len(counts), order
+
+    mixed, order = speakers_per_batch(hp)
+    again, order2 = speakers_per_batch(hp)
+    assert order == order2  # the same batches every epoch
+    assert hp["valid_batch_size"] == 8 and mixed > 4.0, mixed  # random: 6 (1 - C(40,8)/C(48,8)) = 4.7 speakers
+    consecutive, _ = speakers_per_batch({**hp, "valid_shuffle_seed": None})
+    assert consecutive == 1.0  # manifest order: one voice per batch

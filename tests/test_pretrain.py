@@ -32,6 +32,10 @@ ABLATIONS = [
     ("frame_stack2", {"frame_stack": 2}, {"frame", "phoneme", "utterance"}),
     ("weight_zero", {"utterance_weight": 0.0}, {"frame", "phoneme"}),
     ("mask_copies2", {"mask_copies": 2, "frame_stack": 2}, {"frame", "phoneme", "utterance"}),
+    ("frame_stack1", {"frame_stack": 1}, {"frame", "phoneme", "utterance"}),
+    ("mask_copies1", {"mask_copies": 1}, {"frame", "phoneme", "utterance"}),
+    ("utterance_layer1", {"utterance_layer": 1}, {"frame", "phoneme", "utterance"}),
+    ("utterance_weight02", {"utterance_weight": 0.2}, {"frame", "phoneme", "utterance"}),
     ("with_word_scale", {"use_word": True}, {"frame", "phoneme", "word", "utterance"}),
     ("word_only", {"use_word": True, "use_frame": False, "use_phoneme": False, "use_utterance": False}, {"word"}),
 ]

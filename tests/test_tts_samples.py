@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mgf_sb.data import tts
+from conftest import use_benchmarks
+
+use_benchmarks()
+import tts  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = os.path.join(REPO, "samples")

@@ -181,8 +181,15 @@ def _report_path(out, index):
 
 
 def shard_is_done(out, index):
-    """A shard is finished when its tar and its report exist (both renamed into place last)."""
-    return os.path.isfile(os.path.join(out, SHARD_NAME % index)) and os.path.isfile(_report_path(out, index))
+    """A shard is finished when its report exists and so does its tar (both renamed into place last),
+    or when the report says it holds no sample (every planned file skipped: no tar is written)."""
+    rpath = _report_path(out, index)
+    if not os.path.isfile(rpath):
+        return False
+    if os.path.isfile(os.path.join(out, SHARD_NAME % index)):
+        return True
+    with open(rpath, encoding="utf-8", errors="surrogateescape") as f:
+        return json.load(f)["samples"] == 0
 
 
 def write_shard(index, items, out, sample_rate=16000, min_duration=1.0, max_segment_seconds=30.0):
@@ -190,7 +197,9 @@ def write_shard(index, items, out, sample_rate=16000, min_duration=1.0, max_segm
 
     The tar is written to ``<name>.tmp`` and renamed when complete, after the
     shard's report (``shard_reports/shard-%06d.json``), so a killed job leaves
-    no shard that looks finished.
+    no shard that looks finished. A shard whose planned files were all skipped
+    is not written (its report says 0 samples; the index leaves it out, so it
+    can never become the validation set).
     """
     import webdataset as wds
 
@@ -228,8 +237,12 @@ def write_shard(index, items, out, sample_rate=16000, min_duration=1.0, max_segm
     os.makedirs(os.path.dirname(rpath), exist_ok=True)
     with open(rpath + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as f:
         json.dump(report, f, ensure_ascii=False)
+    if report["samples"] == 0:  # nothing usable: no empty tar to train or validate on
+        os.remove(tmp)
+        logger.warning(f"{name}: every planned file was skipped (see shards_skipped.tsv); no shard written")
     os.replace(rpath + ".tmp", rpath)
-    os.replace(tmp, os.path.join(out, name))
+    if report["samples"]:
+        os.replace(tmp, os.path.join(out, name))
     return report
 
 
@@ -321,20 +334,23 @@ def write_index(out, n_shards, options=None):
             skips.add(path, reason)
         for path, note in rep["converted"]:
             skips.note(path, note)
-        shards.append({k: rep[k] for k in ("name", "samples", "seconds", "bytes", "recordings", "dropped_seconds")})
+        if rep["samples"]:  # an empty shard has no tar (write_shard) and no entry
+            shards.append({k: rep[k] for k in ("name", "samples", "seconds", "bytes", "recordings", "dropped_seconds")})
     skips.write(out)
     samples = sum(s["samples"] for s in shards)
     if samples == 0:
         raise ValueError(f"no usable audio in {options and options.get('source')!r}: every file was unreadable or "
                          f"too short; see {os.path.join(out, 'shards_skipped.tsv')}")
-    index = {"version": INDEX_VERSION, "count": n_shards, "samples": samples,
+    index = {"version": INDEX_VERSION, "count": len(shards), "samples": samples,
              "hours": sum(s["seconds"] for s in shards) / 3600, "skipped": len(skips), "converted": len(skips.notes),
              "options": options, "shards": shards}
     with open(os.path.join(out, INDEX_NAME + ".tmp"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
     os.replace(os.path.join(out, INDEX_NAME + ".tmp"), os.path.join(out, INDEX_NAME))
-    logger.info(f"{n_shards} shards, {samples} samples, {index['hours']:.2f} h in {out} "
-                f"({len(skips)} files skipped, {len(skips.notes)} converted)")
+    empty = n_shards - len(shards)
+    logger.info(f"{len(shards)} shards, {samples} samples, {index['hours']:.2f} h in {out} "
+                f"({len(skips)} files skipped, {len(skips.notes)} converted"
+                f"{f', {empty} planned shard(s) left empty and not written' if empty else ''})")
     return index
 
 
@@ -385,6 +401,49 @@ def shard_stats(urls, index):
         counts.append(int(by_name[m.group(0)]["samples"]))
         seconds.append(float(by_name[m.group(0)]["seconds"]))
     return counts, seconds
+
+
+def check_shards(urls, index):
+    """Every local shard against the index, before training: it exists, has the size
+    the index recorded, and its tar headers hold the index's samples (one ``.flac`` and
+    one ``.json`` each). Reads the headers only (a seek per member), not the audio.
+    ``pipe:`` / remote URLs cannot be checked here; a bad one fails when it is read.
+
+    Raises
+    ------
+    ValueError
+        Naming each missing, truncated or miscounted shard, and the fix.
+    """
+    import tarfile
+
+    by_name = {s["name"]: s for s in index["shards"]}
+    problems = []
+    for url in urls:
+        if "://" in url or url.startswith("pipe:") or url.startswith("file:"):
+            continue
+        entry = by_name.get(os.path.basename(url))
+        if not os.path.isfile(url):
+            problems.append(f"{url}: missing")
+            continue
+        size = os.path.getsize(url)
+        if entry is not None and entry.get("bytes") and size != int(entry["bytes"]):
+            problems.append(f"{url}: {size} bytes, the index says {entry['bytes']} (truncated or rewritten)")
+            continue
+        try:
+            with tarfile.open(url, "r:") as tar:
+                names = tar.getnames()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{url}: unreadable tar ({e})")
+            continue
+        flac = sum(n.endswith(".flac") for n in names)
+        meta = sum(n.endswith(".json") for n in names)
+        if entry is not None and not flac == meta == int(entry["samples"]):
+            problems.append(f"{url}: {flac} audio and {meta} metadata entries, the index says {entry['samples']} samples")
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(urls)} shards do not match the index:\n  " + "\n  ".join(problems)
+                         + "\nRewrite them: delete each listed shard and its shard_reports/<name>.json, then rerun "
+                           "recipes/pretrain/make_shards.py with the same arguments (it writes only the missing shards)")
+    return len(urls)
 
 
 def read_shard(url):
@@ -753,6 +812,10 @@ def shard_loaders(shards, train_collate, valid_collate, crop_seconds, max_batch_
     """
     index = load_index(shards_index or default_index_path(shards))
     urls = shard_urls(shards, index)
+    empty = {s["name"] for s in index["shards"] if not int(s["samples"])}  # an index written before they were left out
+    if empty:
+        logger.warning(f"shards without samples left out: {sorted(empty)}")
+        urls = [u for u in urls if os.path.basename(u) not in empty]
     if valid_shards:
         valid_urls = shard_urls(valid_shards)
     else:
@@ -762,6 +825,10 @@ def shard_loaders(shards, train_collate, valid_collate, crop_seconds, max_batch_
         urls, valid_urls = urls[:-1], urls[-1:]
         logger.info(f"validation: the last shard ({valid_urls[0]}) is held out of training")
     counts, seconds = shard_stats(urls, index)
+    # at start, not when reached; separate validation shards have their own index: checked for existence only
+    check_shards(urls + ([] if valid_shards else valid_urls), index)
+    if valid_shards:
+        check_shards(valid_urls, {"shards": []})
     rank, world = _dist()
     stream = ShardStream(urls, counts, train_collate, crop_seconds, max_batch_length=max_batch_length,
                          batch_size=batch_size, sample_rate=sample_rate, shuffle_buffer=shuffle_buffer,

@@ -4,14 +4,20 @@
 - :class:`PhonemeObjective` - phoneme scale, span InfoNCE against the teacher;
 - :class:`UtteranceObjective` - utterance scale, NT-Xent between two views;
 - :class:`WordObjective` - optional word scale (0.3-0.6 s spans), span InfoNCE.
+
+Peers (baselines at the same budget, not scales of MGF): :class:`BestRQObjective`
+(BEST-RQ's random-projection quantiser targets) and :class:`Wav2Vec2Objective`
+(wav2vec 2.0's contrastive objective on the fbank front end).
 """
 
 import torch
 
 from mgf_sb.objectives.base import MaskedPrediction, ObjectiveInputs
+from mgf_sb.objectives.bestrq import BestRQObjective
 from mgf_sb.objectives.frame import FrameObjective
 from mgf_sb.objectives.phoneme import PhonemeObjective
 from mgf_sb.objectives.utterance import UtteranceObjective
+from mgf_sb.objectives.wav2vec2 import Wav2Vec2Objective
 from mgf_sb.objectives.word import WordObjective
 
 __all__ = [
@@ -19,6 +25,8 @@ __all__ = [
     "PhonemeObjective",
     "UtteranceObjective",
     "WordObjective",
+    "BestRQObjective",
+    "Wav2Vec2Objective",
     "MaskedPrediction",
     "ObjectiveInputs",
     "ScaleSet",
@@ -48,7 +56,7 @@ class ScaleSet(torch.nn.ModuleDict):
         active = {k: m for k, m in objectives.items() if enabled.get(k, False) and float(weights.get(k, 0)) > 0}
         if not active:
             raise ValueError("every scale is disabled: enable at least one (use_frame / use_phoneme / use_word / "
-                             "use_utterance)")
+                             "use_utterance, or a peer: use_bestrq / use_wav2vec2)")
         super().__init__(active)
         self.weights = {k: float(weights[k]) for k in active}
 
@@ -56,12 +64,16 @@ class ScaleSet(torch.nn.ModuleDict):
     def needs_teacher(self):
         return any(getattr(m, "needs_teacher", False) for m in self.values())
 
-    def forward(self, inputs):
-        """Weighted sum. Returns ``(total, {name: loss}, {name/stat: value})``."""
+    def forward(self, inputs, factors=None):
+        """Weighted sum. Returns ``(total, {name: loss}, {name/stat: value})``.
+
+        ``factors``: optional ``{name: float}`` multiplying each weight (the automatic
+        balancing of :class:`mgf_sb.pretraining.ScaleBalancer`; 1 when absent).
+        """
         total, losses, stats = 0.0, {}, {}
         for name, objective in self.items():
             loss, st = objective(inputs)
             losses[name] = loss
-            total = total + self.weights[name] * loss
+            total = total + self.weights[name] * (factors or {}).get(name, 1.0) * loss
             stats.update({f"{name}_{k}": v for k, v in st.items()})
         return total, losses, stats

@@ -11,10 +11,11 @@ from typing import List, Optional
 import torch
 
 from mgf_sb.batch import MGFBatch
-from mgf_sb.objectives.losses import info_nce, regression_loss, sample_negatives
+from mgf_sb.objectives.losses import contrast_accuracy, info_nce, regression_loss, sample_negatives
 from mgf_sb.target import layer_norm_target
 
 LOSSES = ("l1", "l2", "infonce")
+TARGET_PROJECTIONS = ("learned", "fixed", "none")
 
 
 @dataclass
@@ -31,12 +32,22 @@ class ObjectiveInputs:
         (M, T, D) stop-gradient target-network output on the unmasked input;
         only computed when an enabled objective has ``target: teacher``.
     batch : MGFBatch
+    encoder : torch.nn.Module or None
+        The online encoder (unwrapped from DDP), for objectives that embed the
+        unmasked features themselves (the wav2vec 2.0 peer quantises
+        ``encoder.input_proj(feats)``).
+    teacher_masked : torch.Tensor or None
+        (M, T, D) the same target network fed the student's *masked* input:
+        the context-only baseline (``<scale>_context_acc``); computed on the
+        diagnostic batches only (see :func:`mgf_sb.pretraining.mgf_forward`).
     """
 
     hidden: List[torch.Tensor]
     feats: torch.Tensor
     teacher: Optional[torch.Tensor]
     batch: MGFBatch
+    encoder: Optional[torch.nn.Module] = None
+    teacher_masked: Optional[torch.Tensor] = None
 
 
 class MaskedPrediction(torch.nn.Module):
@@ -61,6 +72,18 @@ class MaskedPrediction(torch.nn.Module):
     temperature : float
     proj_dim : int
         Shared space for infonce.
+    negatives_within_ms : float, optional
+        Same-sequence distractors only among the units whose centre is within
+        this many ms of the unit's (they share its context; see
+        :func:`~mgf_sb.objectives.losses.sample_negatives`). None: anywhere in
+        the sequence.
+    frame_ms : float
+        One encoder frame in ms (for ``negatives_within_ms``).
+    target_projection : str
+        infonce only: ``learned`` (a trained linear map of the targets into
+        ``proj_dim``), ``fixed`` (the same map, random and frozen: the targets
+        cannot be reshaped to make the task easy) or ``none`` (cosine in the
+        target space itself, the head predicts ``target_dim``).
     """
 
     def __init__(
@@ -74,6 +97,9 @@ class MaskedPrediction(torch.nn.Module):
         n_negatives_batch=10,
         temperature=0.1,
         proj_dim=256,
+        negatives_within_ms=None,
+        frame_ms=10.0,
+        target_projection="learned",
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -84,10 +110,19 @@ class MaskedPrediction(torch.nn.Module):
         self.layer = layer
         self.n_same, self.n_batch = n_negatives_same, n_negatives_batch
         self.temperature = temperature
+        if target_projection not in TARGET_PROJECTIONS:
+            raise ValueError(f"{type(self).__name__}: target_projection must be one of {TARGET_PROJECTIONS}, "
+                             f"got {target_projection!r}")
+        self.target_projection = target_projection
+        self.radius = None if negatives_within_ms is None else float(negatives_within_ms) / float(frame_ms)
         target_dim = feat_dim if target == "fbank" else d_model
-        if loss == "infonce":
+        if loss == "infonce" and target_projection == "none":
+            self.head = torch.nn.Linear(d_model, target_dim)
+            self.target_proj = torch.nn.Identity()
+        elif loss == "infonce":
             self.head = torch.nn.Linear(d_model, proj_dim)
             self.target_proj = torch.nn.Linear(target_dim, proj_dim)
+            self.target_proj.requires_grad_(target_projection == "learned")
         else:
             self.head = torch.nn.Sequential(
                 torch.nn.Linear(d_model, d_model), torch.nn.GELU(), torch.nn.Linear(d_model, target_dim)
@@ -100,6 +135,10 @@ class MaskedPrediction(torch.nn.Module):
 
     def units(self, x, batch):
         """Gathers units: (M, T, C) -> ((N, C), group (N,)). Subclasses define it."""
+        raise NotImplementedError
+
+    def unit_positions(self, batch, T):
+        """(N,) centre of each unit in its sequence, in frames (for ``negatives_within_ms``)."""
         raise NotImplementedError
 
     def forward(self, inputs):
@@ -120,9 +159,18 @@ class MaskedPrediction(torch.nn.Module):
         if self.loss_type == "infonce":
             # batch distractors never come from the same utterance (other copies / the other view)
             utt = inputs.batch.utt.to(group.device)[group]
-            idx, valid = sample_negatives(group, self.n_same, self.n_batch, exclude_group=utt)
+            position = None
+            if self.radius is not None:
+                position = self.unit_positions(inputs.batch, tgt_frames.shape[1]).to(group.device)
+            idx, valid = sample_negatives(group, self.n_same, self.n_batch, exclude_group=utt, position=position,
+                                          radius=self.radius)
             loss, acc = info_nce(pred, self.target_proj(tgt), idx, valid, self.temperature)
-            return loss, {"acc": float(acc), "units": float(pred.shape[0])}
+            stats = {"acc": float(acc), "units": float(pred.shape[0])}
+            if self.target == "teacher" and inputs.teacher_masked is not None:
+                # Context-only baseline: the teacher itself, fed what the student sees, no projection.
+                ctx, _ = self.units(inputs.teacher_masked, inputs.batch)
+                stats["context_acc"] = contrast_accuracy(ctx.detach(), tgt, idx, valid)
+            return loss, stats
         if self.target == "teacher":
             tgt = layer_norm_target(tgt)
         loss = regression_loss(pred, tgt, self.loss_type)

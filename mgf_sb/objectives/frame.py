@@ -9,6 +9,7 @@ sees what the model adds over interpolation.
 
 import torch
 
+from mgf_sb.masking import ms_to_frames
 from mgf_sb.objectives.base import MaskedPrediction
 
 
@@ -88,8 +89,17 @@ class FrameObjective(MaskedPrediction):
     ``loss='infonce'`` turns it contrastive (distractors: other masked frames,
     same sequence and batch) for the paper's ablation. Its stats include
     ``interp_l1``, the L1 of the neighbour-interpolation baseline on the same
-    masked frames of the unmasked features.
+    masked frames of the unmasked features, ``run_frames`` (mean length of the
+    frame mask's runs, in frames) and ``short_runs`` (share of those runs
+    shorter than ``span_min_ms``: frame spans cut by phoneme spans or by the
+    sequence end, which interpolation solves; 0 with ``whole_frame_spans``).
     """
+
+    def __init__(self, *args, span_min_ms=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        frame_ms = kwargs.get("frame_ms", 10.0)
+        # runs shorter than the configured span are cut spans (frame_short_runs)
+        self.short_run = None if span_min_ms is None else ms_to_frames(span_min_ms, frame_ms)
 
     def units(self, x, batch):
         """(M, T, C) -> masked frames (N, C) and their sequence index (N,)."""
@@ -97,10 +107,32 @@ class FrameObjective(MaskedPrediction):
         group = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(mask)[mask]
         return x[mask], group
 
+    def unit_positions(self, batch, T):
+        """(N,) frame index of each masked frame, in the order of :meth:`units`."""
+        mask = batch.frame_mask[:, :T]
+        return torch.arange(mask.shape[1], device=mask.device)[None, :].expand_as(mask)[mask].float()
+
     def forward(self, inputs):
         loss, stats = super().forward(inputs)
         batch = inputs.batch
         with torch.no_grad():
             stats["interp_l1"] = neighbour_interpolation_l1(inputs.feats, batch.frame_mask, batch.input_mask,
                                                             batch.n_frames)
+            runs = mask_run_lengths(batch.frame_mask)
+            if runs.numel() > 0:
+                stats["run_frames"] = float(runs.float().mean())
+                if self.short_run is not None:
+                    stats["short_runs"] = float((runs < self.short_run).float().mean())
         return loss, stats
+
+
+def mask_run_lengths(mask):
+    """(M, T) boolean mask -> (R,) length of every run of consecutive True frames.
+
+    >>> mask_run_lengths(torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]]).bool()).tolist()
+    [2, 1, 3]
+    """
+    m = torch.nn.functional.pad(mask.long(), (1, 1))
+    d = m[:, 1:] - m[:, :-1]  # +1 at a run's first frame, -1 after its last
+    starts, ends = (d == 1).nonzero(), (d == -1).nonzero()
+    return ends[:, 1] - starts[:, 1]

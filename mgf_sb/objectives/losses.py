@@ -32,7 +32,7 @@ def regression_loss(pred, target, kind="l1"):
     raise ValueError(f"unknown regression loss {kind!r}; use 'l1' or 'l2'")
 
 
-def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None):
+def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None, position=None, radius=None):
     """Draws distractor indices for each unit, without the unit itself.
 
     Units are flattened in group order (all units of sequence 0, then 1, ...),
@@ -54,6 +54,13 @@ def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None):
         utterance hold spans of the same speech over the same teacher output,
         which may overlap the positive in time. None: only the unit itself
         is excluded.
+    position, radius : torch.Tensor and float, optional
+        (N,) position of each unit in its sequence (e.g. a span's centre, in
+        frames) and a distance: the same-group distractors are then drawn only
+        among the units of the same group within ``radius`` of the unit (they
+        share its context, so the context alone does not tell them apart),
+        uniformly and without repetition; when fewer than ``n_same`` exist the
+        rest are invalid. None: uniformly from the whole group, with repetition.
 
     Returns
     -------
@@ -68,7 +75,11 @@ def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None):
     device = group.device
     own = torch.arange(N, device=device)
     parts, valids = [], []
-    if n_same > 0:
+    if n_same > 0 and position is not None and radius is not None:
+        idx, ok = _nearby_negatives(group, position, float(radius), n_same, generator)
+        parts.append(idx)
+        valids.append(ok)
+    elif n_same > 0:
         counts = torch.bincount(group)
         offset = counts.cumsum(0) - counts  # first unit of each group
         n_grp = counts[group]  # (N,)
@@ -96,6 +107,74 @@ def sample_negatives(group, n_same, n_any, generator=None, exclude_group=None):
     return torch.cat(parts, 1), torch.cat(valids, 1)
 
 
+def _nearby_negatives(group, position, radius, n, generator=None):
+    """Up to ``n`` distinct distractors per unit among its group's units within ``radius`` (uniform).
+
+    Returns ``(idx, valid)``, each (N, n); see :func:`sample_negatives`.
+    """
+    N, device = group.shape[0], group.device
+    pos = position.to(device).double()
+    span = float(pos.max() - pos.min()) + 2 * radius + 1 if N > 0 else 1.0
+    key = group.double() * span + (pos - (pos.min() if N > 0 else 0))  # groups far apart on one axis
+    order = torch.sort(key, stable=True).indices
+    skey = key[order]
+    lo = torch.searchsorted(skey, skey - radius, side="left")
+    hi = torch.searchsorted(skey, skey + radius, side="right")
+    W = int((hi - lo).max()) if N > 0 else 0
+    cand = lo[:, None] + torch.arange(W, device=device)[None, :]  # (N, W) sorted positions
+    ok = (cand < hi[:, None]) & (cand != torch.arange(N, device=device)[:, None])
+    score = torch.rand(N, W, generator=generator).to(device).masked_fill(~ok, -1.0)
+    top = score.topk(min(n, W), dim=1)
+    pick = cand.gather(1, top.indices).clamp(max=max(N - 1, 0))
+    valid = top.values >= 0
+    if pick.shape[1] < n:  # fewer candidates than asked anywhere in the batch
+        fill = n - pick.shape[1]
+        pick = torch.cat([pick, torch.zeros(N, fill, dtype=torch.long, device=device)], 1)
+        valid = torch.cat([valid, torch.zeros(N, fill, dtype=torch.bool, device=device)], 1)
+    # back from sorted positions to unit indices, rows in unit order
+    idx = torch.empty_like(pick)
+    idx[order] = order[pick]
+    out_valid = torch.empty_like(valid)
+    out_valid[order] = valid
+    return idx * out_valid, out_valid
+
+
+def contrast_logits(query, keys, negatives_idx, negatives_valid):
+    """Cosine similarity of each query to its own key (column 0) and its distractors.
+
+    Arguments
+    ---------
+    query, keys : torch.Tensor
+        (N, D) each; key n is the positive of query n.
+    negatives_idx, negatives_valid :
+        (N, K) from :func:`sample_negatives`.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 1 + K) float32 similarities; -inf for missing distractors and for
+        a distractor identical to the key (e.g. a repeated frame).
+    """
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(keys.float(), dim=-1)
+    pos = (q * k).sum(-1, keepdim=True)  # (N, 1)
+    neg = torch.einsum("nd,nkd->nk", q, k[negatives_idx])  # (N, K)
+    same = (k[negatives_idx] == k[:, None, :]).all(-1)
+    neg = neg.masked_fill(~negatives_valid | same, float("-inf"))
+    return torch.cat([pos, neg], 1)
+
+
+def contrast_accuracy(query, keys, negatives_idx, negatives_valid):
+    """Fraction of queries whose own key scores highest among the distractors (no projection).
+
+    Used for the context-only baseline: the teacher's encoding of the masked
+    input as the query, its encoding of the unmasked input as the keys.
+    """
+    if query.shape[0] == 0:
+        return 0.0
+    return float((contrast_logits(query, keys, negatives_idx, negatives_valid).argmax(1) == 0).float().mean())
+
+
 def info_nce(query, positive, negatives_idx, negatives_valid, temperature):
     """InfoNCE with cosine similarity: pick the own target among distractors.
 
@@ -119,15 +198,9 @@ def info_nce(query, positive, negatives_idx, negatives_valid, temperature):
     accuracy : torch.Tensor
         Scalar fraction of units whose positive scores highest.
     """
-    q = F.normalize(query.float(), dim=-1)
-    k = F.normalize(positive.float(), dim=-1)
-    pos = (q * k).sum(-1, keepdim=True)  # (N, 1)
-    neg = torch.einsum("nd,nkd->nk", q, k[negatives_idx])  # (N, K)
     # A distractor identical to the target (e.g. a repeated frame) is no distractor.
-    same = (k[negatives_idx] == k[:, None, :]).all(-1)
-    neg = neg.masked_fill(~negatives_valid | same, float("-inf"))
-    logits = torch.cat([pos, neg], 1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    logits = contrast_logits(query, positive, negatives_idx, negatives_valid) / temperature
+    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(1) == 0).float().mean()
     return loss, accuracy

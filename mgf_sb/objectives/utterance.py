@@ -25,6 +25,39 @@ def masked_mean_std(x, n_frames):
     return torch.cat([mean, var.clamp(min=1e-8).sqrt()], -1)
 
 
+class AttentivePool(torch.nn.Module):
+    """The utterance scale's own small branch: a frame-wise projection, then attention pooling.
+
+    It gives the utterance loss parameters of its own between the shared layer
+    and the pooled vector, so "which recording is this" can be read out by the
+    branch instead of being written into the shared layer's every frame.
+
+    Arguments
+    ---------
+    d_model : int
+
+    Example
+    -------
+    >>> pool = AttentivePool(8)
+    >>> pool(torch.randn(3, 5, 8), torch.tensor([5, 2, 1])).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.frame = torch.nn.Sequential(torch.nn.LayerNorm(d_model), torch.nn.Linear(d_model, d_model),
+                                         torch.nn.GELU())
+        self.score = torch.nn.Linear(d_model, 1)
+
+    def forward(self, x, n_frames):
+        """(M, T, D), (M,) valid frames -> (M, D) attention-weighted mean of the projected frames."""
+        h = self.frame(x)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < n_frames[:, None]
+        w = self.score(h).squeeze(-1).float().masked_fill(~valid, float("-inf"))
+        w = torch.softmax(w, dim=1).nan_to_num(0.0).to(h.dtype)  # a sequence with no frame pools to 0
+        return (w[..., None] * h).sum(1)
+
+
 class UtteranceObjective(torch.nn.Module):
     """Discriminative (default) or generative utterance-level objective.
 
@@ -43,9 +76,17 @@ class UtteranceObjective(torch.nn.Module):
         Encoder layer pooled (-1: last).
     proj_dim : int
     temperature : float
+    branch : str
+        ``none`` (mean of the layer's frames, then the projection MLP) or
+        ``attentive`` (its own :class:`AttentivePool` branch on the layer first).
+    queue_size : int
+        infonce: also contrast against the last ``queue_size`` view embeddings
+        of earlier training batches (a MoCo-style queue of detached negatives;
+        0: the batch's own views only, gathered over DDP processes).
     """
 
-    def __init__(self, d_model, feat_dim, loss="infonce", target="other_view", layer=-1, proj_dim=256, temperature=0.1):
+    def __init__(self, d_model, feat_dim, loss="infonce", target="other_view", layer=-1, proj_dim=256, temperature=0.1,
+                 branch="none", queue_size=0):
         super().__init__()
         ok = {("infonce", "other_view"), ("l1", "fbank"), ("l2", "fbank"), ("l1", "teacher"), ("l2", "teacher")}
         if (loss, target) not in ok:
@@ -53,8 +94,13 @@ class UtteranceObjective(torch.nn.Module):
                 f"UtteranceObjective: loss={loss!r} with target={target!r} is not supported; "
                 f"use one of {sorted(ok)}"
             )
+        if branch not in ("none", "attentive"):
+            raise ValueError(f"utterance_branch must be 'none' or 'attentive', got {branch!r}")
+        if int(queue_size) < 0:
+            raise ValueError(f"utterance_queue_size must be >= 0, got {queue_size}")
         self.loss_type, self.target, self.layer = loss, target, layer
         self.temperature = temperature
+        self.pool = AttentivePool(d_model) if branch == "attentive" else None
         out_dim = {"other_view": proj_dim, "fbank": 2 * feat_dim, "teacher": d_model}[target]
         self.proj = torch.nn.Sequential(
             torch.nn.Linear(d_model, d_model),
@@ -62,28 +108,62 @@ class UtteranceObjective(torch.nn.Module):
             torch.nn.ReLU(),
             torch.nn.Linear(d_model, out_dim),
         )
+        self.queue_size = int(queue_size) if loss == "infonce" else 0
+        # Not saved: a resumed run refills it within queue_size / batch views steps.
+        self.register_buffer("queue", torch.zeros(self.queue_size, out_dim), persistent=False)
+        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def needs_teacher(self):
         return self.target == "teacher"
 
+    def pooled(self, hidden, n_frames):
+        """(M, T, D) encoder layer -> (M, D) pooled view (before the projection MLP)."""
+        if self.pool is not None:
+            return self.pool(hidden, n_frames)
+        return masked_mean(hidden, n_frames)
+
+    @torch.no_grad()
+    def _enqueue(self, keys):
+        """Pushes (Mk, D) detached keys into the queue, oldest out."""
+        k = keys.detach().to(self.queue.dtype)[-self.queue_size :]
+        self.queue.copy_(torch.cat([k, self.queue])[: self.queue_size])
+        self.queue_len.fill_(min(int(self.queue_len) + k.shape[0], self.queue_size))
+
     def forward(self, inputs):
         """Returns ``(loss, stats)``; see :class:`~mgf_sb.objectives.base.ObjectiveInputs`."""
         batch = inputs.batch
         n = batch.n_frames.to(inputs.feats.device)
-        z = self.proj(masked_mean(inputs.hidden[self.layer], n))  # (M, out_dim)
-        partner = batch.partner
+        hidden = inputs.hidden[self.layer]
+        partner = batch.partner.to(hidden.device)
+        has = partner >= 0
+        if hidden.shape[0] < 2 and not bool(has.any()):  # one view alone (BatchNorm needs two): no loss
+            zero = hidden.sum() * 0.0 + sum(p.sum() * 0.0 for p in self.parameters())
+            return zero, {"pairs": 0.0}
+        z = self.proj(self.pooled(hidden, n))  # (M, out_dim)
         if self.loss_type == "infonce":
             # Negatives from every DDP process, so the loss does not depend on their number.
             keys, key_group, offset = gather_for_contrast(z, batch.utt)
             own_group = key_group[offset : offset + z.shape[0]]  # made unique across processes
-            loss, acc = nt_xent(z, partner, self.temperature, group=own_group, keys=keys, key_group=key_group,
+            all_keys, all_group = keys, key_group
+            n_queue = int(self.queue_len)
+            if n_queue > 0:  # earlier batches' views: never the partner, never the same utterance
+                q_group = key_group.max() + 1 + torch.arange(n_queue, device=key_group.device)
+                all_keys = torch.cat([keys, self.queue[:n_queue].to(keys.dtype)])
+                all_group = torch.cat([key_group, q_group])
+            if self.queue_size > 0 and self.training:
+                self._enqueue(keys)
+            if not bool(has.any()):  # no view has a partner here (e.g. every crop shorter than two views)
+                return z.sum() * 0.0, {"pairs": 0.0}
+            loss, acc = nt_xent(z, partner, self.temperature, group=own_group, keys=all_keys, key_group=all_group,
                                 offset=offset)
-            return loss, {"acc": float(acc)}
-        has = partner >= 0
+            negatives = float((all_group[None, :] != own_group[has][:, None]).sum(1).float().mean())
+            return loss, {"acc": float(acc), "pairs": float(has.sum()), "negatives": negatives}
+        if not bool(has.any()):
+            return z.sum() * 0.0, {"pairs": 0.0}
         if self.target == "fbank":
             tgt = masked_mean_std(inputs.feats, n)
         else:
             tgt = layer_norm_target(masked_mean(inputs.teacher, n))
         loss = regression_loss(z[has], tgt[partner[has]].detach(), self.loss_type)
-        return loss, {}
+        return loss, {"pairs": float(has.sum())}

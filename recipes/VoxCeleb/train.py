@@ -296,6 +296,7 @@ def main(argv, mode="train"):
     if if_main_process():
         write_results(hparams["output_folder"], "results" if mode == "train" else "verification", results,
                       "\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)  # the table, printed at the end (README), as TIMIT and LibriSpeech do
     return results
 
 

@@ -7,9 +7,10 @@
 Writes ``<out>/shard-000000.tar ...`` (16 kHz mono FLAC + JSON with id,
 duration and origin per sample), ``<out>/shards.json`` (count, hours, samples
 and seconds per shard), ``<out>/shards_skipped.tsv`` (files that failed the
-audio check, with the reason) and ``<out>/shards_converted.tsv`` (resampled /
-downmixed files). Rerunning the same command finishes an interrupted run
-(finished shards are kept). Then:
+audio check, with the reason) and, when a file was resampled or downmixed,
+``<out>/shards_converted.tsv``. A planned shard whose files were all skipped is
+not written (nor indexed). Rerunning the same command finishes an interrupted
+run (finished shards are kept). Then:
 
     python recipes/pretrain/train.py hparams/mgf.yaml --data_format=shards --shards=<out>
 """
@@ -38,10 +39,12 @@ def main(argv=None):
                         max_segment_seconds=args.max_segment_seconds or None, min_duration=args.min_duration,
                         sample_rate=args.sample_rate, num_workers=args.workers, seed=args.seed)
     last = index["count"] - 1
+    contiguous = [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(index["count"])]
+    pattern = f" (or --shards='{args.out}/shard-{{000000..{last:06d}}}.tar')" if contiguous else ""
     print(f"{index['count']} shards, {index['samples']} samples, {index['hours']:.3f} h, "
-          f"{index['skipped']} files skipped (shards_skipped.tsv), {index['converted']} converted; "
-          f"train with --data_format=shards --shards={args.out} "
-          f"(or --shards='{args.out}/shard-{{000000..{last:06d}}}.tar')")
+          f"{index['skipped']} files skipped (shards_skipped.tsv), {index['converted']} converted"
+          f"{' (listed in shards_converted.tsv)' if index['converted'] else ''}; "
+          f"train with --data_format=shards --shards={args.out}{pattern}")
 
 
 if __name__ == "__main__":

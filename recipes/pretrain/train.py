@@ -24,9 +24,9 @@ from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
 from mgf_sb.data.shards import shard_loaders
-from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum, seed_data_stream
+from mgf_sb.distributed import CPUFriendlyDDP, seed_data_stream, unwrap
 from mgf_sb.live_curves import attach_tensorboard
-from mgf_sb.pretraining import mgf_forward
+from mgf_sb.pretraining import LOGGED_STATS, EpochStats, mgf_forward, mixed_valid_order, scale_grad_norms
 from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
@@ -44,19 +44,40 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         """Features -> masked online encoding (+ teacher encoding when needed)."""
         batch = batch.to(self.device)
         epoch = self.hparams.epoch_counter.current if stage == sb.Stage.TRAIN else None
+        # the context-only baseline: every validation batch, the diagnostic training batches
+        context = stage != sb.Stage.TRAIN or self.diagnostics_due()
         return mgf_forward(self.modules.features, self.modules.encoder, self.hparams.target, batch,
-                           needs_teacher=self.hparams.objectives.needs_teacher, epoch=epoch)
+                           needs_teacher=self.hparams.objectives.needs_teacher, epoch=epoch,
+                           context_baseline=context)
+
+    def diagnostics_due(self):
+        """Training batches that also measure the diagnostics: every ``diagnostics_every``
+        optimiser steps and the first batch of each epoch (so every epoch logs them)."""
+        every = int(self.hparams.diagnostics_every or 0)
+        if every <= 0:
+            return False
+        return self.stats.counts.get("loss", 0) == 0 or int(self.hparams.target.step) % every == 0
 
     def compute_objectives(self, predictions, batch, stage):
         """Weighted sum over the enabled scales (see mgf_sb.objectives.ScaleSet)."""
-        total, losses, stats = self.modules.objectives(predictions)
-        self.scale_sums["loss"] = self.scale_sums.get("loss", 0.0) + float(total.detach())
+        balancer = self.hparams.scale_balancer
+        factors = balancer.factors()
+        total, losses, stats = self.modules.objectives(predictions, factors=factors)
+        if stage == sb.Stage.TRAIN and self.diagnostics_due():
+            # each scale's gradient on the shared encoder, before the backward of the sum
+            raw = scale_grad_norms(losses, list(unwrap(self.modules.encoder).parameters()))
+            balancer.observe(raw)
+            weights = self.hparams.objectives.weights
+            for name, g in raw.items():
+                stats[f"{name}_grad_norm"] = weights[name] * factors.get(name, 1.0) * g
+        self.stats.add("loss", float(total.detach()))
         for name, loss in losses.items():
-            self.scale_sums[name] = self.scale_sums.get(name, 0.0) + float(loss.detach())
+            self.stats.add(name, float(loss.detach()))
         for name, value in stats.items():
-            if name.endswith(("_acc", "_interp_l1")):  # accuracies; frame_interp_l1 (copying neighbours)
-                self.scale_sums[name] = self.scale_sums.get(name, 0.0) + value
-        self.scale_batches += 1
+            # accuracies (+ phoneme_context_acc); frame_interp_l1 (copying neighbours); the peers'
+            # codebook usage (*_code_ppl); the diagnostics (README "Objectives")
+            if name.endswith(LOGGED_STATS):
+                self.stats.add(name, value)
         return total
 
     def on_fit_batch_start(self, batch, should_step):
@@ -71,19 +92,57 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
 
     def _reduced_scale_stats(self):
         """Per-scale means over every batch of every process (DDP-safe)."""
-        names = sorted(self.scale_sums)
-        *sums, batches = ddp_sum([self.scale_sums[k] for k in names] + [self.scale_batches])
-        means = {k: v / max(batches, 1.0) for k, v in zip(names, sums)}
+        means = self.stats.reduced()
         return {"loss": means.pop("loss", float("nan")), **means}
 
+    def run_state_stats(self):
+        """End-of-epoch state: the teacher's distance from its initial weights, the
+        normaliser's updates, the balancing factors (README "Objectives")."""
+        out = self.hparams.target.init_stats(unwrap(self.modules.encoder))
+        out["norm_updates"] = float(self.hparams.features.updates)
+        if self.hparams.scale_balancer.mode != "none":
+            out.update({f"{k}_balance": v for k, v in self.hparams.scale_balancer.factors().items()})
+        return out
+
     def on_stage_start(self, stage, epoch=None):
-        self.scale_sums, self.scale_batches = {}, 0
+        self.stats = EpochStats()
+
+    def follow_real_steps(self, epoch):
+        """After each epoch: the lr and EMA step counts from the optimiser steps really made.
+
+        The counts were resolved at start from an estimate of the batches per epoch;
+        on shards the index's estimate can be off (dynamic batching packs short
+        samples), and the lr decay would end early or never. The mean steps of the
+        epochs run so far replace the estimate for the epochs left (a no-op when it
+        was exact, as on a manifest).
+        """
+        done = int(self.hparams.target.step)
+        per_epoch = round(done / max(1, epoch))
+        if per_epoch < 1 or epoch >= self.hparams.number_of_epochs:
+            return
+        new = resolve_schedule(self.hparams.__dict__, per_epoch * self.grad_accumulation_factor,
+                               self.grad_accumulation_factor)
+        new["total_steps"] = done + new["total_steps"] - per_epoch * epoch  # steps made + the epochs left
+        if new["lr_total_steps_source"] == "given" or new["total_steps"] == self.schedule["total_steps"]:
+            return
+        warmup = new["warmup_steps"] if self.hparams.lr_scheduler.current_step < new["warmup_steps"] \
+            else self.hparams.lr_scheduler.n_warmup_steps  # a finished warm-up stays finished
+        warmup = min(warmup, new["total_steps"] - 1)
+        self.hparams.lr_scheduler.retarget(warmup, new["total_steps"])
+        if new["ema_steps_source"] == "computed":
+            self.hparams.target.ema_steps = new["ema_steps"]
+        self.hparams.target.total_steps = new["total_steps"]  # ema_schedule: half_life
+        logger.info(f"schedule: epoch {epoch} ran {per_epoch} optimiser steps per epoch (estimated "
+                    f"{self.schedule['steps_per_epoch']}): lr_total_steps {self.schedule['total_steps']} -> "
+                    f"{new['total_steps']}, lr_warmup_steps={warmup}, ema_steps={self.hparams.target.ema_steps}")
+        self.schedule = dict(new, warmup_steps=warmup, steps_per_epoch=per_epoch)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs each scale's mean loss; checkpoints and exports after validation."""
         stats = self._reduced_scale_stats()  # includes "loss", averaged over all processes
         if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
+            self.train_stats = {**stats, **self.run_state_stats()}
+            self.follow_real_steps(epoch)
             return
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -92,7 +151,8 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
-            self.checkpointer.save_and_keep_only(meta={"loss": stats["loss"]}, min_keys=["loss"], num_to_keep=2)
+            self.checkpointer.save_and_keep_only(meta={"loss": stats["loss"]}, min_keys=["loss"],
+                                                 num_to_keep=self.hparams.ckpt_num_to_keep)
             if if_main_process():
                 save_pretrained(
                     self.hparams.pretrained_folder,
@@ -140,10 +200,12 @@ def dataio_prepare(hparams):
         train_opts = {"batch_size": hparams["batch_size"], "shuffle": True, "num_workers": hparams["num_workers"],
                       "collate_fn": collate}
     valid_opts = {
-        "batch_size": 8,
+        "batch_size": hparams["valid_batch_size"],
         "num_workers": hparams["num_workers"],
         "collate_fn": MGFCollate(**hparams["collate_args"], random_crop=False),
     }
+    if hparams["valid_shuffle_seed"] is not None:  # batches that mix speakers, the same every epoch
+        valid_opts["sampler"] = mixed_valid_order(len(datasets["valid"]), hparams["valid_shuffle_seed"])
     return datasets, train_opts, valid_opts
 
 
@@ -286,6 +348,10 @@ def main(argv):
     hparams["lr_scheduler"] = brain.hparams.lr_scheduler = lr_scheduler
     hparams["checkpointer"].add_recoverable("lr_scheduler", lr_scheduler)  # a resumed run restores its own
     hparams["target"].ema_steps = schedule["ema_steps"]
+    hparams["target"].total_steps = schedule["total_steps"]  # ema_schedule: half_life
+    if hparams["scale_balancer"].mode != "none":  # its running gradient norms resume with the run
+        hparams["checkpointer"].add_recoverable("scale_balancer", hparams["scale_balancer"])
+    brain.schedule = schedule  # re-derived after each epoch from the real step count (follow_real_steps)
     logger.info(describe_schedule(schedule, hparams["number_of_epochs"], world_size))  # on the console too
     # Same initial weights on every process (seeded at YAML load); from here on each
     # process (and data-loader worker) draws its own crops, views and masks.

@@ -1,4 +1,8 @@
-"""Tiny offline TTS front-end used to build the bundled sample corpora.
+"""Tiny offline TTS front-end: builds the bundled sample corpora (``samples/make_samples.py``)
+and the quality benchmark's corpus (``benchmarks/quality_corpus.py``).
+
+A benchmark tool, not part of the ``mgf_sb`` library: scripts import it with ``benchmarks/`` on
+``sys.path`` (``import tts``).
 
 Importing this module needs only numpy; the TTS binaries (``espeak-ng``,
 ``festival``, ``flite``) and ``sox`` are needed only when :func:`synthesize`
@@ -36,7 +40,8 @@ class Voice:
     name: engine voice name ('en-us+m3', 'kal_diphone', 'slt', ...).
     rate: speaking-rate multiplier (1.0 = engine default, 1.3 = 30% faster).
     pitch: mean-F0 shift in semitones relative to the voice default.
-    pitch_range: multiplier of the intonation (F0 std) range, 1.0 = default.
+    pitch_range: multiplier of the intonation (F0 std) range, 1.0 = default (not applied to
+        festival's HTS voice and flite's rms, whose F0 is shifted with sox instead).
     gender: 'M' or 'F' (metadata only).
     speaker: free speaker-id string (metadata only).
     """
@@ -92,6 +97,9 @@ def festival_voices() -> List[Voice]:
 # --------------------------------------------------------------------------
 
 _FLITE_F0 = {"kal": 100.0, "kal16": 100.0, "awb": 140.0, "rms": 110.0, "slt": 170.0}
+# flite voices that ignore the int_f0_target_* settings (measured): their pitch is shifted with sox
+# afterwards, and their pitch range stays the voice's own
+_FLITE_FIXED_F0 = {"rms"}
 
 
 def _run(cmd: Sequence[str], **kw) -> subprocess.CompletedProcess:
@@ -185,6 +193,7 @@ def synthesize_aligned(text: str, voice: Voice, sample_rate: int = 16000):
             _run(_espeak_cmd(text, voice, raw))
         elif voice.engine == "flite":
             _run(_flite_cmd(text, voice, raw))
+            post_pitch = voice.pitch if voice.name in _FLITE_FIXED_F0 else 0.0
         else:
             raise ValueError(f"unknown engine {voice.engine!r}")
         cmd = ["sox", "-D", raw, "-r", str(sample_rate), "-c", "1", "-e", "floating-point", "-b", "32", out]
@@ -333,7 +342,8 @@ def normalize_peak(wav: np.ndarray, peak_db: float = -3.0) -> np.ndarray:
 # Sentences
 # --------------------------------------------------------------------------
 
-_W = {
+# The sentence grammar: word lists (slot -> words) and templates over the slots.
+WORDS = {
     "name": "Anna Peter Lucy Martin Helen George Rose Daniel Clara Thomas Emma Victor "
             "Julia Oliver Grace Henry Nora Samuel Alice Edward".split(),
     "adj": "old small bright quiet heavy warm narrow green yellow broken clean dusty gentle "
@@ -355,7 +365,7 @@ _W = {
             "every evening|at night|during the storm|on the weekend".split("|"),
     "num": "two three four five six seven eight nine ten twelve".split(),
 }
-_TEMPLATES = [
+TEMPLATES = [
     "The {adj} {noun} {verb_i} {adv}.",
     "{name} {verb_t} the {adj} {noun} {time}.",
     "{name} and {name2} {verb_i} {prep} the {noun}.",
@@ -374,17 +384,29 @@ _TEMPLATES = [
 ]
 
 
-def make_sentences(n: int, seed: int = 0) -> List[str]:
+def make_sentences(n: int, seed: int = 0, words: Optional[dict] = None,
+                   templates: Optional[Sequence[str]] = None) -> List[str]:
     """``n`` varied English sentences from a template grammar; same seed ->
-    same list.  Only letters, spaces and . , ? punctuation (no digits)."""
+    same list.  Only letters, spaces and . , ? punctuation (no digits).
+
+    words / templates: a sub-grammar (default :data:`WORDS` / :data:`TEMPLATES`), e.g. one of
+    two disjoint vocabularies; ``words`` needs every slot of :data:`WORDS`, and the slots
+    ``name``, ``noun``, ``adj``, ``verb_i`` at least two words each.
+    """
+    words = WORDS if words is None else words
+    templates = TEMPLATES if templates is None else templates
     rng = random.Random(seed)
     out: List[str] = []
     seen = set()
+    tries = 0
     while len(out) < n:
-        t = rng.choice(_TEMPLATES)
-        f = {k: rng.choice(v) for k, v in _W.items()}
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(f"make_sentences: this grammar gives fewer than n={n} distinct sentences")
+        t = rng.choice(templates)
+        f = {k: rng.choice(v) for k, v in words.items()}
         for k in ("name", "noun", "adj", "verb_i"):
-            f[k + "2"] = rng.choice([w for w in _W[k] if w != f[k]])
+            f[k + "2"] = rng.choice([w for w in words[k] if w != f[k]])
         f["time_cap"] = f["time"][0].upper() + f["time"][1:]
         s = t.format(**f)
         s = re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", s)
