@@ -42,9 +42,7 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -54,8 +52,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mgf_sb import grid  # noqa: E402
 from mgf_sb import report as rp  # noqa: E402
-from mgf_sb.checkpoint import read_config  # noqa: E402
+from mgf_sb.pretrained_folder import read_config  # noqa: E402
 from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
 
 HPARAMS = os.path.join(REPO, "hparams", "mgf.yaml")
@@ -112,12 +111,12 @@ BUDGETS = {
     # sized for <= 60 min on 2 idle CPU cores (one-time corpus generation apart): see
     # benchmarks/RESULTS.md for the measured CPU seconds per step and per probe
     "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS), seeds=[0, 1, 2],
-                      curve_variants=["full MGF", *SINGLE_SCALES], max_train_frames=15000,
+                      curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=15000,
                       overrides={"crop_seconds": 3.0}),
     # longer runs (a GPU): more audio, the YAML's own encoder size, 5 seeds
     "long": Budget(dataclasses.replace(CorpusSpec(), n_pretrain_speakers=96, pretrain_utts=40),
                    {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2, 3, 4],
-                   curve_variants=["full MGF", *SINGLE_SCALES], max_train_frames=60000),
+                   curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=60000),
 }
 
 
@@ -132,7 +131,16 @@ def slug(name):
 # ----------------------------------------------------------------------------------------------
 # Pretraining (the recipe, as a user runs it)
 # ----------------------------------------------------------------------------------------------
-def recipe_overrides(budget, corpus, variant, seed, run_dir, threads, device, extra):
+def peer_schedules(variant, steps):
+    """Schedules of a peer stretched to the run, as the lr and EMA schedules are: SpeechBrain's
+    wav2vec 2.0 recipe decays the Gumbel temperature 2.0 -> 0.25 by 0.999995 per step, reaching
+    its floor near the end of its 400 k steps; here the same start and floor over ``steps``."""
+    if VARIANTS[variant].get("use_wav2vec2"):
+        return {"wav2vec2_temperature_decay": f"[2.0, 0.25, {(0.25 / 2.0) ** (1.0 / max(1, steps)):.6f}]"}
+    return {}
+
+
+def recipe_overrides(budget, corpus, variant, seed, run_dir, threads, device, extra, steps=None):
     """The command-line overrides of hparams/mgf.yaml for one pretraining run."""
     ov = {
         "data_folder": corpus["pretrain_folder"],
@@ -147,6 +155,7 @@ def recipe_overrides(budget, corpus, variant, seed, run_dir, threads, device, ex
         **budget.encoder,
         **budget.overrides,
         **VARIANTS[variant],
+        **(peer_schedules(variant, steps) if steps else {}),
         **extra,
     }
     if threads:
@@ -181,80 +190,62 @@ def _snapshot(pretrained, snaps):
     return epoch
 
 
-class PretrainRun:
-    """One pretraining run in a subprocess: snapshots the export after each epoch, measures the
-    run's own CPU seconds (``os.wait4``), and records them in ``<run_dir>/run.json``."""
+def pretrain_step(variant, seed, run_dir, overrides, epochs):
+    """One pretraining run as a grid step: the recipe command; its output is the export of the
+    last epoch, snapshotted (with every earlier epoch's) under ``<run_dir>/snapshots``."""
+    cmd = [sys.executable, RECIPE, HPARAMS] + [f"--{k}={grid.yaml_value(v)}" for k, v in overrides.items()]
+    return grid.Step(name=f"pretrain {variant} / seed {seed}", kind="pretrain", folder=run_dir, command=cmd,
+                     row=variant, seed=seed, result_path=os.path.join(run_dir, "snapshots", f"epoch{epochs}"))
 
-    def __init__(self, run_dir, overrides, epochs, name):
-        self.run_dir, self.overrides, self.epochs, self.name = run_dir, overrides, epochs, name
-        self.snaps = os.path.join(run_dir, "snapshots")
-        self.proc, self.error, self.seconds = None, None, 0.0
 
-    @property
-    def done(self):
-        return os.path.isdir(os.path.join(self.snaps, f"epoch{self.epochs}")) and os.path.isfile(self.record_path)
-
-    @property
-    def record_path(self):
-        return os.path.join(self.run_dir, "run.json")
-
-    def record(self):
+def snapshot_run(step):
+    """Snapshots a new export of a running (or just finished) pretraining step."""
+    pretrained = os.path.join(step.folder, "pretrained")
+    if os.path.isfile(os.path.join(pretrained, "mgf_config.json")):
         try:
-            with open(self.record_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+            _snapshot(pretrained, os.path.join(step.folder, "snapshots"))
+        except OSError:  # the recipe is rewriting the export: the next poll takes it
+            pass
 
-    def start(self):
-        os.makedirs(self.snaps, exist_ok=True)
-        cmd = [sys.executable, RECIPE, HPARAMS] + [f"--{k}={v}" for k, v in self.overrides.items()]
-        self.out = open(os.path.join(self.run_dir, "stdout.log"), "a")
-        self.out.write(" ".join(cmd) + "\n")
-        self.out.flush()
-        # PYTHONPATH: the recipe imports mgf_sb from this tree (also when it is a copy of the repo)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        if self.overrides.get("num_threads"):
-            env["OMP_NUM_THREADS"] = str(self.overrides["num_threads"])
-        self.t0 = time.time()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, env=env)
-        self._last = None
 
-    def poll(self):
-        """Snapshots a new export; returns True once the process has ended (and been reaped)."""
-        pretrained = os.path.join(self.run_dir, "pretrained")
-        cfg = os.path.join(pretrained, "mgf_config.json")
-        if os.path.isfile(cfg):
-            mtime = os.path.getmtime(cfg)
-            if mtime != self._last and _snapshot(pretrained, self.snaps) is not None:
-                self._last = mtime
-        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-        if pid == 0:
-            return False
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        self.seconds = time.time() - self.t0
-        self.out.close()
-        if self.proc.returncode != 0:
-            with open(os.path.join(self.run_dir, "stdout.log"), errors="replace") as f:
-                self.error = f"pretraining failed ({self.run_dir}, exit {self.proc.returncode}):\n" + f.read()[-3000:]
-            return True
-        _snapshot(pretrained, self.snaps)
-        final = os.path.join(self.snaps, f"epoch{self.epochs}")
-        if not os.path.isdir(final):
-            self.error = f"{self.run_dir}: no export of epoch {self.epochs} after the run"
-            return True
-        steps = run_steps(final)
-        rec = {"variant": self.name, "wall_seconds": round(self.seconds, 1),
-               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "steps": steps,
-               "cpu_seconds_per_step": round((usage.ru_utime + usage.ru_stime) / max(1, steps), 4),
-               "threads": self.overrides.get("num_threads")}
-        with open(self.record_path + ".tmp", "w") as f:
-            json.dump(rec, f)
-        os.replace(self.record_path + ".tmp", self.record_path)
-        return True
+def run_output(step):
+    """A pretraining step's result: its last epoch's snapshot (raises while it is missing)."""
+    snapshot_run(step)
+    if not os.path.isfile(os.path.join(step.result_path, "mgf_config.json")):
+        raise FileNotFoundError(f"{step.result_path}: no export of the last epoch")
+    return step.result_path
+
+
+class ProbeQueue:
+    """Probes waiting to run in the benchmark's own process (the grid's ``background`` work)."""
+
+    def __init__(self, probe):
+        self.probe, self.items = probe, []
+
+    def add(self, items):
+        self.items += items
+
+    def pending(self):
+        return bool(self.items)
+
+    def run_one(self):
+        key, kw = self.items.pop(0)
+        if kw.get("source") and not os.path.isdir(kw["source"]):
+            return
+        self.probe(key, **kw)
 
 
 def run_steps(snapshot):
     return int(read_config(snapshot)["meta"]["step"])
+
+
+def run_record(step):
+    """Wall and CPU seconds of a finished pretraining step (its grid mark) and its steps."""
+    mark = grid.read_mark(step) or {}
+    steps = run_steps(step.result_path)
+    cpu = mark.get("cpu_seconds")
+    return {"variant": step.row, "seed": step.seed, "wall_seconds": mark.get("seconds"), "cpu_seconds": cpu,
+            "steps": steps, "cpu_seconds_per_step": None if cpu is None else round(cpu / max(1, steps), 4)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +448,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None, help="override the budget's pretraining epochs")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     p.add_argument("--curve_variants", nargs="*", default=None, choices=list(VARIANTS),
-                   help="variants probed after every epoch (first seed); default: full MGF and each scale alone, "
-                        "so that the curve shows the best single scale")
+                   help="variants probed after every epoch (first seed); default: full MGF, each scale alone "
+                        "(so that the curve shows the best single scale) and the peers")
     p.add_argument("--max_train_frames", type=int, default=None, help="phone-probe training frames")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of hparams/mgf.yaml for every variant")
@@ -469,6 +460,8 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--procs", type=int, default=2, help="processes for corpus generation")
     p.add_argument("--corpus_only", action="store_true", help="generate the corpus and stop")
+    p.add_argument("--on_change", default="error", choices=["error", "rerun"],
+                   help="a run folder made with other settings: stop (error) or move it aside and train again")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     return p.parse_args(argv)
@@ -546,111 +539,71 @@ def main(argv=None):
     for seed in budget.seeds:
         for variant in budget.variants:
             run_dir = os.path.join(out, "runs", slug(variant), f"seed{seed}")
-            ov = recipe_overrides(budget, corpus, variant, seed, run_dir, threads, args.device, extra)
-            runs[(variant, seed)] = PretrainRun(run_dir, ov, budget.epochs, variant)
-    probe_jobs = []  # (key, kwargs), run by the main thread between polls
-    for seed in budget.seeds:
-        for kind in ("fbank", "fbank+-5"):
-            probe_jobs.append((f"{kind}/seed{seed}", {"kind": kind, "seed": seed}))
+            ov = recipe_overrides(budget, corpus, variant, seed, run_dir, threads, args.device, extra, steps)
+            runs[(variant, seed)] = pretrain_step(variant, seed, run_dir, ov, budget.epochs)
+    queue = ProbeQueue(probe)
+    if not args.report_only:
+        queue.add([(f"{kind}/seed{seed}", {"kind": kind, "seed": seed})
+                   for seed in budget.seeds for kind in ("fbank", "fbank+-5")])
 
-    def probes_of_run(variant, seed):
-        r = runs[(variant, seed)]
-        final = os.path.join(r.snaps, f"epoch{budget.epochs}")
+    def probes_of_run(step, _out=None):
+        variant, seed = step.row, step.seed
+        final = step.result_path
         jobs_ = [(f"{variant}/seed{seed}/epoch{budget.epochs}", {"kind": "encoder", "source": final, "seed": seed})]
         if variant == "full MGF":
             jobs_.append((f"random/seed{seed}", {"kind": "random", "reference": final, "seed": seed}))
         if seed == seed0 and variant in budget.curve_variants:
             for e in range(1, budget.epochs):
-                jobs_.append((f"{variant}/seed{seed}/epoch{e}",
-                              {"kind": "encoder", "source": os.path.join(r.snaps, f"epoch{e}"), "seed": seed}))
-        return jobs_
+                jobs_.append((f"{variant}/seed{seed}/epoch{e}", {
+                    "kind": "encoder", "source": os.path.join(step.folder, "snapshots", f"epoch{e}"), "seed": seed}))
+        queue.add(jobs_)
 
     t_grid = time.time()
-    todo = [k for k, r in runs.items() if not r.done]
-    log(f"{len(runs) - len(todo)} pretraining run(s) already done, {len(todo)} to train")
-    for k, r in runs.items():
-        if r.done:
-            probe_jobs += probes_of_run(*k)
-    if todo and args.report_only:
-        log(f"{len(todo)} run(s) not trained: left out of the report")
-        todo = []
-    running, failed = [], []
-    while todo or running or probe_jobs:
-        for r in list(running):
-            if r.poll():
-                running.remove(r)
-                key = next(k for k, v in runs.items() if v is r)
-                if r.error:
-                    failed.append(key)
-                    log(f"  FAILED {key[0]} (seed {key[1]}): {r.error}")
-                    continue
-                rec = r.record()
-                timing["pretrain_cpu"] += rec.get("cpu_seconds", 0.0)
-                log(f"  done {key[0]} (seed {key[1]}): {rec.get('steps')} steps in {r.seconds:.0f} s, "
-                    f"{rec.get('cpu_seconds')} CPU s")
-                probe_jobs += probes_of_run(*key)
-        # a probe in this process takes one of the ``jobs`` slots while any is waiting
-        while todo and len(running) < jobs - (1 if probe_jobs else 0):
-            key = todo.pop(0)
-            log(f"pretraining {key[0]} (seed {key[1]})")
-            runs[key].start()
-            running.append(runs[key])
-        # one probe at a time in this process; runs keep going meanwhile, a poller thread snapshots them
-        if probe_jobs:
-            key, kw = probe_jobs.pop(0)
-            if kw.get("source") and not os.path.isdir(kw["source"]):
-                continue
-            stop = threading.Event()
-
-            def keep_polling():
-                while not stop.wait(1.0):
-                    for rr in running:
-                        try:
-                            pretrained = os.path.join(rr.run_dir, "pretrained")
-                            if os.path.isfile(os.path.join(pretrained, "mgf_config.json")):
-                                _snapshot(pretrained, rr.snaps)
-                        except OSError:
-                            pass
-
-            th = threading.Thread(target=keep_polling, daemon=True)
-            th.start()
-            try:
-                probe(key, **kw)
-            finally:
-                stop.set()
-                th.join()
-            continue
-        time.sleep(0.5)
+    status = {s.name: grid.step_status(s, run_output) for s in runs.values()}
+    log(f"{sum(v == 'done' for v in status.values())} pretraining run(s) already done, "
+        f"{sum(v != 'done' for v in status.values())} to train")
+    if args.report_only:
+        status = {k: v if v == "done" else "not run" for k, v in status.items()}
+    else:
+        for s in runs.values():
+            if status[s.name] == "done":
+                probes_of_run(s)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        status = grid.execute(list(runs.values()), run_output, jobs=jobs, on_change=args.on_change, env=env,
+                              log=log, on_poll=snapshot_run, on_done=probes_of_run, background=queue, name="quality")
     timing["grid"] = time.time() - t_grid
+    failed = [k for k, s in runs.items() if status[s.name] in ("failed", "blocked")]
     if failed:
         log(f"{len(failed)} run(s) failed: {failed} (left out of the report; their logs are in their run folders)")
 
     # -- collect -----------------------------------------------------------------------------------
     probes, curves, run_records = {}, {}, {}
     for (variant, seed), r in runs.items():
-        res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder",
-                    source=os.path.join(r.snaps, f"epoch{budget.epochs}"), seed=seed) if r.done else None
+        res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder", source=r.result_path,
+                    seed=seed) if status[r.name] in ("done", "ran") else None
         if res is None:
             continue
         probes.setdefault(variant, {})[seed] = res
-        rec = r.record()
+        rec = run_record(r)
+        timing["pretrain_cpu"] += rec["cpu_seconds"] if status[r.name] == "ran" else 0.0
         run_records.setdefault(variant, []).append(rec)
         if variant == "full MGF":
-            rnd = probe(f"random/seed{seed}", kind="random", reference=os.path.join(r.snaps, f"epoch{budget.epochs}"),
-                        seed=seed)
+            rnd = probe(f"random/seed{seed}", kind="random", reference=r.result_path, seed=seed)
             if rnd is not None:
                 probes.setdefault("random", {})[seed] = rnd
         if seed == seed0 and variant in budget.curve_variants:
             c = {"steps": [], "cpu_seconds": [], "phones": [], "speakers": []}
             for e in range(1, budget.epochs + 1):
-                snap = os.path.join(r.snaps, f"epoch{e}")
+                snap = os.path.join(r.folder, "snapshots", f"epoch{e}")
                 rr = res if e == budget.epochs else (
                     probe(f"{variant}/seed{seed}/epoch{e}", kind="encoder", source=snap, seed=seed)
                     if os.path.isdir(snap) else None)
                 if rr is not None:
                     st = run_steps(snap)
                     c["steps"].append(st)
-                    c["cpu_seconds"].append(st * rec.get("cpu_seconds_per_step", float("nan")))
+                    c["cpu_seconds"].append(st * (rec["cpu_seconds_per_step"] or float("nan")))
                     c["phones"].append(rr["phones"]["test"])
                     c["speakers"].append(rr["speakers"]["test"])
             curves[variant] = c
@@ -678,7 +631,7 @@ def main(argv=None):
     rows = list(budget.variants) + list(BASELINES)
     table = aggregate(probes, rows, budget.seeds)
     runs_summary = {v: {"cpu_seconds_per_step": float(np.mean([x["cpu_seconds_per_step"] for x in recs_]))}
-                    for v, recs_ in run_records.items() if recs_ and all("cpu_seconds_per_step" in x for x in recs_)}
+                    for v, recs_ in run_records.items() if recs_ and all(x["cpu_seconds_per_step"] for x in recs_)}
     picks = {"single": best_on_dev(table, SINGLE_SCALES), "pair": best_on_dev(table, PAIRS)}
     comparisons = {}
     if "full MGF" in table:
@@ -691,11 +644,11 @@ def main(argv=None):
         pts = list(zip(curves["full MGF"]["cpu_seconds"], curves["full MGF"]["phones"]))
         ttp = time_to_pass(pts, table["fbank+-5"]["phones"])
     single = picks["single"] if picks["single"] in curves else next((v for v in SINGLE_SCALES if v in curves), None)
-    shown = {k: v for k, v in curves.items() if k in ("full MGF", single)}
+    shown = {k: v for k, v in curves.items() if k in ("full MGF", single, *PEERS)}
     hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random") if b in table}
     what = "the best single scale (chosen on dev)" if single == picks["single"] else "a single scale"
     curve_png(os.path.join(out, "quality_curve.png"), shown, hlines,
-              title=f"full MGF vs {what}: {single}; seed {seed0}")
+              title=f"full MGF vs {what} ({single}) and the peers; seed {seed0}")
     rp.bar_chart_png(os.path.join(out, "quality_bars.png"), ["phones (frame acc.)", "speakers (acc.)"],
                      {r: [table[r]["phones"], table[r]["speakers"]] for r in table},
                      errors={r: [table[r]["phones_std"], table[r]["speakers_std"]] for r in table},

@@ -15,7 +15,12 @@ the views cannot be matched by trivial cues, they are separated by a gap
 (``view_gap_seconds``: no continuity across a cut), have independently
 jittered lengths (``view_length_jitter``), and each gets its own random gain
 (``view_gain_db``) and, optionally, a random first-order EQ tilt (``view_eq``)
-and white noise (``view_noise_snr_db``).
+and white noise (``view_noise_snr_db``); ``view_min_seconds`` sets a shortest view.
+
+The collate is two small samplers: :class:`ViewSampler` (crop, views, each
+view's channel; :func:`sample_view_windows`, :func:`perturb_view`) and
+:class:`~mgf_sb.masking.MaskSampler` (every scale's spans, given in ms and
+rounded up to the encoder frame; :func:`~mgf_sb.masking.sample_masks`).
 
 Several masks per view (``mask_copies``, as data2vec 2.0 does): each view is
 encoded by the student K times with independent masks while the features and

@@ -84,7 +84,7 @@ class MGFEncoder(torch.nn.Module):
         conv_pos_groups=16,
     ):
         super().__init__()
-        # Kept verbatim so a checkpoint folder can rebuild this module (see checkpoint.py).
+        # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
         self.config = dict(
             input_size=input_size,
             d_model=d_model,

@@ -6,7 +6,7 @@
 SOURCE is one of
 
 - a pretraining output: ``<output_folder>`` of ``recipes/pretrain/train.py`` or its
-  ``pretrained/`` sub-folder (format: :mod:`mgf_sb.checkpoint`)  -> load with
+  ``pretrained/`` sub-folder (format: :mod:`mgf_sb.pretrained_folder`)  -> load with
   :class:`mgf_sb.inference.MGFEncoder`;
 - a downstream classifier: ``<output_folder>`` of a classification recipe (IEMOCAP)
   or its ``model/`` sub-folder, holding ``upstream/`` (pretrained format; ``"encoder":
@@ -37,7 +37,7 @@ import tempfile
 
 import torch
 
-from mgf_sb import checkpoint as ckpt
+from mgf_sb import pretrained_folder as ckpt
 from mgf_sb.features import FeatureExtractor
 from mgf_sb.heads import UtteranceClassifier
 from mgf_sb.inference import MODEL_HEADER as HEADER
@@ -89,7 +89,7 @@ def _load_state(path):
 
 
 def load_upstream_folder(folder):
-    """Like :func:`mgf_sb.checkpoint.load_pretrained`, but also accepts ``"encoder": null``
+    """Like :func:`mgf_sb.pretrained_folder.load_pretrained`, but also accepts ``"encoder": null``
     (the fbank baseline: a FeatureExtractor with statistics and no encoder.ckpt).
 
     Returns (features, encoder or None, config).

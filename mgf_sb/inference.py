@@ -47,7 +47,7 @@ from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.fetching import FetchConfig, FetchFrom, FetchSource, LocalStrategy, link_with_strategy
 
 from mgf_sb.batch import n_encoder_frames
-from mgf_sb.checkpoint import check_finite
+from mgf_sb.pretrained_folder import check_finite
 from mgf_sb.data.audio import MIN_AUDIO_SECONDS
 from mgf_sb.recipe import read_utf8
 

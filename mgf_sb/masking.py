@@ -10,6 +10,12 @@ that each phoneme-scale span is a well-defined unit that can be told apart from
 its distractors, and *without position bias*: every frame of every sequence has
 the same probability of being masked, whatever else is in the batch
 (tests/test_method_masks.py measures the mask rate per decile of position).
+
+:func:`sample_masks` draws every scale's masks of a batch; :class:`MaskSampler`
+holds its settings (spans in ms, the enabled scales). By default the frame
+spans are drawn after the phoneme spans and lose the frames those cover, which
+cuts them into runs as short as one frame; ``whole_frame_spans`` lays all
+spans out together instead (:func:`sample_disjoint_spans`).
 """
 
 import torch

@@ -15,7 +15,9 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     """Features -> masked student encoding (+ teacher encoding of the unmasked views).
 
     Features and the teacher run once per distinct view (U); the student runs on
-    every masked copy (M = K * U), see :class:`~mgf_sb.batch.MGFBatch`.
+    every masked copy (M = K * U), see :class:`~mgf_sb.batch.MGFBatch`. With
+    ``target.input == "complement"`` the teacher runs on every copy instead,
+    seeing only that copy's phoneme (and word) spans.
 
     Arguments
     ---------
@@ -42,7 +44,13 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     hidden = encoder(feats, n_frames, mask=batch.input_mask)
     teacher = None
     if needs_teacher:
-        teacher = target(unwrap(encoder), feats_u, n_u)[batch.source]
+        if getattr(target, "input", "unmasked") == "complement":
+            # the teacher sees only the scored spans, the student everything else: no shared frame
+            valid = torch.arange(feats.shape[1], device=feats.device)[None, :] < n_frames[:, None]
+            hidden_from_student = (batch.span_mask | batch.word_mask)[:, : feats.shape[1]]
+            teacher = target(unwrap(encoder), feats, n_frames, mask=valid & ~hidden_from_student)
+        else:
+            teacher = target(unwrap(encoder), feats_u, n_u)[batch.source]
     teacher_masked = None
     if needs_teacher and context_baseline:
         teacher_masked = target(unwrap(encoder), feats, n_frames, mask=batch.input_mask)

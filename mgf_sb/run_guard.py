@@ -320,11 +320,11 @@ def run_settings(hparams):
     built objects (they are made from the plain values). An upstream that is a
     pretrained folder (``upstream``, ``upstream_reference``, ``pretrained``) is
     recorded by the content hash of its weights
-    (:func:`mgf_sb.checkpoint.weights_digest`; ``hf:<folder>``: of its weight
+    (:func:`mgf_sb.pretrained_folder.weights_digest`; ``hf:<folder>``: of its weight
     files, :func:`files_digest`), not by its path. Existing paths, and locations
     (``*_folder``, ``*_file``, ``train_log``) whether they exist yet or not, are made absolute.
     """
-    from mgf_sb.checkpoint import CONFIG_FILE, weights_digest
+    from mgf_sb.pretrained_folder import CONFIG_FILE, weights_digest
 
     resumable = set(hparams.get("resumable_keys") or [])
     out = hparams.get("output_folder")

@@ -42,6 +42,7 @@ SCHEDULES = ("ramp", "half_life")
 SCOPES = ("encoder", "layers")
 LAYER_NORMS = ("auto", "instance", "none")
 FINAL_NORMS = ("none", "instance", "layer")
+INPUTS = ("unmasked", "complement")
 COPIED_IN_LAYERS_SCOPE = ("input_proj.", "mask_emb", "pos.")  # data2vec: the student's, not averaged
 
 
@@ -75,17 +76,25 @@ class TargetNetwork(torch.nn.Module):
         Normalisation of the averaged target: ``none``, ``instance`` (data2vec's
         ``instance_norm_targets``: removes each sequence's per-channel offset, so
         a constant channel or voice colour cannot identify its spans) or ``layer``.
+    input : str
+        What the teacher sees for its targets: ``unmasked`` (the whole view,
+        data2vec; a span's target then carries the context the student sees
+        around the mask) or ``complement`` (only the frames of the spans the
+        teacher-target scales score, every other frame masked: the targets hold
+        nothing the student sees, so context alone cannot pick them; the teacher
+        then runs on every masked copy, not once per view). See
+        :func:`mgf_sb.pretraining.mgf_forward`.
     """
 
     def __init__(self, mode="ema", top_k_layers=1, ema_start=0.999, ema_end=0.9999, ema_steps=10000,
                  schedule="ramp", half_life_fraction=0.05, total_steps=None, scope="encoder", layer_norm="auto",
-                 final_norm="none"):
+                 final_norm="none", input="unmasked"):
         super().__init__()
         if mode not in ("ema", "online"):
             raise ValueError(f"target mode must be 'ema' or 'online', got {mode!r}")
         for key, value, allowed in (("ema_schedule", schedule, SCHEDULES), ("ema_scope", scope, SCOPES),
                                     ("target_layer_norm", layer_norm, LAYER_NORMS),
-                                    ("target_final_norm", final_norm, FINAL_NORMS)):
+                                    ("target_final_norm", final_norm, FINAL_NORMS), ("target_input", input, INPUTS)):
             if value not in allowed:
                 raise ValueError(f"{key}: {value!r} is not one of {allowed} (hparams/mgf.yaml)")
         if schedule == "half_life" and not 0 < float(half_life_fraction):
@@ -94,7 +103,7 @@ class TargetNetwork(torch.nn.Module):
         self.top_k_layers = top_k_layers
         self.ema_start, self.ema_end, self.ema_steps = ema_start, ema_end, ema_steps
         self.schedule, self.half_life_fraction, self.total_steps = schedule, float(half_life_fraction), total_steps
-        self.scope, self.layer_norm, self.final_norm = scope, layer_norm, final_norm
+        self.scope, self.layer_norm, self.final_norm, self.input = scope, layer_norm, final_norm, input
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # log of the product of the decays applied so far (the initial weights' share of the teacher)
         self.register_buffer("log_init_share", torch.zeros((), dtype=torch.float64))

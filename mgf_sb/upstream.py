@@ -5,7 +5,7 @@
 - ``source: fbank``  - the normalised log-Mel features themselves (1 "layer");
 - ``source: random`` - the MGF encoder, randomly initialised (architecture from
   ``reference`` (a pretrained folder) or from ``encoder_config``);
-- ``source: <path>`` - a pretrained MGF folder (see :mod:`mgf_sb.checkpoint`);
+- ``source: <path>`` - a pretrained MGF folder (see :mod:`mgf_sb.pretrained_folder`);
 - ``source: hf:<path>`` - a wav2vec 2.0 / HuBERT / WavLM model saved on disk in
   Hugging Face format (``save_pretrained``), loaded with ``transformers``
   (``pip install -e ".[hf]"``) from that local folder only: nothing is downloaded.
@@ -28,7 +28,7 @@ import re
 import numpy as np
 import torch
 
-from mgf_sb.checkpoint import check_finite, load_pretrained, read_config
+from mgf_sb.pretrained_folder import check_finite, load_pretrained, read_config
 from mgf_sb.encoder import MGFEncoder
 from mgf_sb.features import FeatureExtractor
 

@@ -3,7 +3,7 @@
 
     python recipes/evaluate.py hparams/evaluate.yaml [--data_root=/data] [--pretrained=<folder>]
         [--run_ablations=True] [--tasks='[timit, iemocap]'] [--seeds='[1986, 1987]']
-        [--output_folder=results]
+        [--output_folder=results] [--dry_run=True] [--help]
 
 The plan (printed first) is a list of steps, each one a recipe run in its own process:
 
@@ -52,7 +52,7 @@ from hyperpyyaml import load_hyperpyyaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mgf_sb.checkpoint import REQUIRED_FILES  # noqa: E402
+from mgf_sb.pretrained_folder import REQUIRED_FILES  # noqa: E402
 from mgf_sb.upstream import HF_PREFIX, check_hf_folder, is_hf_source, upstream_tag  # noqa: E402
 from mgf_sb.recipe import is_bundled_sample, read_utf8, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.settings import check_override_keys, check_settings  # noqa: E402

@@ -34,10 +34,10 @@ def repo_root():
 def tiny_pretrained(tmp_path_factory):
     """A tiny pretrained-MGF folder (random weights, real normaliser statistics).
 
-    Built directly with :func:`mgf_sb.checkpoint.save_pretrained` from a few
+    Built directly with :func:`mgf_sb.pretrained_folder.save_pretrained` from a few
     bundled LibriSpeech-sample files, so downstream tests need no pretraining run.
     """
-    from mgf_sb.checkpoint import save_pretrained
+    from mgf_sb.pretrained_folder import save_pretrained
     from mgf_sb.encoder import MGFEncoder
     from mgf_sb.features import FeatureExtractor
 

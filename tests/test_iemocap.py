@@ -276,7 +276,7 @@ def _check_results(folder):
 
 
 def test_recipe_tiny_mgf_export_contract(corpus, tmp_path, tiny_pretrained):
-    from mgf_sb.checkpoint import load_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained
     from mgf_sb.heads import UtteranceClassifier
     from mgf_sb.upstream import LayerSelector, Upstream
 

@@ -239,7 +239,7 @@ def test_export_writes_model_folder(setup):
     assert {"layer_selector.ckpt", "classifier.ckpt", "label_encoder.txt", "head_config.json"} <= clf_files
     assert "encoder.ckpt" not in os.listdir(cfg["fbank_classifier"])
     # An exported encoder folder is also a valid pretrained folder for the downstream recipes.
-    from mgf_sb.checkpoint import load_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained
 
     load_pretrained(cfg["encoder_model"])
     # savedir: symlinks to the model files, as SpeechBrain does.

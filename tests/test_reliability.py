@@ -166,7 +166,7 @@ class _Exploit:
 
 
 def test_loading_never_executes_pickled_code(tiny_pretrained, tmp_path):
-    from mgf_sb.checkpoint import load_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained
 
     evil = tmp_path / "evil"
     shutil.copytree(tiny_pretrained, evil)
@@ -180,7 +180,7 @@ def test_loading_never_executes_pickled_code(tiny_pretrained, tmp_path):
 
 
 def test_incomplete_pretrained_folder_names_what_is_missing(tiny_pretrained, tmp_path):
-    from mgf_sb.checkpoint import load_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained
 
     partial = tmp_path / "partial"
     shutil.copytree(tiny_pretrained, partial)

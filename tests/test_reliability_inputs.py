@@ -310,7 +310,7 @@ def test_non_utf8_recipe_yaml_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("where", ["model_folder", "pretrained_folder", "export"])
 def test_nan_weights_are_refused_naming_the_tensor(model, tiny_pretrained, tmp_path, where):
-    from mgf_sb.checkpoint import load_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained
     from mgf_sb.export import export
     from mgf_sb.inference import MGFEncoder
 

@@ -99,7 +99,7 @@ def test_pretraining_rerun_with_other_settings_stops_before_writing(corpus, tmp_
 
 def test_probe_rerun_with_changed_upstream_weights_stops(tiny_pretrained, tmp_path):
     """VoxCeleb: the upstream is identified by its weights' content, not its path."""
-    from mgf_sb.checkpoint import load_pretrained, save_pretrained
+    from mgf_sb.pretrained_folder import load_pretrained, save_pretrained
 
     up = str(tmp_path / "upstream")
     shutil.copytree(tiny_pretrained, up)

@@ -259,6 +259,36 @@ def test_evaluate_dry_run_prints_the_plan_and_its_time_and_runs_nothing(tmp_path
     assert sorted(os.listdir(tmp_path / "ev")) == ["evaluate"]  # only the mark this test wrote
 
 
+# ---- what a run prints and logs --------------------------------------------------------------
+
+
+def test_timit_logs_a_computed_valid_loss_and_the_console_is_clean(tmp_path):
+    """TIMIT's dev/test loss is the cross-entropy at the scored frames (was 0.0, never computed);
+    the sample banner is printed once; SpeechBrain's "torchvision is not available" line is gone."""
+    from conftest import run_recipe
+
+    out = str(tmp_path / "timit")
+    proc = run_recipe("recipes/TIMIT/train.py", "hparams/timit.yaml",
+                      dict(output_folder=out, number_of_epochs=1, num_threads=1, upstream="fbank"))
+    console = proc.stdout + proc.stderr
+    assert console.count("USING THE BUNDLED SAMPLE CORPUS") == 1
+    assert "torchvision is not available" not in console
+    valid = [float(v) for v in re.findall(r"valid loss: ([-\d.e+]+)", open(os.path.join(out, "train_log.txt")).read())]
+    assert valid and all(1.0 < v < 20.0 for v in valid), valid  # cross-entropy over 39 classes: ~log(39) untrained
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert all(1.0 < res[split]["loss"] < 20.0 for split in ("dev", "test")), res
+
+
+def test_voxceleb_prints_its_results_table_at_the_end(tmp_path):
+    from conftest import run_recipe
+
+    out = str(tmp_path / "vox")
+    proc = run_recipe("recipes/VoxCeleb/train.py", "hparams/voxceleb.yaml",
+                      dict(output_folder=out, number_of_epochs=1, num_threads=1, upstream="fbank"))
+    table = open(os.path.join(out, "results.md")).read().strip()
+    assert "| sid_test_acc |" in table and table in proc.stdout
+
+
 # ---- DDP: the process group's threads end before the interpreter does ------------------------
 
 

@@ -47,7 +47,9 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from iemocap_prepare import CLASSES, prepare_iemocap  # noqa: E402
 
-from mgf_sb.checkpoint import CONFIG_FILE, FEATURES_FILE, FORMAT, FORMAT_VERSION, save_pretrained  # noqa: E402
+from mgf_sb.pretrained_folder import (  # noqa: E402
+    CONFIG_FILE, FEATURES_FILE, FORMAT, FORMAT_VERSION, save_pretrained,
+)
 from mgf_sb.data.manifest import read_manifest  # noqa: E402
 from mgf_sb.distributed import ddp_sum  # noqa: E402
 from mgf_sb.downstream import (  # noqa: E402

@@ -19,12 +19,13 @@ import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
-from mgf_sb.checkpoint import save_pretrained
+from mgf_sb.pretrained_folder import save_pretrained
 from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
 from mgf_sb.data.prepare_audio import prepare_pretraining
 from mgf_sb.data.shards import shard_loaders
-from mgf_sb.distributed import CPUFriendlyDDP, seed_data_stream, unwrap
+from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum, seed_data_stream, unwrap
+from mgf_sb.distributed import world_size as ddp_world_size
 from mgf_sb.live_curves import attach_tensorboard
 from mgf_sb.pretraining import LOGGED_STATS, EpochStats, mgf_forward, mixed_valid_order, scale_grad_norms
 from mgf_sb.recipe import start_experiment
@@ -66,6 +67,7 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         if stage == sb.Stage.TRAIN and self.diagnostics_due():
             # each scale's gradient on the shared encoder, before the backward of the sum
             raw = scale_grad_norms(losses, list(unwrap(self.modules.encoder).parameters()))
+            raw = dict(zip(raw, (v / ddp_world_size() for v in ddp_sum(list(raw.values())))))  # same on every process
             balancer.observe(raw)
             weights = self.hparams.objectives.weights
             for name, g in raw.items():
