@@ -1,0 +1,98 @@
+"""The grid runner (mgf_sb.grid): marks, reruns, dependencies, side-by-side steps, background work."""
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from mgf_sb import grid
+
+
+def _steps(tmp_path, names, depends=None):
+    depends = depends or {}
+    return [grid.Step(name=n, kind="probe", folder=str(tmp_path / n),
+                      command=[sys.executable, "-c", f"open('out.txt','w').write('{n}')"],
+                      depends=depends.get(n, [])) for n in names]
+
+
+def _output(step):
+    with open(os.path.join(step.folder, "out.txt")) as f:
+        return f.read()
+
+
+def _fake(calls, sleep=0.0, fail=()):
+    lock = threading.Lock()
+
+    def runner(step, env, verbose):
+        with lock:
+            calls.append(("start", step.name, time.time()))
+        time.sleep(sleep)
+        os.makedirs(step.folder, exist_ok=True)
+        if step.name not in fail:
+            with open(os.path.join(step.folder, "out.txt"), "w") as f:
+                f.write(step.name)
+        with lock:
+            calls.append(("end", step.name, time.time()))
+        return 0
+    return runner
+
+
+def test_marks_skip_finished_steps_and_changed_settings_stop(tmp_path):
+    steps = _steps(tmp_path, ["a", "b"])
+    calls = []
+    st = grid.execute(steps, _output, runner=_fake(calls), log=lambda *a: None)
+    assert st == {"a": "ran", "b": "ran"} and len(calls) == 4
+    assert grid.execute(steps, _output, runner=_fake(calls), log=lambda *a: None) == {"a": "done", "b": "done"}
+    changed = _steps(tmp_path, ["a", "b"])
+    changed[0].command = changed[0].command + ["--lr=1"]
+    with pytest.raises(RuntimeError, match="other settings"):
+        grid.execute(changed, _output, runner=_fake(calls), log=lambda *a: None)
+    st = grid.execute(changed, _output, runner=_fake(calls), on_change="rerun", log=lambda *a: None)
+    assert st == {"a": "ran", "b": "done"}
+    assert any(p.startswith("a.replaced-") for p in os.listdir(tmp_path))  # moved aside, not deleted
+
+
+def test_real_runner_records_cpu_seconds(tmp_path):
+    (step,) = _steps(tmp_path, ["real"])
+    step.command = [sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass\n"
+                    "open('out.txt','w').write('x')"]
+    os.makedirs(step.folder)
+    cwd = os.getcwd()
+    os.chdir(step.folder)
+    try:
+        st = grid.execute([step], _output, log=lambda *a: None)
+    finally:
+        os.chdir(cwd)
+    assert st == {"real": "ran"} and grid.read_mark(step)["cpu_seconds"] >= 0.25
+
+
+def test_side_by_side_respects_dependencies_and_failures_block(tmp_path):
+    steps = _steps(tmp_path, ["pre1", "pre2", "p1", "p2"], depends={"p1": ["pre1"], "p2": ["pre2"]})
+    calls = []
+    st = grid.execute(steps, _output, runner=_fake(calls, sleep=0.3, fail=("pre2",)), jobs=2, log=lambda *a: None)
+    assert st == {"pre1": "ran", "pre2": "failed", "p1": "ran", "p2": "blocked"}
+    t = {(k, n): x for k, n, x in calls}
+    assert t[("start", "pre2")] < t[("end", "pre1")]  # the two pretraining steps overlapped
+    assert t[("start", "p1")] >= t[("end", "pre1")]  # a probe waits for its pretraining
+
+
+def test_background_work_runs_between_polls_and_on_poll_sees_running_steps(tmp_path):
+    steps = _steps(tmp_path, ["a", "b"])
+    polled, done = set(), []
+
+    class Queue:
+        def __init__(self):
+            self.items = ["x", "y"]
+
+        def pending(self):
+            return bool(self.items)
+
+        def run_one(self):
+            done.append(self.items.pop(0))
+
+    st = grid.execute(steps, _output, runner=_fake([], sleep=0.6), jobs=2, on_poll=lambda s: polled.add(s.name),
+                      on_done=lambda s, out: done.append(out), background=Queue(), log=lambda *a: None)
+    assert st == {"a": "ran", "b": "ran"}
+    assert done[:2] == ["x", "y"] and sorted(done[2:]) == ["a", "b"] and polled == {"a", "b"}
