@@ -39,8 +39,6 @@ import glob
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +52,9 @@ sys.path.insert(0, REPO)
 
 from mgf_sb.pretrained_folder import REQUIRED_FILES  # noqa: E402
 from mgf_sb.upstream import HF_PREFIX, check_hf_folder, is_hf_source, upstream_tag  # noqa: E402
+from mgf_sb import grid  # noqa: E402
+from mgf_sb.grid import MARK_FILE, STDOUT_FILE, Step, read_mark, recipe_command, run_step, yaml_value  # noqa: E402,F401
+from mgf_sb.grid import fmt_seconds as _fmt_s, tail as _tail  # noqa: E402,F401
 from mgf_sb.recipe import is_bundled_sample, read_utf8, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.settings import check_override_keys, check_settings  # noqa: E402
 from mgf_sb.report import (  # noqa: E402
@@ -70,8 +71,6 @@ from mgf_sb.report import (  # noqa: E402
     ranking_text,
 )
 
-MARK_FILE = "evaluate_step.json"
-STDOUT_FILE = "evaluate_stdout.txt"
 BASELINES = ("fbank", "random")
 SCALES = ("frame", "phoneme", "word", "utterance")
 
@@ -190,43 +189,7 @@ def probe_name(task, head):
 # ----------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class Step:
-    name: str
-    kind: str  # pretrain | probe
-    folder: str
-    command: list
-    row: str = ""
-    task: str = ""
-    head: str = None
-    seed: int = None
-    depends: list = field(default_factory=list)
-    result_path: str = ""  # pretrain: the pretrained folder
-
-    @property
-    def mark_path(self):
-        return os.path.join(self.folder, MARK_FILE)
-
-    @property
-    def signature(self):
-        return {"command": [os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO) else c
-                            for c in self.command[1:]]}
-
-
-def yaml_value(v):
-    """A Python value as a one-line YAML override (JSON is YAML flow style)."""
-    if isinstance(v, bool):
-        return "True" if v else "False"
-    if v is None:
-        return "null"
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v)
-    return str(v)
-
-
-def recipe_command(script, hparams, overrides, extra_argv=()):
-    return [sys.executable, os.path.join(REPO, script), os.path.join(REPO, hparams)] + \
-        [f"--{k}={yaml_value(v)}" for k, v in overrides.items()] + list(extra_argv)
+# Steps, marks and the runner: mgf_sb.grid (shared with benchmarks/quality.py).
 
 
 def _use_sample(hp, folder):
@@ -382,25 +345,9 @@ def build_plan(hp):
 # ----------------------------------------------------------------------------------------------
 # Marks and running
 # ----------------------------------------------------------------------------------------------
-def read_mark(step):
-    try:
-        return _load_json(step.mark_path)
-    except (OSError, ValueError):
-        return None
-
-
 def step_status(step):
-    """``done`` (mark matches and results readable), ``changed`` (mark from other settings) or ``todo``."""
-    mark = read_mark(step)
-    if mark is None:
-        return "todo"
-    if mark.get("signature") != step.signature:
-        return "changed"
-    try:
-        step_output(step)
-    except Exception:
-        return "todo"
-    return "done"
+    """``done`` | ``changed`` | ``todo`` of one step (its mark and its task's result files)."""
+    return grid.step_status(step, step_output)
 
 
 def step_output(step):
@@ -413,99 +360,14 @@ def step_output(step):
     return TASKS[step.task].read(step.folder)
 
 
-def write_mark(step, seconds):
-    mark = {"signature": step.signature, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "step": step.name}
-    os.makedirs(step.folder, exist_ok=True)
-    tmp = step.mark_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(mark, f, indent=2)
-    os.replace(tmp, step.mark_path)
-
-
-def run_step(step, env, verbose=False):
-    """Runs a step's command; its output goes to ``<folder>/evaluate_stdout.txt``. Returns the exit code."""
-    os.makedirs(step.folder, exist_ok=True)
-    log = os.path.join(step.folder, STDOUT_FILE)
-    with open(log, "a") as f:
-        f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(step.command)}\n")
-        f.flush()
-        if verbose:
-            proc = subprocess.Popen(step.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            for line in proc.stdout:
-                f.write(line)
-                sys.stdout.write("    " + line)
-            return proc.wait()
-        return subprocess.call(step.command, stdout=f, stderr=subprocess.STDOUT, env=env)
-
-
-def _tail(path, n=25):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-def _fmt_s(s):
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
 def execute(steps, hp, runner=run_step, log=print):
-    """Runs the steps not yet done, in order; returns {step name: status} (done | ran | failed | blocked)."""
-    status = {s.name: step_status(s) for s in steps}
-    changed = [s for s in steps if status[s.name] == "changed"]
-    if changed:
-        if hp.get("on_change", "error") != "rerun":
-            raise RuntimeError(
-                "these steps were run before with other settings: "
-                + "; ".join(f"{s.name} ({s.folder})" for s in changed)
-                + ". Pass --on_change=rerun to delete those step folders and run them again, "
-                  "or another --output_folder to keep both.")
-        for s in changed:
-            log(f"[evaluate] {s.name}: settings changed, deleting {s.folder} and running it again")
-            shutil.rmtree(s.folder)
-            status[s.name] = "todo"
-    todo = [s for s in steps if status[s.name] == "todo"]
-    log(f"[evaluate] plan: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run")
-    for s in steps:
-        log(f"    {'[done]' if status[s.name] == 'done' else '[todo]'} {s.name}")
+    """Runs the steps not yet done, in order (mgf_sb.grid.execute); returns {step name: status}."""
     env = dict(os.environ)
     if hp.get("num_threads"):
         env["OMP_NUM_THREADS"] = str(hp["num_threads"])
-    t0 = time.time()
-    for k, s in enumerate(todo, 1):
-        failed_deps = [d for d in s.depends if status.get(d) in ("failed", "blocked")]
-        if failed_deps:
-            status[s.name] = "blocked"
-            log(f"[evaluate] step {k}/{len(todo)} {s.name}: skipped, it needs {failed_deps}")
-            continue
-        left = [x.name for x in todo[k:]]
-        log(f"[evaluate] step {k}/{len(todo)} {s.name}: running (elapsed {_fmt_s(time.time() - t0)}; "
-            f"{len(left)} left after it{': ' + ', '.join(left[:6]) + (' ...' if len(left) > 6 else '') if left else ''})")
-        log(f"    log: {os.path.join(s.folder, STDOUT_FILE)}")
-        start = time.time()
-        rc = runner(s, env, hp.get("verbose", False))
-        seconds = time.time() - start
-        try:
-            if rc != 0:
-                raise RuntimeError(f"exit code {rc}")
-            out = step_output(s)
-        except Exception as e:
-            status[s.name] = "failed"
-            log(f"[evaluate] step {s.name} FAILED after {_fmt_s(seconds)} ({e}); last lines of "
-                f"{os.path.join(s.folder, STDOUT_FILE)}:\n{_tail(os.path.join(s.folder, STDOUT_FILE))}")
-            if not hp.get("keep_going", True):
-                break
-            continue
-        write_mark(s, seconds)
-        status[s.name] = "ran"
-        log(f"[evaluate] step {k}/{len(todo)} {s.name}: done in {_fmt_s(seconds)}"
-            + (f" -> { {k: v for k, v in out.items() if not k.startswith('_')} }" if s.kind == "probe" else ""))
-    for s in steps:
-        if status[s.name] == "todo":
-            status[s.name] = "not run"
-    return status
+    return grid.execute(steps, step_output, runner=runner, jobs=1, on_change=hp.get("on_change", "error"),
+                        keep_going=hp.get("keep_going", True), env=env, verbose=hp.get("verbose", False), log=log,
+                        name="evaluate")
 
 
 # ----------------------------------------------------------------------------------------------
