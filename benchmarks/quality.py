@@ -57,8 +57,6 @@ from mgf_sb import report as rp  # noqa: E402
 from mgf_sb.pretrained_folder import read_config  # noqa: E402
 from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
 
-HPARAMS = os.path.join(REPO, "hparams", "mgf.yaml")
-RECIPE = os.path.join(REPO, "recipes", "pretrain", "train.py")
 
 _PEER = {"use_frame": False, "use_phoneme": False, "use_utterance": False}
 # Variant name -> overrides of hparams/mgf.yaml (the README's ablation grid + SpeechBrain's peers).
@@ -193,7 +191,8 @@ def _snapshot(pretrained, snaps):
 def pretrain_step(variant, seed, run_dir, overrides, epochs):
     """One pretraining run as a grid step: the recipe command; its output is the export of the
     last epoch, snapshotted (with every earlier epoch's) under ``<run_dir>/snapshots``."""
-    cmd = [sys.executable, RECIPE, HPARAMS] + [f"--{k}={grid.yaml_value(v)}" for k, v in overrides.items()]
+    cmd = grid.recipe_command(os.path.join("recipes", "pretrain", "train.py"), os.path.join("hparams", "mgf.yaml"),
+                              overrides)
     return grid.Step(name=f"pretrain {variant} / seed {seed}", kind="pretrain", folder=run_dir, command=cmd,
                      row=variant, seed=seed, result_path=os.path.join(run_dir, "snapshots", f"epoch{epochs}"))
 

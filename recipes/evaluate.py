@@ -53,8 +53,8 @@ sys.path.insert(0, REPO)
 from mgf_sb.pretrained_folder import REQUIRED_FILES  # noqa: E402
 from mgf_sb.upstream import HF_PREFIX, check_hf_folder, is_hf_source, upstream_tag  # noqa: E402
 from mgf_sb import grid  # noqa: E402
-from mgf_sb.grid import MARK_FILE, STDOUT_FILE, Step, read_mark, recipe_command, run_step, yaml_value  # noqa: E402,F401
-from mgf_sb.grid import fmt_seconds as _fmt_s, tail as _tail  # noqa: E402,F401
+from mgf_sb.grid import MARK_FILE, Step, read_mark, recipe_command, run_step  # noqa: E402,F401  (MARK_FILE, Step: for callers)
+from mgf_sb.grid import fmt_seconds as _fmt_s  # noqa: E402
 from mgf_sb.recipe import is_bundled_sample, read_utf8, use_sample_settings  # noqa: E402,F401  (one rule for every recipe)
 from mgf_sb.settings import check_override_keys, check_settings  # noqa: E402
 from mgf_sb.report import (  # noqa: E402

@@ -20,6 +20,31 @@ def use_benchmarks():
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
 
+
+def load_pretrain_recipe():
+    """``recipes/pretrain/train.py`` as a module (its ``main(argv)`` runs the recipe in-process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_train", os.path.join(REPO, "recipes", "pretrain", "train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def librispeech_subset(root, n_train, n_dev):
+    """Copies the first ``n_train`` train-clean-100 and ``n_dev`` dev-clean files of the bundled
+    LibriSpeech sample into ``root`` (same layout) -> ``str(root)``."""
+    import shutil
+
+    src = os.path.join(SAMPLES, "LibriSpeech")
+    for split, n in (("train-clean-100", n_train), ("dev-clean", n_dev)):
+        for f in sorted(glob.glob(os.path.join(src, split, "*", "*", "*.flac")))[:n]:
+            rel = os.path.relpath(f, src)
+            os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+            shutil.copy(f, os.path.join(root, rel))
+    return str(root)
+
+
 torch.set_num_threads(int(os.environ.get("MGF_TEST_THREADS", "2")))
 
 TINY_ENCODER = dict(d_model=32, num_layers=2, nhead=4, d_ffn=64, conv_pos_kernel=9, conv_pos_groups=4, dropout=0.0)

@@ -16,6 +16,19 @@ from mgf_sb.target import TargetNetwork
 from test_pretrain import recipe, run, small_corpus  # noqa: F401  (fixtures of the pretraining tests)
 
 
+def _spy_info_nce(monkeypatch):
+    """Records the distractor indices and validity each InfoNCE call receives -> that dict."""
+    seen = {}
+    original = base.info_nce
+
+    def spy(query, positive, idx, valid, temperature):
+        seen.update(idx=idx, valid=valid)
+        return original(query, positive, idx, valid, temperature)
+
+    monkeypatch.setattr(base, "info_nce", spy)
+    return seen
+
+
 def test_batch_distractors_never_share_the_source_utterance():
     torch.manual_seed(0)
     group = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5])  # sequences (sorted)
@@ -51,14 +64,7 @@ def test_phoneme_objective_takes_batch_distractors_from_other_utterances(monkeyp
     enc = MGFEncoder(80, d_model=32, num_layers=1, nhead=4, d_ffn=64, conv_pos_kernel=9, conv_pos_groups=4)
     hidden = enc(feats, n, mask=batch.input_mask)
     obj = PhonemeObjective(32, 80, loss="infonce", target="fbank", n_negatives_same=0, n_negatives_batch=50)
-    seen = {}
-    original = base.info_nce
-
-    def spy(query, positive, idx, valid, temperature):
-        seen.update(idx=idx, valid=valid)
-        return original(query, positive, idx, valid, temperature)
-
-    monkeypatch.setattr(base, "info_nce", spy)
+    seen = _spy_info_nce(monkeypatch)
     loss, _ = obj(ObjectiveInputs(hidden, feats, None, batch))
     assert torch.isfinite(loss)
     _, group = obj.units(feats, batch)
@@ -155,14 +161,7 @@ def test_phoneme_objective_draws_local_distractors_and_reports_the_context_basel
     hidden = [torch.randn(feats.shape[0], feats.shape[1], 32)]
     obj = PhonemeObjective(32, 160, loss="infonce", target="teacher", negatives_within_ms=500, frame_ms=20,
                            n_negatives_same=10, n_negatives_batch=0)
-    seen = {}
-    original = base.info_nce
-
-    def spy(query, positive, idx, valid, temperature):
-        seen.update(idx=idx, valid=valid)
-        return original(query, positive, idx, valid, temperature)
-
-    monkeypatch.setattr(base, "info_nce", spy)
+    seen = _spy_info_nce(monkeypatch)
     _, stats = obj(ObjectiveInputs(hidden, feats, teacher, batch))
     assert "context_acc" not in stats  # no masked-input teacher pass: no baseline on this batch
     centres = obj.unit_positions(batch, feats.shape[1])

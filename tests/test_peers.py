@@ -5,18 +5,15 @@ the probes load (mgf_sb/objectives/bestrq.py, wav2vec2.py; hparams/mgf.yaml use_
 use_wav2vec2).
 """
 
-import glob
-import importlib.util
 import math
 import os
 import re
-import shutil
 
 import pytest
 import torch
 from speechbrain.lobes.models.wav2vec import sample_negatives
 
-from conftest import REPO, SAMPLES
+from conftest import REPO, librispeech_subset, load_pretrain_recipe
 from mgf_sb.batch import MGFBatch, MGFCollate
 from mgf_sb.encoder import MGFEncoder
 from mgf_sb.masking import sample_spans, spans_to_mask
@@ -232,21 +229,12 @@ TINY = {"d_model": 32, "num_layers": 1, "nhead": 2, "d_ffn": 64, "proj_dim": 16,
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     """4 training and 2 validation files of the bundled LibriSpeech sample."""
-    root = tmp_path_factory.mktemp("ls")
-    src = os.path.join(SAMPLES, "LibriSpeech")
-    for split, n in (("train-clean-100", 4), ("dev-clean", 2)):
-        for f in sorted(glob.glob(os.path.join(src, split, "*", "*", "*.flac")))[:n]:
-            rel = os.path.relpath(f, src)
-            os.makedirs(os.path.dirname(root / rel), exist_ok=True)
-            shutil.copy(f, root / rel)
-    return str(root)
+    return librispeech_subset(tmp_path_factory.mktemp("ls"), 4, 2)
 
 
 @pytest.mark.parametrize("peer", ["bestrq", "wav2vec2"])
 def test_peer_run_exports_a_folder_upstream_loads(small_corpus, tmp_path, peer):
-    spec = importlib.util.spec_from_file_location("pretrain_train", os.path.join(REPO, "recipes", "pretrain", "train.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_pretrain_recipe()
     out = str(tmp_path / peer)
     args = {**TINY, **PEER_RUN, f"use_{peer}": True, "data_folder": small_corpus, "output_folder": out}
     recipe.main([MGF_YAML] + [f"--{k}={v}" for k, v in args.items()])

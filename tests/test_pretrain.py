@@ -1,16 +1,13 @@
 """The pretraining recipe as a user runs it: prep, ablations, overfitting, resume."""
 
-import glob
-import importlib.util
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, SAMPLES, write_hostile_audio_folder
+from conftest import REPO, librispeech_subset, load_pretrain_recipe, write_hostile_audio_folder
 
 TINY = {
     "d_model": 32, "num_layers": 2, "nhead": 4, "d_ffn": 64, "proj_dim": 32, "conv_pos_kernel": 9,
@@ -41,11 +38,7 @@ ABLATIONS = [
 ]
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("pretrain_train", os.path.join(REPO, "recipes", "pretrain", "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load_recipe = load_pretrain_recipe
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +49,7 @@ def recipe():
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     """6 training and 2 validation files in LibriSpeech layout."""
-    root = tmp_path_factory.mktemp("ls")
-    src = os.path.join(SAMPLES, "LibriSpeech")
-    for split, n in (("train-clean-100", 6), ("dev-clean", 2)):
-        for f in sorted(glob.glob(os.path.join(src, split, "*", "*", "*.flac")))[:n]:
-            rel = os.path.relpath(f, src)
-            os.makedirs(os.path.dirname(root / rel), exist_ok=True)
-            shutil.copy(f, root / rel)
-    return str(root)
+    return librispeech_subset(tmp_path_factory.mktemp("ls"), 6, 2)
 
 
 def run(recipe, out, data, **overrides):

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import REPO, SAMPLES  # noqa: E402
+from conftest import REPO, SAMPLES, librispeech_subset, load_pretrain_recipe  # noqa: E402
 
 TINY = {"d_model": 32, "nhead": 2, "num_layers": 1, "d_ffn": 64, "proj_dim": 16, "conv_pos_groups": 4,
         "dropout": 0.0, "crop_seconds": 3.0, "max_batch_length": 40, "num_buckets": 2, "ckpt_interval_minutes": 0,
@@ -30,26 +30,13 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_train", os.path.join(REPO, "recipes", "pretrain", "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_recipe = load_pretrain_recipe
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     """6 training and 2 validation files of the bundled LibriSpeech sample."""
-    root = tmp_path_factory.mktemp("ls")
-    src = os.path.join(SAMPLES, "LibriSpeech")
-    for split, n in (("train-clean-100", 6), ("dev-clean", 2)):
-        for f in sorted(glob.glob(os.path.join(src, split, "*", "*", "*.flac")))[:n]:
-            rel = os.path.relpath(f, src)
-            os.makedirs(os.path.dirname(root / rel), exist_ok=True)
-            shutil.copy(f, root / rel)
-    return str(root)
+    return librispeech_subset(tmp_path_factory.mktemp("ls"), 6, 2)
 
 
 def _pretrain(out, **overrides):
