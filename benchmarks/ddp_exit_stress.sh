@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs tests/test_reliability.py::test_ddp_two_processes_match_one_process N times (default 20)
-# and counts failures; each failing run's output is kept in $LOGDIR/fail-<i>.txt.
+# Runs a DDP test (default tests/test_reliability.py::test_ddp_two_processes_match_one_process;
+# TEST=<pytest id> picks another) N times (default 20) and counts failures; each failing run's output is kept in $LOGDIR/fail-<i>.txt.
 # Usage: VENV=<venv> LOAD=2 benchmarks/ddp_exit_stress.sh [N] [repo]     (load the cores yourself beside it to test under load,
 #        e.g. LOAD=2 starts two busy loops for the duration and stops them at the end)
 N=${1:-20}
@@ -15,7 +15,7 @@ fails=0
 for i in $(seq 1 "$N"); do
   start=$(date +%s)
   if OMP_NUM_THREADS=1 python -m pytest -q -x -p no:cacheprovider \
-      "tests/test_reliability.py::test_ddp_two_processes_match_one_process" > "$LOGDIR/run-$i.txt" 2>&1; then
+      "${TEST:-tests/test_reliability.py::test_ddp_two_processes_match_one_process}" > "$LOGDIR/run-$i.txt" 2>&1; then
     echo "run $i: pass ($(( $(date +%s) - start )) s, load $(cut -d' ' -f1 /proc/loadavg))"
     rm -f "$LOGDIR/run-$i.txt"
   else

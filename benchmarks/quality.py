@@ -289,14 +289,19 @@ def best_on_dev(table, candidates):
     return max(cands, key=lambda c: (table[c]["phones_dev"] + table[c]["speakers_dev"], table[c]["phones_dev"]))
 
 
-def compare(probes, a, b, seeds, n_boot=4000):
-    """Paired bootstrap A - B on both probes -> {metric: paired_bootstrap dict}."""
+def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None):
+    """Paired bootstrap A - B on both probes -> {metric: paired_bootstrap dict}.
+
+    ``split`` "dev" compares the dev utterances (at each run's own chosen layer and L2): the
+    split on which defaults are chosen. ``probes_b`` holds B when it comes from another folder.
+    """
     from quality_probe import paired_bootstrap
 
+    probes_b = probes if probes_b is None else probes_b
     out = {}
     for m in METRICS:
-        sa = [probes[a][s][m]["test_items"] for s in seeds if s in probes.get(a, {})]
-        sb = [probes[b][s][m]["test_items"] for s in seeds if s in probes.get(b, {})]
+        sa = [probes[a][s][m][split + "_items"] for s in seeds if s in probes.get(a, {})]
+        sb = [probes_b[b][s][m][split + "_items"] for s in seeds if s in probes_b.get(b, {})]
         if sa and sb:
             out[m] = paired_bootstrap(sa, sb, n_boot=n_boot)
     return out
@@ -461,6 +466,10 @@ def parse_args(argv):
     p.add_argument("--corpus_only", action="store_true", help="generate the corpus and stop")
     p.add_argument("--on_change", default="error", choices=["error", "rerun"],
                    help="a run folder made with other settings: stop (error) or move it aside and train again")
+    p.add_argument("--baselines_from", default=None,
+                   help="a finished output folder of the same budget whose fbank, fbank +-5 and random-encoder "
+                        "probes are reused (they do not depend on the pretraining settings); used by "
+                        "benchmarks/quality_switches.py")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     return p.parse_args(argv)
@@ -517,7 +526,18 @@ def main(argv=None):
         path = probe_path(key)
         if os.path.isfile(path):
             with open(path) as f:
-                return json.load(f)
+                res = json.load(f)
+            if all("dev_items" in res[m] for m in METRICS) or args.report_only:
+                return res
+            log(f"  probe {key}: written by a version without per-utterance dev outcomes; probing again")
+        shared = key.split("/")[0] in ("fbank", "fbank+-5", "random") and args.baselines_from
+        if shared and os.path.isfile(os.path.join(args.baselines_from, "probes", os.path.basename(path))):
+            # fbank needs no pretraining; the random encoder is drawn from the seed and the encoder
+            # shape alone: both the same in every folder made with the same budget.
+            with open(os.path.join(args.baselines_from, "probes", os.path.basename(path))) as f:
+                res = json.load(f)
+            if all("dev_items" in res[m] for m in METRICS):
+                return res
         if args.report_only:
             return None
         t, cpu0 = time.time(), time.thread_time()
@@ -666,7 +686,7 @@ def main(argv=None):
               "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
               "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain")},
-              "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids")}
+              "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids", "dev_items")}
                                       for m in METRICS} for s, res in by_seed.items()} for r, by_seed in probes.items()}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -276,8 +276,9 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
     -------
     dict
         ``dev``: best dev accuracy of each layer over the L2 grid (%), ``layer`` and ``l2``: the
-        chosen pair, ``dev_best``: its dev accuracy (%), ``test``: its test accuracy (%, frames at
-        100 fps), ``test_items``: [[correct, frames]] per test utterance, ``test_ids``.
+        chosen pair, ``dev_best``: its dev accuracy (%), ``dev_items``: [[correct, frames]] per dev
+        utterance at that pair (for comparing two encoders on dev), ``test``: its test accuracy
+        (%, frames at 100 fps), ``test_items``: [[correct, frames]] per test utterance, ``test_ids``.
     """
     n_classes = len(data.phones)
     dev, best = [], None
@@ -290,11 +291,11 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
             acc = 100.0 * c[:, 0].sum() / c[:, 1].sum()
             layer_best = max(layer_best, acc)
             if best is None or acc > best[0]:
-                best = (acc, li, l2, probe)
+                best = (acc, li, l2, probe, c)
         dev.append(layer_best)
-    acc, li, l2, probe = best
+    acc, li, l2, probe, dev_items = best
     items = _score_100fps(probe, frames[li], data, "test")
-    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc,
+    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items.tolist(),
             "test": 100.0 * items[:, 0].sum() / items[:, 1].sum(), "test_items": items.tolist(),
             "test_ids": [data.ids[i] for i in np.flatnonzero(data.phone_role == "test")]}
 
@@ -306,7 +307,7 @@ def speaker_probe(pooled, data: ProbeData, l2_grid=SPEAKER_L2_GRID, max_iter=200
     -------
     dict
         ``dev`` (best dev accuracy of each layer over the L2 grid), ``layer``, ``l2``, ``dev_best``,
-        ``test`` (%), ``test_items`` (1/0 per test utterance), ``test_ids``, ``n_test``.
+        ``dev_items`` (1/0 per dev utterance at that layer and L2), ``test`` (%), ``test_items`` (1/0 per test utterance), ``test_ids``, ``n_test``.
     """
     tr, dv, te = (torch.from_numpy(data.speaker_role == r) for r in ("train", "dev", "test"))
     y = torch.from_numpy(data.speaker)
@@ -315,14 +316,15 @@ def speaker_probe(pooled, data: ProbeData, l2_grid=SPEAKER_L2_GRID, max_iter=200
         layer_best = -1.0
         for l2 in l2_grid:
             probe = fit_logistic_regression(x[tr], y[tr], data.n_speakers, l2=l2, max_iter=max_iter)
-            acc = 100 * accuracy(probe.predict(x[dv]), y[dv])
+            pred = probe.predict(x[dv])
+            acc = 100 * accuracy(pred, y[dv])
             layer_best = max(layer_best, acc)
             if best is None or acc > best[0]:
-                best = (acc, li, l2, probe)
+                best = (acc, li, l2, probe, (pred == y[dv]).long())
         dev_per_layer.append(layer_best)
-    acc, li, l2, probe = best
+    acc, li, l2, probe, dev_correct = best
     correct = (probe.predict(pooled[li][te]) == y[te]).long()
-    return {"dev": dev_per_layer, "layer": li, "l2": l2, "dev_best": acc, "test": 100.0 * correct.double().mean().item(),
+    return {"dev": dev_per_layer, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_correct.tolist(), "test": 100.0 * correct.double().mean().item(),
             "test_items": correct.tolist(), "test_ids": [data.ids[i] for i in np.flatnonzero(data.speaker_role == "test")],
             "n_test": int(te.sum())}
 

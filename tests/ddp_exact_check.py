@@ -22,11 +22,21 @@ import torch.distributed as dist
 
 import mgf_sb.distributed
 from mgf_sb.batch import MGFCollate
-from mgf_sb.distributed import GlobalBatchNorm1d, gather_for_contrast, seed_data_stream
+from mgf_sb.distributed import (
+    GlobalBatchNorm1d,
+    end_process_group,
+    gather_for_contrast,
+    import_before_process_group,
+    seed_data_stream,
+)
 from mgf_sb.features import FeatureExtractor
 from mgf_sb.objectives.losses import nt_xent
 from mgf_sb.objectives.utterance import UtteranceObjective
 
+# The recipes' own start and end of a process group: without them DDP's lazy
+# import pins the group and its gloo threads die in interpreter shutdown
+# (SIGABRT after "OK", seen under load; see mgf_sb.distributed).
+import_before_process_group()
 dist.init_process_group("gloo")
 r = dist.get_rank()
 torch.manual_seed(0)
@@ -128,4 +138,4 @@ torch.manual_seed(1986 + r)
 assert torch.equal(collate(items).input_mask, mask)
 
 print(f"{r} OK", flush=True)
-dist.destroy_process_group()
+assert end_process_group() == [], "gloo threads outlive the process group"

@@ -258,6 +258,9 @@ def _ddp_main(folder, res):
     """Run by torch.distributed.run: each rank streams its share for 2 epochs, writes what it saw."""
     import torch.distributed as dist
 
+    from mgf_sb.distributed import end_process_group, import_before_process_group
+
+    import_before_process_group()  # the recipes' start and end of a group (see mgf_sb.distributed)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -274,7 +277,7 @@ def _ddp_main(folder, res):
         dist.barrier()
         print(f"{rank} OK", flush=True)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 # ---- the recipe ------------------------------------------------------------------

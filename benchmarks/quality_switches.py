@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""One objectives switch at a time, measured by the quality benchmark against today's defaults.
+
+    python benchmarks/quality_switches.py                       # every group on full MGF, 3 seeds
+    python benchmarks/quality_switches.py --groups teacher views --variant phoneme
+
+Each group of ``SWITCHES`` (the objectives issue's switches, grouped where they only make sense
+together) is ``benchmarks/quality.py --variants <variant> --set <switches>`` in its own folder
+``<out>/<group>``; the baseline is the same variant with no switch in ``--baseline`` (default
+``results/quality/default``, trained when missing). fbank and random-encoder probes are reused
+from the baseline folder (they do not depend on the pretraining settings).
+
+Each switch is compared with the baseline by the paired bootstrap of ``quality_probe`` (utterances
+and seeds resampled), **on the dev split first**: a default may move only when the dev interval
+of one probe excludes 0 in favour of the switch and the other probe shows no resolved dev loss
+(``decide``); the test split is reported beside it, not used to decide. The last epoch's
+diagnostics of each run (``train_log.txt``) are averaged over seeds beside the numbers, so a
+switch that does not do what it claims shows it.
+
+Writes ``<out>/switches.md`` and ``<out>/switches.json``.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import quality  # noqa: E402
+from mgf_sb.report import parse_train_log  # noqa: E402
+
+# group -> overrides of hparams/mgf.yaml (README "Objectives" table describes each switch)
+SWITCHES = {
+    "teacher": ["ema_schedule=half_life", "ema_half_life_fraction=0.05", "ema_scope=layers"],
+    "local_distractors": ["phoneme_negatives_within_ms=500"],
+    "span_only_teacher": ["target_input=complement", "target_final_norm=instance"],
+    "no_target_projection": ["phoneme_target_projection=none"],
+    "balance": ["scale_balance=grad_norm"],
+    "views": ["view_min_seconds=1.0", "view_eq=0.3", "view_noise_snr_db=[10,30]", "utterance_queue_size=128"],
+    "utterance_branch": ["utterance_branch=attentive", "utterance_layer=-2"],
+    "whole_spans": ["whole_frame_spans=True", "normalizer_update_steps=100"],
+}
+SWITCHES["all"] = [kv for group in list(SWITCHES.values()) for kv in group]
+
+# last-epoch train diagnostics shown beside each group (those its switches should move)
+DIAGNOSTICS = ["phoneme_acc", "phoneme_context_acc", "teacher_init_share", "utterance_acc", "frame_short_runs",
+               "frame_grad_norm", "phoneme_grad_norm", "utterance_grad_norm"]
+
+
+def decide(dev):
+    """``dev``: {metric: paired_bootstrap of switch - baseline on dev}. -> "move default" | "keep".
+
+    Move only when one probe's dev interval lies above 0 and no probe's lies below 0.
+    """
+    up = any(c["resolved"] and c["diff"] > 0 for c in dev.values())
+    down = any(c["resolved"] and c["diff"] < 0 for c in dev.values())
+    return "move default" if up and not down else "keep"
+
+
+def load_probes(folder, variant, seeds, epochs):
+    """probes[variant][seed] from ``<folder>/probes`` (None for a seed not probed)."""
+    out = {}
+    for seed in seeds:
+        path = os.path.join(folder, "probes", quality.slug(f"{variant}/seed{seed}/epoch{epochs}").replace("/", "__")
+                            + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[seed] = json.load(f)
+    return {variant: out}
+
+
+def diagnostics(folder, variant, seeds):
+    """Mean over seeds of each ``DIAGNOSTICS`` value in the runs' last train-log entry."""
+    vals = {}
+    for seed in seeds:
+        path = os.path.join(folder, "runs", quality.slug(variant), f"seed{seed}", "train_log.txt")
+        if not os.path.isfile(path):
+            continue
+        rows = parse_train_log(path)
+        if rows:
+            for k in DIAGNOSTICS:
+                if k in rows[-1]["train"]:
+                    vals.setdefault(k, []).append(rows[-1]["train"][k])
+    return {k: float(np.mean(v)) for k, v in vals.items()}
+
+
+def fmt(c):
+    if c is None:
+        return "n/a"
+    mark = "" if not c["resolved"] else (" ▲" if c["diff"] > 0 else " ▼")
+    return f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
+
+
+def report(rows, variant, seeds, baseline, steps):
+    lines = [f"# Objectives switches, one group at a time ({variant}, seeds {seeds}, {steps} steps)", "",
+             f"Switch minus baseline (`{os.path.relpath(baseline, REPO)}`: today's defaults), accuracy points, "
+             "paired bootstrap over utterances and seeds (95 %); ▲/▼ resolved. Defaults move on **dev** only "
+             "(one probe resolved up, none resolved down); test shown beside it.", "",
+             "| group | switches | dev phones | dev speakers | test phones | test speakers | decision |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['group']} | `{' '.join(r['switches'])}` | {fmt(r['dev'].get('phones'))} | "
+                     f"{fmt(r['dev'].get('speakers'))} | {fmt(r['test'].get('phones'))} | "
+                     f"{fmt(r['test'].get('speakers'))} | {r['decision']} |")
+    lines += ["", "Last-epoch train diagnostics (mean over seeds):", "",
+              "| group | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]
+    for r in rows:
+        lines.append(f"| {r['group']} | " + " | ".join(
+            f"{r['diagnostics'][k]:.3g}" if k in r["diagnostics"] else "–" for k in DIAGNOSTICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--groups", nargs="+", default=[g for g in SWITCHES if g != "all"], choices=list(SWITCHES))
+    p.add_argument("--variant", default="full MGF", choices=list(quality.VARIANTS))
+    p.add_argument("--budget", default="default", choices=sorted(quality.BUDGETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--baseline", default=None, help="baseline folder (default results/quality/<budget>)")
+    p.add_argument("--out", default=None, help="default results/quality/switches-<budget>")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--report_only", action="store_true", help="compare what is finished; train nothing")
+    args, rest = p.parse_known_args(argv)  # the rest goes to quality.py (--jobs, --threads, --device...)
+    budget = quality.BUDGETS[args.budget]
+    seeds = args.seeds or budget.seeds
+    baseline = os.path.abspath(args.baseline or os.path.join(REPO, "results", "quality", args.budget))
+    out = os.path.abspath(args.out or os.path.join(REPO, "results", "quality", f"switches-{args.budget}"))
+    common = ["--budget", args.budget, "--variants", args.variant, "--curve_variants", "--seeds",
+              *map(str, seeds), *(["--cache", args.cache] if args.cache else []),
+              *(["--report_only"] if args.report_only else []), *rest]
+    base = quality.main(common + ["--out", baseline])  # reuses what is there; probes dev outcomes if missing
+    if base is None:
+        raise SystemExit(f"no baseline in {baseline}")
+    epochs, steps = base["epochs"], base["steps"]
+    probes_base = load_probes(baseline, args.variant, seeds, epochs)
+    rows = []
+    for group in args.groups:
+        folder = os.path.join(out, group)
+        quality.main(common + ["--out", folder, "--baselines_from", baseline, "--set", *SWITCHES[group]])
+        probes = load_probes(folder, args.variant, seeds, epochs)
+        done = sorted(set(probes[args.variant]) & set(probes_base[args.variant]))
+        if not done:
+            quality.log(f"{group}: no finished seed; left out")
+            continue
+        row = {"group": group, "switches": SWITCHES[group], "seeds": done,
+               "diagnostics": diagnostics(folder, args.variant, done)}
+        for split in ("dev", "test"):
+            row[split] = quality.compare(probes, args.variant, args.variant, done, split=split, probes_b=probes_base)
+        row["decision"] = decide(row["dev"])
+        rows.append(row)
+    base_row = {"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
+                "diagnostics": diagnostics(baseline, args.variant, seeds)}
+    text = report([base_row] + rows, args.variant, seeds, baseline, steps)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "switches.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "switches.json"), "w") as f:
+        json.dump({"variant": args.variant, "seeds": seeds, "steps": steps, "baseline": baseline,
+                   "rows": [base_row] + rows}, f, indent=1)
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
