@@ -78,6 +78,30 @@ def test_best_single_and_pair_are_chosen_on_dev_not_on_test():
     assert "**b better**" in quality.verdict({"diff": -1.0, "low": -1.5, "high": -0.5, "resolved": True}, "a", "b")
 
 
+def test_a_switch_moves_a_default_only_on_a_resolved_dev_gain_without_a_resolved_dev_loss():
+    import quality_switches
+
+    up, down, flat = ({"diff": d, "low": lo, "high": hi, "resolved": lo > 0 or hi < 0}
+                      for d, lo, hi in ((1.0, 0.3, 1.7), (-1.0, -1.7, -0.3), (0.5, -0.2, 1.2)))
+    assert quality_switches.decide({"phones": up, "speakers": flat}) == "move default"
+    assert quality_switches.decide({"phones": flat, "speakers": up}) == "move default"
+    assert quality_switches.decide({"phones": up, "speakers": down}) == "keep"
+    assert quality_switches.decide({"phones": flat, "speakers": flat}) == "keep"
+    assert quality_switches.decide({"phones": down, "speakers": flat}) == "keep"
+
+
+def test_every_switch_group_names_settings_of_the_pretraining_yaml():
+    import quality_switches
+    from conftest import REPO
+    from mgf_sb.settings import check_override_keys
+
+    for group, kvs in quality_switches.SWITCHES.items():
+        check_override_keys(os.path.join(REPO, "hparams", "mgf.yaml"), "\n".join(kv.replace("=", ": ", 1)
+                                                                                  for kv in kvs))
+    assert set(quality_switches.SWITCHES["all"]) == {kv for g, kvs in quality_switches.SWITCHES.items()
+                                                     if g != "all" for kv in kvs}
+
+
 def test_sample_std_uses_n_minus_1():
     assert quality.sample_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))
     assert quality.sample_std([1.0]) is None
@@ -144,6 +168,10 @@ def test_phone_probe_chooses_layer_and_l2_on_dev(tmp_path):
     assert res["layer"] == 1 and res["l2"] in (1e-4, 1e-3, 1e-2)
     assert res["test"] > 90 and res["dev"][1] > res["dev"][0] + 30
     assert len(res["test_items"]) == int((data.phone_role == "test").sum())
+    # the dev outcomes kept for comparing encoders on dev are those of the chosen layer and L2
+    dev = np.asarray(res["dev_items"])
+    assert len(dev) == int((data.phone_role == "dev").sum())
+    assert 100.0 * dev[:, 0].sum() / dev[:, 1].sum() == pytest.approx(res["dev_best"]) == pytest.approx(res["dev"][1])
 
 
 def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
@@ -155,3 +183,5 @@ def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
     res = speaker_probe([torch.randn(len(data), 4, generator=g), good], data, max_iter=50)
     assert res["layer"] == 1 and res["test"] == 100.0
     assert res["n_test"] == len(res["test_items"]) == 3 * data.n_speakers
+    assert len(res["dev_items"]) == 2 * data.n_speakers
+    assert 100.0 * np.mean(res["dev_items"]) == pytest.approx(res["dev_best"])
