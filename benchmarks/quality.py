@@ -307,6 +307,39 @@ def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None):
     return out
 
 
+def load_probes(folder, variant, seeds, epochs):
+    """probes[variant][seed] of another output folder (seeds not probed there are left out)."""
+    out = {}
+    for seed in seeds:
+        path = os.path.join(folder, "probes", slug(f"{variant}/seed{seed}/epoch{epochs}").replace("/", "__") + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[seed] = json.load(f)
+    return {variant: out}
+
+
+def compare_with_before(probes, before, variants, seeds, epochs):
+    """Each variant here minus the same variant in the folder ``before`` (e.g. the previous defaults),
+    on dev and test -> {variant: {"dev": {...}, "test": {...}, "seeds": [...]}}; variants or seeds
+    missing on either side are left out."""
+    out = {}
+    for v in variants:
+        old = load_probes(before, v, seeds, epochs)
+        done = sorted(set(probes.get(v, {})) & set(old[v]))
+        if done:
+            out[v] = {"seeds": done, **{split: compare(probes, v, v, done, split=split, probes_b=old)
+                                         for split in ("dev", "test")}}
+    return out
+
+
+def fmt_diff(c):
+    """'+0.81 [+0.31, +1.39] ▲' (▲/▼: the 95 % interval excludes 0)."""
+    if c is None:
+        return "n/a"
+    mark = "" if not c["resolved"] else (" ▲" if c["diff"] > 0 else " ▼")
+    return f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
+
+
 def verdict(c, a, b):
     if c is None:
         return "n/a"
@@ -376,7 +409,7 @@ def _fmt(v, std=None):
 
 
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
-                 spe, runs):
+                 spe, runs, before=None, before_folder=None):
     rows = list(table)
     lines = ["| representation | phones, frame acc. % (test voices) | speakers, acc. % (test utts) | dev phones / "
              "dev speakers | layers chosen (phones; speakers) | CPU s / step |", "|---|---|---|---|---|---|"]
@@ -427,6 +460,14 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         f"Pretraining CPU seconds full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**.",
         "",
     ]
+    if before:
+        text += [f"This folder minus `{before_folder}` (the same variant there; paired bootstrap over utterances "
+                 "and seeds, 95 %; ▲/▼ resolved; dev is the split defaults are chosen on):", "",
+                 "| variant | dev phones | dev speakers | test phones | test speakers |", "|---|---|---|---|---|"]
+        for v, c in before.items():
+            text.append(f"| {v} | {fmt_diff(c['dev'].get('phones'))} | {fmt_diff(c['dev'].get('speakers'))} | "
+                        f"{fmt_diff(c['test'].get('phones'))} | {fmt_diff(c['test'].get('speakers'))} |")
+        text.append("")
     if curves:
         text += ["Curves (first seed; test accuracy after each epoch; step 0 = the random-init encoder):", ""]
         for name, c in curves.items():
@@ -470,6 +511,9 @@ def parse_args(argv):
                    help="a finished output folder of the same budget whose fbank, fbank +-5 and random-encoder "
                         "probes are reused (they do not depend on the pretraining settings); used by "
                         "benchmarks/quality_switches.py")
+    p.add_argument("--before", default=None,
+                   help="an output folder of the same budget (e.g. made with the previous defaults): the report "
+                        "adds each variant here minus the same variant there, on dev and test")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     return p.parse_args(argv)
@@ -678,12 +722,17 @@ def main(argv=None):
         info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
+    before = None
+    if args.before:
+        before = compare_with_before(probes, os.path.abspath(args.before), [v for v in budget.variants if v in probes],
+                                     budget.seeds, budget.epochs)
     text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
-                        steps, spe, runs_summary)
+                        steps, spe, runs_summary, before=before, before_folder=args.before)
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
               "table": table, "comparisons": comparisons, "picks": picks, "curves": curves,
-              "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
+              "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "before": args.before and {"folder": args.before,
+                                                                         "comparisons": before}, "machine": info, "timing": timing,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
               "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain")},
               "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids", "dev_items")}

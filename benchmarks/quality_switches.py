@@ -62,18 +62,6 @@ def decide(dev):
     return "move default" if up and not down else "keep"
 
 
-def load_probes(folder, variant, seeds, epochs):
-    """probes[variant][seed] from ``<folder>/probes`` (None for a seed not probed)."""
-    out = {}
-    for seed in seeds:
-        path = os.path.join(folder, "probes", quality.slug(f"{variant}/seed{seed}/epoch{epochs}").replace("/", "__")
-                            + ".json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                out[seed] = json.load(f)
-    return {variant: out}
-
-
 def diagnostics(folder, variant, seeds):
     """Mean over seeds of each ``DIAGNOSTICS`` value in the runs' last train-log entry."""
     vals = {}
@@ -89,13 +77,6 @@ def diagnostics(folder, variant, seeds):
     return {k: float(np.mean(v)) for k, v in vals.items()}
 
 
-def fmt(c):
-    if c is None:
-        return "n/a"
-    mark = "" if not c["resolved"] else (" ▲" if c["diff"] > 0 else " ▼")
-    return f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
-
-
 def report(rows, variant, seeds, baseline, steps):
     lines = [f"# Objectives switches, one group at a time ({variant}, seeds {seeds}, {steps} steps)", "",
              f"Switch minus baseline (`{os.path.relpath(baseline, REPO)}`: today's defaults), accuracy points, "
@@ -104,9 +85,9 @@ def report(rows, variant, seeds, baseline, steps):
              "| group | switches | dev phones | dev speakers | test phones | test speakers | decision |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['group']} | `{' '.join(r['switches'])}` | {fmt(r['dev'].get('phones'))} | "
-                     f"{fmt(r['dev'].get('speakers'))} | {fmt(r['test'].get('phones'))} | "
-                     f"{fmt(r['test'].get('speakers'))} | {r['decision']} |")
+        lines.append(f"| {r['group']} | `{' '.join(r['switches'])}` | {quality.fmt_diff(r['dev'].get('phones'))} | "
+                     f"{quality.fmt_diff(r['dev'].get('speakers'))} | {quality.fmt_diff(r['test'].get('phones'))} | "
+                     f"{quality.fmt_diff(r['test'].get('speakers'))} | {r['decision']} |")
     lines += ["", "Last-epoch train diagnostics (mean over seeds):", "",
               "| group | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]
     for r in rows:
@@ -137,12 +118,12 @@ def main(argv=None):
     if base is None:
         raise SystemExit(f"no baseline in {baseline}")
     epochs, steps = base["epochs"], base["steps"]
-    probes_base = load_probes(baseline, args.variant, seeds, epochs)
+    probes_base = quality.load_probes(baseline, args.variant, seeds, epochs)
     rows = []
     for group in args.groups:
         folder = os.path.join(out, group)
         quality.main(common + ["--out", folder, "--baselines_from", baseline, "--set", *SWITCHES[group]])
-        probes = load_probes(folder, args.variant, seeds, epochs)
+        probes = quality.load_probes(folder, args.variant, seeds, epochs)
         done = sorted(set(probes[args.variant]) & set(probes_base[args.variant]))
         if not done:
             quality.log(f"{group}: no finished seed; left out")

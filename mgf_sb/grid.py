@@ -6,8 +6,9 @@ A :class:`Step` is one recipe command with its own folder. When it finishes, a *
 that folder records the command (its *signature*: the arguments, with this repository's paths
 made relative so a moved checkout keeps its marks), the wall seconds and the process's own CPU
 seconds. A rerun skips the steps whose mark matches and whose output reads back, so an
-interrupted grid continues where it stopped; a step whose mark holds another command is
-``changed`` and :func:`execute` refuses to go on (or, ``on_change="rerun"``, moves its folder
+interrupted grid continues where it stopped; a step whose mark holds another command, or whose
+recipe run recorded settings (``run_config.json``) that its command no longer gives because a
+YAML default moved since, is ``changed`` and :func:`execute` refuses to go on (or, ``on_change="rerun"``, moves its folder
 aside and runs it again), so a rerun never silently mixes settings.
 
 :func:`execute` runs the steps that are not done, ``jobs`` at a time, each after the steps it
@@ -49,6 +50,7 @@ class Step:
     depends: list = field(default_factory=list)
     result_path: str = ""
     cpu_seconds: float = None  # of the last run in this process (set by run_step)
+    changes: dict = None  # settings recorded by the finished run that its command no longer gives
 
     @property
     def mark_path(self):
@@ -89,9 +91,39 @@ def read_mark(step):
         return None
 
 
+RUN_CONFIG = "run_config.json"  # what the recipe's run guard records (mgf_sb.run_guard)
+
+
+def settings_drift(step):
+    """Settings a finished recipe step recorded (``<folder>/run_config.json``) that its command
+    would no longer give, e.g. a YAML default changed since: ``{key: [recorded, now]}`` (empty
+    when current, or when the step is not a recipe run). Keys the YAML lists as
+    ``resumable_keys`` do not count, as in the run guard."""
+    try:
+        with open(os.path.join(step.folder, RUN_CONFIG)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if len(step.command) < 3 or not str(step.command[2]).endswith((".yaml", ".yml")):
+        return {}
+    key = tuple(step.command[2:])
+    if key not in _SETTINGS_NOW:
+        from mgf_sb.recipe import command_settings
+
+        _SETTINGS_NOW[key] = command_settings(step.command[2:])
+    now, before = _SETTINGS_NOW[key], recorded.get("settings", {})
+    resumable = set(recorded.get("resumable_keys") or [])
+    return {k: [before.get(k, "<absent>"), now.get(k, "<absent>")] for k in sorted(set(before) | set(now))
+            if k not in resumable and before.get(k, "<absent>") != now.get(k, "<absent>")}
+
+
+_SETTINGS_NOW = {}  # command -> its settings now (a YAML is read once per process)
+
+
 def step_status(step, output):
-    """``done`` (mark matches and ``output(step)`` reads back), ``changed`` (mark of another
-    command) or ``todo``."""
+    """``done`` (mark matches, ``output(step)`` reads back and the settings it recorded are those
+    its command gives today), ``changed`` (mark of another command, or the YAML's defaults moved
+    since: ``step.changes`` lists them) or ``todo``."""
     mark = read_mark(step)
     if mark is None:
         return "todo"
@@ -101,7 +133,18 @@ def step_status(step, output):
         output(step)
     except Exception:
         return "todo"
+    step.changes = settings_drift(step)
+    if step.changes:
+        return "changed"
     return "done"
+
+
+def _changes(step, shown=4):
+    if not step.changes:
+        return ""
+    items = [f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in step.changes.items()]
+    more = f", and {len(items) - shown} more" if len(items) > shown else ""
+    return "; YAML defaults changed since it ran: " + ", ".join(items[:shown]) + more
 
 
 def write_mark(step, seconds, cpu_seconds=None, **extra):
@@ -187,7 +230,7 @@ def execute(steps, output, runner=run_step, jobs=1, on_change="error", keep_goin
         if on_change != "rerun":
             raise RuntimeError(
                 "these steps were run before with other settings: "
-                + "; ".join(f"{s.name} ({s.folder})" for s in changed)
+                + "; ".join(f"{s.name} ({s.folder}{_changes(s)})" for s in changed)
                 + ". Pass --on_change=rerun to move those step folders aside and run them again, "
                   "or another --output_folder to keep both.")
         for s in changed:

@@ -26,6 +26,7 @@ therefore every step of ``recipes/evaluate.py``, which runs them) that
 """
 
 import atexit
+import contextlib
 import logging
 import os
 
@@ -166,6 +167,25 @@ def apply_sample_overrides(hparams_file, overrides):
     stream = io.StringIO()
     yaml.dump(merged, stream)
     return stream.getvalue()
+
+
+def command_settings(argv):
+    """The settings a recipe run with ``argv`` (``hparams.yaml --overrides``) records in its
+    ``run_config.json`` (:func:`mgf_sb.run_guard.run_settings`), computed from the YAML as it is
+    *now*, without running anything. Lets a grid tell a finished step whose YAML defaults have
+    changed since (same command, other settings) from one that is still current."""
+    from mgf_sb.run_guard import run_settings
+
+    argv, _ = pop_on_change(list(argv))
+    hparams_file, _, overrides = sb.parse_arguments(argv)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            overrides = apply_sample_overrides(hparams_file, overrides)
+        return run_settings(load_hparams(hparams_file, overrides))
+    finally:
+        logging.getLogger().setLevel(level)
 
 
 def start_experiment(argv):

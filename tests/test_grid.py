@@ -96,3 +96,35 @@ def test_background_work_runs_between_polls_and_on_poll_sees_running_steps(tmp_p
                       on_done=lambda s, out: done.append(out), background=Queue(), log=lambda *a: None)
     assert st == {"a": "ran", "b": "ran"}
     assert done[:2] == ["x", "y"] and sorted(done[2:]) == ["a", "b"] and polled == {"a", "b"}
+
+
+def test_a_finished_recipe_step_whose_yaml_default_moved_is_changed_not_done(tmp_path):
+    """Same command, but the YAML's default changed since the run recorded its settings: the grid
+    must not report the old run as today's (benchmarks/quality.py reuses finished runs)."""
+    from mgf_sb.recipe import command_settings
+
+    yaml = tmp_path / "h.yaml"
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nschedule: ramp  # a comment\n")
+    folder = tmp_path / "run"
+    step = grid.Step(name="pretrain x", kind="pretrain", folder=str(folder),
+                     command=[sys.executable, "train.py", str(yaml), f"--output_folder={folder}", "--lr=0.002"])
+    folder.mkdir()
+    (folder / "out.txt").write_text("x")
+    grid.write_mark(step, 1.0)
+    settings = command_settings(step.command[2:])
+    assert settings["lr"] == 0.002 and settings["schedule"] == "ramp"  # the override wins, the default is read
+    (folder / grid.RUN_CONFIG).write_text(__import__("json").dumps({"settings": settings, "resumable_keys": []}))
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "done"
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nschedule: ramp  # another comment\n")
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "done"  # a comment is not a setting
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nschedule: half_life\n")
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "changed"
+    assert step.changes == {"schedule": ["ramp", "half_life"]}
+    with pytest.raises(RuntimeError, match='schedule: "ramp" -> "half_life"'):
+        grid.execute([step], _output, runner=_fake([]), log=lambda *a: None)
+    st = grid.execute([step], _output, runner=_fake([]), on_change="rerun", log=lambda *a: None)
+    assert st == {"pretrain x": "ran"}
+    assert any(p.startswith("run.replaced-") for p in os.listdir(tmp_path))  # the old run kept aside
