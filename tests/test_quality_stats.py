@@ -95,11 +95,18 @@ def test_every_switch_group_names_settings_of_the_pretraining_yaml():
     from conftest import REPO
     from mgf_sb.settings import check_override_keys
 
+    from mgf_sb.recipe import command_settings
+
+    yaml = os.path.join(REPO, "hparams", "mgf.yaml")
+    defaults = command_settings([yaml])
     for group, kvs in quality_switches.SWITCHES.items():
-        check_override_keys(os.path.join(REPO, "hparams", "mgf.yaml"), "\n".join(kv.replace("=", ": ", 1)
-                                                                                  for kv in kvs))
+        check_override_keys(yaml, "\n".join(kv.replace("=", ": ", 1) for kv in kvs))
+        changed = command_settings([yaml, *(f"--{kv}" for kv in kvs)])
+        # every switch moves its key off today's default (a group that sets a default measures noise)
+        assert all(changed[kv.split("=")[0]] != defaults[kv.split("=")[0]] for kv in kvs), group
     assert set(quality_switches.SWITCHES["all"]) == {kv for g, kvs in quality_switches.SWITCHES.items()
-                                                     if g != "all" for kv in kvs}
+                                                     if g != "all" and g not in quality_switches.PREVIOUS_DEFAULTS
+                                                     for kv in kvs}
 
 
 def test_sample_std_uses_n_minus_1():
