@@ -327,8 +327,12 @@ def compare_with_before(probes, before, variants, seeds, epochs):
         old = load_probes(before, v, seeds, epochs)
         done = sorted(set(probes.get(v, {})) & set(old[v]))
         if done:
-            out[v] = {"seeds": done, **{split: compare(probes, v, v, done, split=split, probes_b=old)
-                                         for split in ("dev", "test")}}
+            # a folder probed before per-utterance dev outcomes were kept compares on test only
+            has = {split: all(split + "_items" in p[m] for p in (*(probes[v][s] for s in done),
+                                                                 *(old[v][s] for s in done)) for m in METRICS)
+                   for split in ("dev", "test")}
+            out[v] = {"seeds": done, **{split: compare(probes, v, v, done, split=split, probes_b=old) if has[split]
+                                         else {} for split in ("dev", "test")}}
     return out
 
 
