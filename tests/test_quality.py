@@ -58,3 +58,13 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0 and "4 pretraining run(s) already done, 0 to train" in proc.stdout
     assert "generating" not in proc.stdout and not re.search(r"\]\s+probe \S+: phones", proc.stdout)
+    # --before: each variant minus the same variant of another folder (here itself: exactly 0)
+    proc = subprocess.run(cmd + ["--report_only", f"--before={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = json.load(open(out / "results.json"))["before"]["comparisons"]
+    assert set(before) == {"full MGF", "frame"}
+    for v in before.values():
+        for split in ("dev", "test"):
+            assert v[split]["phones"]["diff"] == 0 and v[split]["speakers"]["diff"] == 0
+    assert "This folder minus" in (out / "report.md").read_text()
