@@ -328,11 +328,11 @@ def compare_with_before(probes, before, variants, seeds, epochs):
         done = sorted(set(probes.get(v, {})) & set(old[v]))
         if done:
             # a folder probed before per-utterance dev outcomes were kept compares on test only
-            has = {split: all(split + "_items" in p[m] for p in (*(probes[v][s] for s in done),
-                                                                 *(old[v][s] for s in done)) for m in METRICS)
-                   for split in ("dev", "test")}
-            out[v] = {"seeds": done, **{split: compare(probes, v, v, done, split=split, probes_b=old) if has[split]
-                                         else {} for split in ("dev", "test")}}
+            both = [by_seed[s] for by_seed in (probes[v], old[v]) for s in done]
+            out[v] = {"seeds": done}
+            for split in ("dev", "test"):
+                has_items = all(split + "_items" in p[m] for p in both for m in METRICS)
+                out[v][split] = compare(probes, v, v, done, split=split, probes_b=old) if has_items else {}
     return out
 
 
@@ -735,8 +735,8 @@ def main(argv=None):
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
               "table": table, "comparisons": comparisons, "picks": picks, "curves": curves,
-              "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "before": args.before and {"folder": args.before,
-                                                                         "comparisons": before}, "machine": info, "timing": timing,
+              "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
+              "before": {"folder": args.before, "comparisons": before} if args.before else None,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
               "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain")},
               "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids", "dev_items")}

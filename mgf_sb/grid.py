@@ -111,10 +111,9 @@ def settings_drift(step):
         from mgf_sb.recipe import command_settings
 
         _SETTINGS_NOW[key] = command_settings(step.command[2:])
-    now, before = _SETTINGS_NOW[key], recorded.get("settings", {})
-    resumable = set(recorded.get("resumable_keys") or [])
-    return {k: [before.get(k, "<absent>"), now.get(k, "<absent>")] for k in sorted(set(before) | set(now))
-            if k not in resumable and before.get(k, "<absent>") != now.get(k, "<absent>")}
+    from mgf_sb.run_guard import settings_changes
+
+    return settings_changes(recorded.get("settings", {}), _SETTINGS_NOW[key], recorded.get("resumable_keys"))
 
 
 _SETTINGS_NOW = {}  # command -> its settings now (a YAML is read once per process)
@@ -142,7 +141,9 @@ def step_status(step, output):
 def _changes(step, shown=4):
     if not step.changes:
         return ""
-    items = [f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in step.changes.items()]
+    from mgf_sb.run_guard import show_value
+
+    items = [f"{k}: {show_value(a)} -> {show_value(b)}" for k, (a, b) in step.changes.items()]
     more = f", and {len(items) - shown} more" if len(items) > shown else ""
     return "; YAML defaults changed since it ran: " + ", ".join(items[:shown]) + more
 

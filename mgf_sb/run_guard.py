@@ -346,7 +346,15 @@ def run_settings(hparams):
     return settings
 
 
-def _show(v):
+def settings_changes(before, now, resumable=()):
+    """``{key: [before, now]}`` for each setting that differs (``"<absent>"`` on the side that
+    lacks it), keys in ``resumable`` left out: what a rerun changed."""
+    resumable = set(resumable or ())
+    return {k: [before.get(k, "<absent>"), now.get(k, "<absent>")] for k in sorted(set(before) | set(now))
+            if k not in resumable and before.get(k, "<absent>") != now.get(k, "<absent>")}
+
+
+def show_value(v):
     text = json.dumps(v)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -541,17 +549,11 @@ def check_run_config(hparams, on_change="stop"):
         theirs = None
     elif theirs is not None and old is None:
         old = theirs  # the output folder lost its record; the save folder kept it
-    changed = {}
-    if old is not None:
-        before = old.get("settings", old)
-        resumable = set(hparams.get("resumable_keys") or [])
-        for key in sorted(set(before) | set(settings)):
-            a, b = before.get(key, "<absent>"), settings.get(key, "<absent>")
-            if key not in resumable and a != b:
-                changed[key] = [a, b]
+    changed = {} if old is None else settings_changes(old.get("settings", old), settings,
+                                                      hparams.get("resumable_keys"))
     started = old is not None and run_started(hparams)
     if changed and on_change == "stop" and started:
-        lines = "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
+        lines = "\n".join(f"  {k}: {show_value(a)} -> {show_value(b)}" for k, (a, b) in changed.items())
         raise RunConfigChanged(
             f"{out} holds a run with other settings; changed since its first run (old -> new):\n{lines}\n"
             f"Nothing was written. Either\n"
