@@ -26,6 +26,7 @@ import speechbrain as sb
 import torch
 
 from mgf_sb.distributed import CPUFriendlyDDP, unwrap
+from mgf_sb.finished import counter_state, training_done
 from mgf_sb.live_curves import attach_tensorboard, layer_weight_scalars
 from mgf_sb.probing import class_weights, fit_logistic_regression, pooled_statistics
 
@@ -78,6 +79,47 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
             if self.checkpointer is not None:
                 self.checkpointer.add_recoverable("upstream_optimizer", self.upstream_optimizer)
 
+    def on_fit_start(self):
+        """SpeechBrain's (recovers the last kept checkpoint); then, when the run finished training
+        earlier (:mod:`mgf_sb.finished`: a rerun that evaluates again), trains no more epochs: the kept
+        checkpoint is the best dev one, whose epoch counter predates early stopping."""
+        super().on_fit_start()
+        self.dev_errors = []
+        if training_done(vars(self.hparams)):
+            counter = self.hparams.epoch_counter
+            counter.current = max(counter.current, counter.limit) if not hasattr(counter, "should_stop") \
+                else counter.current
+            if hasattr(counter, "should_stop"):
+                counter.should_stop = True
+            logger.info("training finished earlier: evaluating only")
+
+    def fit(self, epoch_counter, train_set, valid_set=None, *args, **kwargs):
+        """SpeechBrain's fit; then says when the dev set could not select an epoch
+        (:meth:`dev_selection_note`)."""
+        try:
+            self.n_dev = len(valid_set)
+        except TypeError:
+            self.n_dev = None
+        result = super().fit(epoch_counter, train_set, valid_set, *args, **kwargs)
+        self.fit_state = counter_state(epoch_counter)  # evaluate() reloads an earlier counter with the best checkpoint
+        note = self.dev_selection_note()
+        if note:
+            logger.warning(note)  # SpeechBrain's handlers: the console and log.txt
+        return result
+
+    def dev_selection_note(self):
+        """A warning when the dev metric was the same in every epoch of this process's training
+        (e.g. at chance on a tiny dev set): early stopping and the best-checkpoint choice then keep
+        whichever epoch came first or last, not the best one. None otherwise."""
+        errors = getattr(self, "dev_errors", [])
+        if len(errors) < 2 or max(errors) - min(errors) > 1e-9:
+            return None
+        n_dev = getattr(self, "n_dev", None)
+        size = f" ({n_dev} items)" if n_dev else ""
+        return (f"dev set too small to select on{size}: its error was {errors[0]:.4f} in all {len(errors)} "
+                f"epochs, so the 'best' checkpoint is arbitrary and early stopping measures nothing; "
+                f"use a larger dev set for model selection")
+
     def on_evaluate_start(self, max_key=None, min_key=None):
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
         if not unwrap(self.modules.upstream).statistics_ready():
@@ -104,6 +146,9 @@ class DownstreamBrain(CPUFriendlyDDP, sb.Brain):
             The head's lr used during the epoch that just ended (for the log).
         """
         old_lr = self.optimizer.param_groups[0]["lr"]
+        if not hasattr(self, "dev_errors"):
+            self.dev_errors = []
+        self.dev_errors.append(float(dev_error))
         epoch = self.hparams.epoch_counter.current
         _, new_lr = self.hparams.lr_annealing([self.optimizer], epoch, float(dev_error))
         sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)

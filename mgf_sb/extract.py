@@ -15,8 +15,11 @@ overlapping chunks) and written to ``<out>/<path relative to the input>.npy``: a
 A file the model cannot read (missing, empty, unreadable, NaN/Inf samples, too short) is
 skipped with the reason the inference check gives (:func:`mgf_sb.inference.read_audio_file`,
 the check ``encode_file`` uses) and listed in ``<out>/extract_skipped.tsv``; the others are
-encoded. ``<out>/extract_info.json`` records the model, layer, frame rate and the files
-written. A rerun keeps the outputs that exist (``--overwrite`` recomputes them).
+encoded. ``<out>/extract_info.json`` records the model, layer, format, chunking, frame rate and
+every file in the folder. A rerun with the same settings keeps the outputs that exist and encodes
+only the new files; a rerun that changes a setting (another ``--layer``, model, format or chunking)
+is refused before anything is written, naming each change, since the folder would then mix two
+kinds of arrays: give another output folder, or ``--overwrite`` to recompute every file.
 """
 
 import argparse
@@ -35,6 +38,38 @@ logger = logging.getLogger(__name__)
 
 EXTENSIONS = (".wav", ".flac", ".ogg")
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".scp")
+INFO_FILE = "extract_info.json"
+# What the arrays in an output folder depend on: a rerun must give the same values.
+SETTINGS = ("model", "layer", "format", "chunk_seconds", "overlap_seconds")
+
+
+class ExtractSettingsChanged(ValueError):
+    """A rerun into an output folder whose arrays were made with other settings."""
+
+
+def read_info(out):
+    """``<out>/extract_info.json`` of an earlier run, or None."""
+    try:
+        with open(os.path.join(out, INFO_FILE), encoding="utf-8") as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_settings(out, settings, overwrite=False):
+    """Refuses (:class:`ExtractSettingsChanged`) a rerun into ``out`` with other ``settings`` than
+    the arrays there were made with, unless ``overwrite`` (then every file is recomputed)."""
+    old = read_info(out)
+    if old is None or overwrite:
+        return
+    changed = {k: (old.get(k, "<absent>"), settings[k]) for k in SETTINGS
+               if k in old and old.get(k) != settings[k]}
+    if changed:
+        lines = "\n".join(f"  {k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changed.items())
+        raise ExtractSettingsChanged(
+            f"{out} holds features extracted with other settings (old -> new):\n{lines}\n"
+            f"Nothing was written. Give another output folder, or --overwrite to recompute every file there.")
 
 
 def list_inputs(source):
@@ -87,6 +122,10 @@ def extract(model, source, out, layer="default", fmt="npy", device="cpu", chunk_
         raise ValueError(f"no audio files ({', '.join(EXTENSIONS)}) found in {source!r}")
     enc = MGFEncoder.from_hparams(source=model, run_opts={"device": device})
     layer = enc._resolve_layer(layer)
+    settings = {"model": os.path.abspath(model), "layer": layer, "format": fmt, "chunk_seconds": chunk_seconds,
+                "overlap_seconds": overlap_seconds}
+    check_settings(out, settings, overwrite)
+    earlier = {f["output"]: f for f in (read_info(out) or {}).get("files", []) if isinstance(f, dict)}
     names = output_names(paths, root, "." + fmt)
     report = SkipReport("extract")
     written, kept = [], []
@@ -111,13 +150,20 @@ def extract(model, source, out, layer="default", fmt="npy", device="cpu", chunk_
         written.append((path, dest, int(feats.shape[-2])))
     os.makedirs(out, exist_ok=True)
     report.write(out)
-    info = {"model": os.path.abspath(model), "source": os.path.abspath(source), "layer": layer,
+    files = dict(earlier)  # every array in the folder: the earlier runs' and this one's
+    for p, d in kept:
+        files.setdefault(os.path.relpath(d, out), {"input": p, "output": os.path.relpath(d, out), "frames": None})
+    for p, d, n in written:
+        files[os.path.relpath(d, out)] = {"input": p, "output": os.path.relpath(d, out), "frames": n}
+    info = {**settings, "source": os.path.abspath(source),
             "num_layers": int(enc.num_layers), "frame_rate": float(enc.frame_rate),
-            "shape": "(num_layers, T, D)" if layer is None else "(T, D)", "format": fmt,
-            "files": [{"input": p, "output": os.path.relpath(d, out), "frames": n} for p, d, n in written],
-            "kept": len(kept), "skipped": len(report)}
-    with open(os.path.join(out, "extract_info.json"), "w", encoding="utf-8") as f:
+            "shape": "(num_layers, T, D)" if layer is None else "(T, D)",
+            "files": [files[k] for k in sorted(files)],
+            "written": len(written), "kept": len(kept), "skipped": len(report)}
+    tmp = os.path.join(out, INFO_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(out, INFO_FILE))
     return dict(info, written=written, kept_files=kept, skipped_files=list(report.items))
 
 
@@ -139,8 +185,13 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
     args = parser.parse_args(argv)
     layer = None if args.layer == "all" else ("default" if args.layer == "default" else int(args.layer))
-    res = extract(args.model, args.source, args.out, layer=layer, fmt=args.format, device=args.device,
-                  chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds, overwrite=args.overwrite)
+    try:
+        res = extract(args.model, args.source, args.out, layer=layer, fmt=args.format, device=args.device,
+                      chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
+                      overwrite=args.overwrite)
+    except ExtractSettingsChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{len(res['written'])} files encoded ({res['shape']} at {res['frame_rate']:g} frames/s) into {args.out}"
           + (f"; {res['kept']} already there" if res["kept"] else "")
           + (f"; {res['skipped']} skipped, listed with the reason in "

@@ -73,6 +73,25 @@ def test_extract_folder_writes_one_npy_per_file_and_a_skip_report(model, audio, 
     # a rerun keeps what is there; one layer from a list file
     again = _run(model, audio, out)
     assert again.returncode == 0 and "2 already there" in again.stdout
+    info = json.load(open(os.path.join(out, "extract_info.json")))
+    assert info["layer"] is None and len(info["files"]) == 2  # what is on disk, still described
+
+
+def test_a_rerun_with_another_layer_is_refused_or_recomputes_with_overwrite(model, audio, tmp_path):
+    """Issue 29: the rerun with another --layer kept the (L, T, D) arrays and rewrote
+    extract_info.json as ``layer: -1, (T, D), files: []``: what is on disk was misdescribed."""
+    out = str(tmp_path / "feats")
+    assert _run(model, audio, out).returncode == 0
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("two.npy", "extract_info.json")}
+    proc = _run(model, audio, out, "--layer=-1")
+    assert proc.returncode != 0
+    assert "other settings" in proc.stderr and "layer: null -> -1" in proc.stderr and "Traceback" not in proc.stderr
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in before} == before  # nothing written
+    proc = _run(model, audio, out, "--layer=-1", "--overwrite")
+    assert proc.returncode == 0 and "2 files encoded ((T, D)" in proc.stdout
+    info = json.load(open(os.path.join(out, "extract_info.json")))
+    assert info["layer"] == -1 and info["shape"] == "(T, D)" and len(info["files"]) == 2
+    assert np.load(os.path.join(out, "two.npy")).ndim == 2
 
 
 def test_extract_list_file_one_layer_pt(model, audio, tmp_path):

@@ -134,3 +134,16 @@ def test_prep_empty_folder_is_a_clear_error(tmp_path):
         prepare_pretraining(str(tmp_path / "nothing"), str(tmp_path / "o"), train_splits=[], valid_splits=[])
     with pytest.raises(FileNotFoundError, match="train-clean-100.*not found"):
         prepare_pretraining(str(tmp_path / "nothing"), str(tmp_path / "o"), train_splits=["train-clean-100"])
+
+def test_a_finished_run_rerun_says_finished_and_does_nothing(recipe, small_corpus, tmp_path, capsys):
+    """Issue 29: the same command on a finished run reloaded everything and exited silently."""
+    out = str(tmp_path / "done")
+    run(recipe, out, small_corpus, number_of_epochs=1)
+    ckpt_mtime = os.path.getmtime(os.path.join(out, "pretrained", "encoder.ckpt"))
+    capsys.readouterr()
+    log = run(recipe, out, small_corpus, number_of_epochs=1)
+    said = capsys.readouterr().out
+    assert "finished: 1 epoch (the epoch limit); results in " in said
+    assert "pretrained" in said.split("finished: ")[1]
+    assert len(log) == 1  # no epoch line added
+    assert os.path.getmtime(os.path.join(out, "pretrained", "encoder.ckpt")) == ckpt_mtime

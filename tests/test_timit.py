@@ -223,3 +223,30 @@ def test_training_beats_chance(upstream, tmp_path, request):
         run_recipe(SCRIPT, HPARAMS, overrides)
         with open(os.path.join(out, "train_log.txt")) as f:
             assert sum("epoch: " in line for line in f.read().splitlines()[n_lines:]) == 0
+
+
+def test_a_finished_early_stopped_probe_rerun_trains_nothing(tmp_path):
+    """Issue 29: the checkpointer keeps only the best dev checkpoint, whose epoch counter predates
+    early stopping, so the same command rerun trained the epochs after it again. With
+    early_stop_patience=1 the run stops one epoch after its best: the kept checkpoint is never the
+    last epoch's."""
+    out = str(tmp_path / "run")
+    overrides = dict(output_folder=out, number_of_epochs=30, early_stop_patience=1, num_threads=1)
+    run_recipe(SCRIPT, HPARAMS, overrides)
+    with open(os.path.join(out, "train_log.txt")) as f:
+        log = f.read()
+    n_epochs = sum("epoch: " in line for line in log.splitlines())
+    assert n_epochs < 30  # early-stopped
+    results_mtime = os.path.getmtime(os.path.join(out, "results.json"))
+    proc = run_recipe(SCRIPT, HPARAMS, overrides)
+    assert f"finished: {n_epochs} epoch" in proc.stdout and "early-stopped" in proc.stdout, proc.stdout[-2000:]
+    assert os.path.join(out, "results.md") in proc.stdout or "results.md" in proc.stdout
+    with open(os.path.join(out, "train_log.txt")) as f:
+        assert f.read() == log  # no epoch trained, nothing evaluated
+    assert os.path.getmtime(os.path.join(out, "results.json")) == results_mtime
+    # an evaluation-only change of a resumable key is not needed here; more epochs after early
+    # stopping train nothing either
+    proc = run_recipe(SCRIPT, HPARAMS, dict(overrides, number_of_epochs=40))
+    assert "finished:" in proc.stdout
+    with open(os.path.join(out, "train_log.txt")) as f:
+        assert f.read() == log

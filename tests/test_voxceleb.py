@@ -305,3 +305,23 @@ def test_run_pretrained_upstream_xvector_head(tmp_path, tiny_pretrained):
     state = torch.load(os.path.join(out, "save", ckpt, "upstream.ckpt"), weights_only=True)
     assert not any(k.startswith("encoder") for k in state)
 
+
+
+def test_a_dev_set_too_small_to_select_on_is_reported(tmp_path):
+    """Issue 29: on the sample the dev accuracy is 1 of 6 (chance) in every epoch, so the 'best'
+    checkpoint and early stopping select nothing; the run says so."""
+    out = str(tmp_path / "small_dev")
+    proc = run_recipe(SCRIPT, HPARAMS, dict(COMMON, number_of_epochs=3, verification=False, convex_reference=False,
+                                            output_folder=out))
+    said = proc.stdout + proc.stderr
+    assert "dev set too small to select on (6 items): its error was 0.8333 in all 3 epochs" in said
+
+
+def test_dev_selection_note_only_for_a_constant_dev_metric():
+    from mgf_sb.downstream import DownstreamBrain
+
+    brain = DownstreamBrain.__new__(DownstreamBrain)  # the note needs only the dev history
+    brain.n_dev = 40
+    for errors, note in (([], False), ([0.5], False), ([0.5, 0.4, 0.4], False), ([0.5, 0.5, 0.5], True)):
+        brain.dev_errors = errors
+        assert (brain.dev_selection_note() is not None) == note, errors

@@ -58,6 +58,7 @@ from mgf_sb.downstream import (  # noqa: E402
     balanced_class_weights,
     write_results,
 )
+from mgf_sb.finished import finished_rerun, mark_finished  # noqa: E402
 from mgf_sb.upstream import describe_source, is_hf_source  # noqa: E402
 from mgf_sb.recipe import start_experiment
 
@@ -307,6 +308,8 @@ def class_weights(train_csv, balanced):
 
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
+    if finished_rerun(hparams):  # the same command again: nothing to do, and it says so
+        return None
     announce_data(hparams["data_folder"])
     if not hparams["skip_prep"]:
         run_on_main(
@@ -360,6 +363,8 @@ def main(argv):
         if is_hf_source(hparams["upstream"]):  # results are written; only the inference export is MGF/fbank-only
             logger.warning(f"no classifier export for an hf: upstream ({hparams['upstream']}): the inference "
                            f"folder format (mgf_sb.inference.MGFEmotionClassifier) holds MGF and fbank upstreams")
+            mark_finished(hparams, brain.fit_state,
+                          [os.path.join(hparams["output_folder"], "test_results.md")])
             return
         export_classifier_folder(
             hparams["model_folder"],
@@ -373,6 +378,7 @@ def main(argv):
             meta={"test_session": int(hparams["test_session"]), "UA": brain.test_metrics["UA"],
                   "WA": brain.test_metrics["WA"]},
         )
+        mark_finished(hparams, brain.fit_state, [os.path.join(hparams["output_folder"], "test_results.md")])
 
 
 if __name__ == "__main__":

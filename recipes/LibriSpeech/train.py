@@ -39,6 +39,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from mgf_sb.data.manifest import read_manifest
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
+from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.upstream import describe_source
 from mgf_sb.recipe import start_experiment
 
@@ -208,6 +209,8 @@ def dataio_prepare(hparams, tokenizer, test_names):
 
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
+    if finished_rerun(hparams):  # the same command again: nothing to do, and it says so
+        return None
     announce_data(hparams["data_folder"])
 
     prep = dict(
@@ -276,6 +279,7 @@ def main(argv):
           f"|---|---|---|---|---|---|\n{rows}\n")
     if if_main_process():
         write_results(hparams["output_folder"], "results", results, md)
+        mark_finished(hparams, brain.fit_state, [os.path.join(hparams["output_folder"], "results.md")])
         print(md, flush=True)
 
 

@@ -44,6 +44,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
+from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.heads import valid_mask
 from mgf_sb.upstream import describe_source
 from mgf_sb.recipe import start_experiment
@@ -193,6 +194,8 @@ def dataio_prepare(hparams):
 
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
+    if finished_rerun(hparams):  # the same command again: nothing to do, and it says so
+        return None
     announce_data(hparams["data_folder"])
     if not hparams["skip_prep"]:
         run_on_main(
@@ -258,6 +261,7 @@ def main(argv):
         )
     if if_main_process():
         write_results(hparams["output_folder"], "results", results, "\n".join(lines) + "\n")
+        mark_finished(hparams, brain.fit_state, [os.path.join(hparams["output_folder"], "results.md")])
         print("\n".join(lines), flush=True)
 
 

@@ -45,6 +45,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from mgf_sb.data.audio import read_crop
 from mgf_sb.distributed import ddp_sum, unwrap
 from mgf_sb.downstream import DownstreamBrain, announce_data, balanced_class_weights, write_results
+from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.heads import count_parameters, select_head
 from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
 from mgf_sb.upstream import BASELINES, describe_source
@@ -235,6 +236,10 @@ def build_brain(hparams, run_opts, n_speakers, train_labels=()):
 def main(argv, mode="train"):
     """``mode``: ``train`` (fit, test, verification) or ``verify`` (verification only)."""
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
+    if mode == "train":
+        done = finished_rerun(hparams)  # the same command again: nothing to do, and it says so
+        if done is not None:
+            return done
     announce_data(hparams["data_folder"])
     run_on_main(
         prepare_voxceleb,
@@ -296,6 +301,8 @@ def main(argv, mode="train"):
     if if_main_process():
         write_results(hparams["output_folder"], "results" if mode == "train" else "verification", results,
                       "\n".join(lines) + "\n")
+        if mode == "train":
+            mark_finished(hparams, brain.fit_state, [os.path.join(hparams["output_folder"], "results.md")])
         print("\n".join(lines), flush=True)  # the table, printed at the end (README), as TIMIT and LibriSpeech do
     return results
 

@@ -19,6 +19,7 @@ import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
+from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.pretrained_folder import save_pretrained
 from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
@@ -49,7 +50,7 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         context = stage != sb.Stage.TRAIN or self.diagnostics_due()
         return mgf_forward(self.modules.features, self.modules.encoder, self.hparams.target, batch,
                            needs_teacher=self.hparams.objectives.needs_teacher, epoch=epoch,
-                           context_baseline=context)
+                           context_baseline=context, alteration=self.hparams.objectives.input_alteration)
 
     def diagnostics_due(self):
         """Training batches that also measure the diagnostics: every ``diagnostics_every``
@@ -310,6 +311,8 @@ def describe_schedule(s, epochs, world_size):
 
 def main(argv):
     hparams, run_opts = start_experiment(argv)  # args, DDP group, YAML, threads, output folder
+    if finished_rerun(hparams):  # the same command again: nothing to do, and it says so
+        return
     shards = uses_shards(hparams)
     if not hparams["skip_prep"] and not shards:
         run_on_main(
@@ -366,6 +369,9 @@ def main(argv):
         valid_loader_kwargs=valid_opts,
     )
     logger.info(f"pretrained encoder: {hparams['pretrained_folder']}")
+    counter = hparams["epoch_counter"]
+    if if_main_process() and counter.current >= counter.limit:
+        mark_finished(hparams, counter, [hparams["pretrained_folder"]])
 
 
 if __name__ == "__main__":
