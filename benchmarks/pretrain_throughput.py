@@ -26,8 +26,12 @@ def build(hparams_file, overrides):
     with open(hparams_file) as f:
         hp = load_hyperpyyaml(f, overrides)
     hp["target"].attach(hp["encoder"])
-    if hp["target"].ema_steps is None:  # resolved from the data by the recipe; any count does for timing
+    # Resolved from the data by the recipe (mgf_sb.lr_schedule.resolve_schedule); any count does for
+    # timing: ema_steps for ema_schedule=ramp, total_steps for ema_schedule=half_life (the default).
+    if hp["target"].ema_steps is None:
         hp["target"].ema_steps = 1000
+    if hp["target"].total_steps is None:
+        hp["target"].total_steps = 1000
     return hp
 
 
