@@ -24,6 +24,9 @@ class _NoWeightsMHA(MultiheadAttention):
         return out, None
 
 
+POS_NORMS = ("none", "weight")
+
+
 class ConvPositionalEncoding(torch.nn.Module):
     """wav2vec 2.0-style relative position: a grouped convolution over time.
 
@@ -35,18 +38,34 @@ class ConvPositionalEncoding(torch.nn.Module):
     d_model : int
     kernel_size : int (odd)
     groups : int
+    norm : str
+        ``none`` (a plain convolution) or ``weight``: wav2vec 2.0's weight norm
+        over the kernel dimension (``weight_norm(conv, dim=2)``: one learned
+        magnitude per kernel position, each position's filter bank of unit
+        direction). Same initial output; the magnitude is then a parameter of
+        its own (``pos.conv.parametrizations.weight.original0``).
+    scale_init : float, optional
+        A learnable scalar gate ``s`` on the output (``s * GELU(conv(x))``),
+        started at this value (e.g. 0.1: the positional term starts small
+        beside the frame's own embedding). None: no gate (no parameter).
     """
 
-    def __init__(self, d_model, kernel_size=65, groups=16):
+    def __init__(self, d_model, kernel_size=65, groups=16, norm="none", scale_init=None):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"conv_pos_kernel must be odd, got {kernel_size}")
+        if norm not in POS_NORMS:
+            raise ValueError(f"conv_pos_norm must be one of {POS_NORMS}, got {norm!r} (hparams/mgf.yaml)")
         self.conv = torch.nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=groups)
+        if norm == "weight":
+            self.conv = torch.nn.utils.parametrizations.weight_norm(self.conv, name="weight", dim=2)
         self.act = torch.nn.GELU()
+        self.scale = None if scale_init is None else torch.nn.Parameter(torch.tensor(float(scale_init)))
 
     def forward(self, x):
         """(B, T, D) -> (B, T, D) positional signal to add to ``x``."""
-        return self.act(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        out = self.act(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return out if self.scale is None else out * self.scale.to(out.dtype)
 
 
 class MGFEncoder(torch.nn.Module):
@@ -62,6 +81,12 @@ class MGFEncoder(torch.nn.Module):
     layerdrop_prob : float
     conv_pos_kernel, conv_pos_groups : int
         Convolutional positional encoding.
+    conv_pos_norm : str
+        ``none`` (default) or ``weight`` (wav2vec 2.0's weight norm over the
+        kernel dimension), see :class:`ConvPositionalEncoding`.
+    conv_pos_scale_init : float, optional
+        Initial value of a learnable scalar gate on the positional term
+        (None, default: no gate).
 
     Example
     -------
@@ -82,6 +107,8 @@ class MGFEncoder(torch.nn.Module):
         layerdrop_prob=0.0,
         conv_pos_kernel=65,
         conv_pos_groups=16,
+        conv_pos_norm="none",
+        conv_pos_scale_init=None,
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -96,9 +123,15 @@ class MGFEncoder(torch.nn.Module):
             conv_pos_kernel=conv_pos_kernel,
             conv_pos_groups=conv_pos_groups,
         )
+        # Only when switched on, so the config of a default encoder (and its folder) is as before.
+        if conv_pos_norm != "none":
+            self.config["conv_pos_norm"] = conv_pos_norm
+        if conv_pos_scale_init is not None:
+            self.config["conv_pos_scale_init"] = float(conv_pos_scale_init)
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
-        self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups)
+        self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
+                                          scale_init=conv_pos_scale_init)
         self.input_norm = torch.nn.LayerNorm(d_model)
         self.dropout = torch.nn.Dropout(dropout)
         self.transformer = TransformerEncoder(
@@ -124,6 +157,47 @@ class MGFEncoder(torch.nn.Module):
     def output_size(self):
         return self.config["d_model"]
 
+    def _embed(self, feats, n_frames, mask=None):
+        """The input block before the positional term: (embedding x, padding mask), both (B, T, ...)."""
+        T = feats.shape[1]
+        pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
+        x = self.input_proj(feats)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        return x.masked_fill(pad[..., None], 0.0), pad
+
+    @torch.no_grad()
+    def pos_ratio(self, feats, n_frames, mask=None):
+        """Mean per-frame ``||pos(x)|| / ||x||`` of the input block (the ``encoder_pos_ratio`` diagnostic).
+
+        ``x`` is the frame's own embedding (the input projection, the mask embedding
+        on masked frames) and ``pos(x)`` the positional term added to it
+        (:class:`ConvPositionalEncoding`, with its gate). Averaged over the valid
+        frames of the batch; a large ratio means the positional convolution
+        (a temporal smoother) drowns each frame.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            (B, T, input_size) features.
+        n_frames : torch.LongTensor
+            (B,) valid frames.
+        mask : torch.BoolTensor, optional
+            (B, T) frames replaced by the mask embedding (as in :meth:`forward`).
+
+        Returns
+        -------
+        float
+            0 when no frame is valid.
+        """
+        x, pad = self._embed(feats, n_frames, mask)
+        p = self.pos(x)
+        ratio = p.float().norm(dim=-1) / x.float().norm(dim=-1).clamp(min=1e-8)
+        valid = ~pad
+        if not bool(valid.any()):
+            return 0.0
+        return float(ratio[valid].mean())
+
     def forward(self, feats, n_frames, mask=None):
         """Encodes features.
 
@@ -142,12 +216,7 @@ class MGFEncoder(torch.nn.Module):
             ``num_layers + 1`` tensors (B, T, d_model): the input embedding, then
             each layer; the last one after the final LayerNorm.
         """
-        T = feats.shape[1]
-        pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
-        x = self.input_proj(feats)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
-        x = x.masked_fill(pad[..., None], 0.0)
+        x, pad = self._embed(feats, n_frames, mask)
         x = x + self.pos(x)
         x = self.dropout(self.input_norm(x))
         out, _, hidden = self.transformer(x, src_key_padding_mask=pad)

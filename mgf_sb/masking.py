@@ -426,3 +426,157 @@ class MaskSampler:
         """(B,) valid frames, padded length T -> the masks (see :func:`sample_masks`)."""
         return sample_masks(n_frames, T, self.frame, self.phoneme, self.word, max_spans=self.max_spans,
                             whole_frame_spans=self.whole_frame_spans, generator=generator)
+
+
+# ---- Frame scale: frequency-band masking and magnitude alteration (TERA) ---------------------------
+
+
+def sample_band_mask(n_seq, n_bins, max_width, count=1, generator=None, device=None):
+    """Contiguous bands of Mel bins to hide, drawn independently for each sequence.
+
+    Each of the ``count`` bands of a sequence has a width ``w`` uniform in
+    ``[1, max_width]`` and a first bin uniform in ``[-(w - 1), n_bins - 1]``;
+    the part that falls outside ``[0, n_bins)`` is dropped (as a span cut by
+    the crop window). Unlike a start uniform in ``[0, n_bins - w]`` (TERA,
+    SpecAugment), which hides the middle bins more often than the edges,
+    every bin is then hidden by one band with the same probability,
+    ``p = E[w / (n_bins + w - 1)]``, and by ``count`` independent bands (which may
+    overlap) with probability ``1 - (1 - p) ** count``.
+
+    Arguments
+    ---------
+    n_seq : int
+        Sequences (M).
+    n_bins : int
+        Mel bins (F_mel).
+    max_width : int
+        Widest band, in [1, n_bins].
+    count : int
+        Bands per sequence (>= 1).
+    generator : torch.Generator, optional
+        CPU generator (the mask is then moved to ``device``).
+    device : torch.device, optional
+
+    Returns
+    -------
+    torch.BoolTensor
+        (M, F_mel), True on hidden bins.
+
+    Example
+    -------
+    >>> m = sample_band_mask(4, 80, 10, count=2)
+    >>> m.shape, bool((m.sum(1) <= 20).all()), bool((m.sum(1) >= 1).all())
+    (torch.Size([4, 80]), True, True)
+    """
+    if not 1 <= int(max_width) <= int(n_bins):
+        raise ValueError(f"frame_freq_mask_bins must be in [1, n_mels = {n_bins}] (0: off), got {max_width}")
+    if int(count) < 1:
+        raise ValueError(f"frame_freq_mask_count must be >= 1, got {count}")
+    on_cpu = generator is not None or device is None
+    dev = torch.device("cpu") if on_cpu else device
+    width = torch.randint(1, int(max_width) + 1, (n_seq, int(count)), generator=generator, device=dev)
+    u = torch.rand(n_seq, int(count), generator=generator, device=dev)
+    start = torch.floor(u * (n_bins + width - 1)).long() - (width - 1)  # uniform in [-(w - 1), n_bins - 1]
+    b = torch.arange(n_bins, device=dev)[None, None, :]
+    mask = ((b >= start[..., None]) & (b < (start + width)[..., None])).any(1)
+    return mask if device is None else mask.to(device)
+
+
+def stack_band_mask(band, frame_stack):
+    """(M, F_mel) Mel-bin mask -> (M, F_mel * frame_stack) mask over stacked features.
+
+    An encoder frame stacks ``frame_stack`` fbank frames side by side
+    (:class:`mgf_sb.features.FeatureExtractor`: channel ``s * n_mels + b`` is bin
+    ``b`` of sub-frame ``s``), so a hidden bin is hidden in every sub-frame.
+
+    >>> stack_band_mask(torch.tensor([[True, False, False]]), 2).int().tolist()
+    [[1, 0, 0, 1, 0, 0]]
+    """
+    return band.repeat(1, int(frame_stack))
+
+
+def alter_features(feats, n_frames, band=None, noise_std=0.0):
+    """The student's input under the frame scale's alterations (the targets stay ``feats``).
+
+    Arguments
+    ---------
+    feats : torch.Tensor
+        (M, T, F) normalised features.
+    n_frames : torch.LongTensor
+        (M,) valid frames.
+    band : torch.BoolTensor, optional
+        (M, F) channels hidden over the whole sequence: set to 0 (the mean of
+        normalised features).
+    noise_std : float
+        Gaussian noise of this standard deviation (in normalised-feature units)
+        added to every valid frame (TERA's magnitude alteration); 0: none.
+
+    Returns
+    -------
+    torch.Tensor
+        (M, T, F); padding stays 0, hidden channels are 0 (no noise on them).
+    """
+    out = feats
+    if noise_std > 0:
+        valid = (torch.arange(feats.shape[1], device=feats.device)[None, :] < n_frames.to(feats.device)[:, None])
+        out = out + torch.randn_like(feats) * float(noise_std) * valid[..., None].to(feats.dtype)
+    if band is not None:
+        out = out.masked_fill(band.to(feats.device)[:, None, :], 0.0)
+    return out
+
+
+class FrameAlteration:
+    """The frame scale's input alterations besides time spans (TERA): frequency bands and noise.
+
+    Applied to the student's features in the training step
+    (:func:`mgf_sb.pretraining.mgf_forward`, only while the frame scale is
+    enabled and a switch is on); the frame loss then also reconstructs the
+    hidden bands (:class:`mgf_sb.objectives.FrameObjective`). Off (the default)
+    it draws no random number.
+
+    Arguments
+    ---------
+    n_mels : int
+    frame_stack : int
+        Fbank frames per encoder frame (the feature vector is ``frame_stack`` Mel frames).
+    band_bins : int
+        Widest hidden band in Mel bins (``frame_freq_mask_bins``; 0: no band masking).
+    band_count : int
+        Bands per sequence (``frame_freq_mask_count``).
+    noise_std : float
+        ``frame_noise_std`` (0: no noise).
+
+    Example
+    -------
+    >>> alt = FrameAlteration(n_mels=8, frame_stack=2, band_bins=3)
+    >>> x, band = alt(torch.ones(2, 5, 16), torch.tensor([5, 3]))
+    >>> band.shape, bool((x[band[:, None, :].expand_as(x)] == 0).all())
+    (torch.Size([2, 16]), True)
+    """
+
+    def __init__(self, n_mels, frame_stack=1, band_bins=0, band_count=1, noise_std=0.0):
+        self.n_mels, self.frame_stack = int(n_mels), int(frame_stack)
+        self.band_bins, self.band_count = int(band_bins or 0), int(band_count)
+        self.noise_std = float(noise_std or 0.0)
+        if self.band_bins < 0 or self.band_bins > self.n_mels:
+            raise ValueError(f"frame_freq_mask_bins must be in [0, n_mels = {self.n_mels}], got {band_bins}")
+        if self.band_count < 1:
+            raise ValueError(f"frame_freq_mask_count must be >= 1, got {band_count}")
+        if self.noise_std < 0:
+            raise ValueError(f"frame_noise_std must be >= 0, got {noise_std}")
+
+    @property
+    def active(self):
+        return self.band_bins > 0 or self.noise_std > 0
+
+    def __call__(self, feats, n_frames):
+        """(M, T, F) features, (M,) valid frames -> (altered features, (M, F) band mask or None)."""
+        band = None
+        if self.band_bins > 0:
+            if feats.shape[-1] != self.n_mels * self.frame_stack:
+                raise ValueError(f"frame band masking: features of {feats.shape[-1]} channels, expected n_mels x "
+                                 f"frame_stack = {self.n_mels * self.frame_stack}")
+            bins = sample_band_mask(feats.shape[0], self.n_mels, self.band_bins, self.band_count,
+                                    device=feats.device)
+            band = stack_band_mask(bins, self.frame_stack)
+        return alter_features(feats, n_frames, band, self.noise_std), band

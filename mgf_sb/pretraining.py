@@ -11,7 +11,8 @@ from mgf_sb.distributed import unwrap
 from mgf_sb.objectives.base import ObjectiveInputs
 
 
-def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, context_baseline=False):
+def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, context_baseline=False,
+                alteration=None):
     """Features -> masked student encoding (+ teacher encoding of the unmasked views).
 
     Features and the teacher run once per distinct view (U); the student runs on
@@ -34,6 +35,9 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
         for the ``<scale>_context_acc`` diagnostic); costs one more no-grad
         teacher pass over every masked copy, so the recipe asks for it on its
         diagnostic batches only.
+    alteration : mgf_sb.masking.FrameAlteration, optional
+        The frame scale's band masking / noise on the student's input
+        (``ScaleSet.input_alteration``; None: the features as they are).
 
     Returns
     -------
@@ -41,7 +45,8 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     """
     feats_u, n_u = features(batch.wavs, batch.wav_lens, epoch=epoch)
     feats, n_frames = feats_u[batch.source], n_u[batch.source]
-    hidden = encoder(feats, n_frames, mask=batch.input_mask)
+    student, band = (feats, None) if alteration is None else alteration(feats, n_frames)
+    hidden = encoder(student, n_frames, mask=batch.input_mask)
     teacher = None
     if needs_teacher:
         if getattr(target, "input", "unmasked") == "complement":
@@ -53,9 +58,10 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
             teacher = target(unwrap(encoder), feats_u, n_u)[batch.source]
     teacher_masked = None
     if needs_teacher and context_baseline:
-        teacher_masked = target(unwrap(encoder), feats, n_frames, mask=batch.input_mask)
+        teacher_masked = target(unwrap(encoder), student, n_frames, mask=batch.input_mask)
     return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch, encoder=unwrap(encoder),
-                          teacher_masked=teacher_masked)
+                          teacher_masked=teacher_masked, input_feats=None if alteration is None else student,
+                          band_mask=band, diagnostics=context_baseline)
 
 
 def scale_grad_norms(losses, params):
@@ -158,7 +164,8 @@ def mixed_valid_order(n_items, seed):
 
 
 # Per-batch statistics the recipe logs per epoch (beside each scale's loss), by name ending.
-LOGGED_STATS = ("_acc", "_interp_l1", "_ppl", "_short_runs", "_run_frames", "_negatives", "_grad_norm")
+LOGGED_STATS = ("_acc", "_interp_l1", "_ppl", "_short_runs", "_run_frames", "_negatives", "_grad_norm", "_band_l1",
+                "_pos_ratio")
 
 
 class EpochStats:

@@ -84,11 +84,21 @@ class TargetNetwork(torch.nn.Module):
         nothing the student sees, so context alone cannot pick them; the teacher
         then runs on every masked copy, not once per view). See
         :func:`mgf_sb.pretraining.mgf_forward`.
+    scale_layers : dict, optional
+        ``{scale: layers}``: a scale's own target layers instead of the shared
+        target (the mean of the top ``top_k_layers``). ``layers`` is a list of
+        indices into the teacher's outputs (0: the input embedding, 1..L: the
+        layers, -1: the last), averaged with the same per-layer and final
+        normalisation; None: the shared target. When any scale has its own
+        layers, :meth:`forward` returns the shared target and each distinct
+        layer set side by side on the last axis (``slots`` of ``D`` channels,
+        the shared one first); each objective reads its slot (:meth:`slot`,
+        :func:`teacher_slot`). None or all None (default): one target, as before.
     """
 
     def __init__(self, mode="ema", top_k_layers=1, ema_start=0.999, ema_end=0.9999, ema_steps=10000,
                  schedule="ramp", half_life_fraction=0.05, total_steps=None, scope="encoder", layer_norm="auto",
-                 final_norm="none", input="unmasked"):
+                 final_norm="none", input="unmasked", scale_layers=None):
         super().__init__()
         if mode not in ("ema", "online"):
             raise ValueError(f"target mode must be 'ema' or 'online', got {mode!r}")
@@ -104,6 +114,20 @@ class TargetNetwork(torch.nn.Module):
         self.ema_start, self.ema_end, self.ema_steps = ema_start, ema_end, ema_steps
         self.schedule, self.half_life_fraction, self.total_steps = schedule, float(half_life_fraction), total_steps
         self.scope, self.layer_norm, self.final_norm, self.input = scope, layer_norm, final_norm, input
+        # Per-scale target layers: the distinct layer sets, in order of first use (sorted scale names).
+        self.scale_layers = {}
+        self.layer_sets = []
+        for name, layers in sorted((scale_layers or {}).items()):
+            if layers is None:
+                continue
+            if isinstance(layers, int):
+                layers = [layers]
+            layers = tuple(int(i) for i in layers)
+            if not layers:
+                raise ValueError(f"{name}_target_layers: give at least one layer index, or null (the shared target)")
+            if layers not in self.layer_sets:
+                self.layer_sets.append(layers)
+            self.scale_layers[str(name)] = layers
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # log of the product of the decays applied so far (the initial weights' share of the teacher)
         self.register_buffer("log_init_share", torch.zeros((), dtype=torch.float64))
@@ -207,6 +231,54 @@ class TargetNetwork(torch.nn.Module):
                 pass
         return out
 
+    @property
+    def n_slots(self):
+        """Targets side by side in :meth:`forward`'s output: the shared one + each distinct per-scale layer set."""
+        return 1 + len(self.layer_sets)
+
+    def slot(self, scale):
+        """Which slot of :meth:`forward`'s output is ``scale``'s target (0: the shared target)."""
+        layers = self.scale_layers.get(str(scale))
+        return 0 if layers is None else 1 + self.layer_sets.index(layers)
+
+    def combine(self, hidden, n_frames, layers=None):
+        """Teacher outputs -> one target: the chosen layers normalised and averaged.
+
+        Arguments
+        ---------
+        hidden : list of torch.Tensor
+            The encoder's outputs, each (B, T, D).
+        n_frames : torch.LongTensor
+            (B,) valid frames.
+        layers : tuple of int, optional
+            Indices into ``hidden``; None: the top ``top_k_layers``.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, T, D) target, zero on padding.
+        """
+        if layers is None:
+            chosen = hidden[-self.top_k_layers :]
+        else:
+            bad = [i for i in layers if not -len(hidden) <= i < len(hidden)]
+            if bad:
+                raise ValueError(f"target layers {list(layers)}: {bad} out of range for an encoder with "
+                                 f"{len(hidden)} outputs (0: input embedding .. {len(hidden) - 1}: last layer, "
+                                 f"or negative from the end; <scale>_target_layers in hparams/mgf.yaml)")
+            chosen = [hidden[i] for i in layers]
+        k = len(chosen)
+        per_layer = self.layer_norm if self.layer_norm != "auto" else ("instance" if k > 1 else "none")
+        if per_layer == "instance":
+            chosen = [instance_norm(h, n_frames) for h in chosen]
+        target = torch.stack(chosen).mean(0)
+        if self.final_norm == "instance":
+            target = instance_norm(target, n_frames)
+        elif self.final_norm == "layer":
+            target = layer_norm_target(target)
+        valid = torch.arange(target.shape[1], device=target.device)[None, :] < n_frames[:, None]
+        return target * valid[..., None]
+
     @torch.no_grad()
     def forward(self, encoder, feats, n_frames, mask=None):
         """Teacher targets for every frame.
@@ -226,7 +298,9 @@ class TargetNetwork(torch.nn.Module):
         Returns
         -------
         torch.Tensor
-            (B, T, D) detached targets, zero on padding.
+            (B, T, D) detached targets, zero on padding; (B, T, D * n_slots)
+            with per-scale target layers (``scale_layers``): the shared target,
+            then each distinct layer set (see :func:`teacher_slot`).
         """
         net = self.teacher if self.mode == "ema" else encoder
         was_training = net.training
@@ -235,17 +309,34 @@ class TargetNetwork(torch.nn.Module):
             hidden = net(feats, n_frames, mask=mask)
         finally:
             net.train(was_training)
-        layers = hidden[-self.top_k_layers :]
-        per_layer = self.layer_norm if self.layer_norm != "auto" else ("instance" if self.top_k_layers > 1 else "none")
-        if per_layer == "instance":
-            layers = [instance_norm(h, n_frames) for h in layers]
-        target = torch.stack(layers).mean(0)
-        if self.final_norm == "instance":
-            target = instance_norm(target, n_frames)
-        elif self.final_norm == "layer":
-            target = layer_norm_target(target)
-        valid = torch.arange(target.shape[1], device=target.device)[None, :] < n_frames[:, None]
-        return (target * valid[..., None]).detach()
+        target = self.combine(hidden, n_frames)
+        if self.layer_sets:
+            target = torch.cat([target] + [self.combine(hidden, n_frames, layers) for layers in self.layer_sets], -1)
+        return target.detach()
+
+
+def teacher_slot(teacher, slot=0, n_slots=1):
+    """One scale's target out of :meth:`TargetNetwork.forward`'s output.
+
+    Arguments
+    ---------
+    teacher : torch.Tensor
+        (..., D * n_slots) the targets side by side (or None).
+    slot, n_slots : int
+        Which one, of how many (one: ``teacher`` itself).
+
+    Returns
+    -------
+    torch.Tensor
+        (..., D).
+
+    >>> teacher_slot(torch.arange(6.0).reshape(1, 6), 1, 3).tolist()
+    [[2.0, 3.0]]
+    """
+    if teacher is None or n_slots == 1:
+        return teacher
+    d = teacher.shape[-1] // n_slots
+    return teacher[..., slot * d : (slot + 1) * d]
 
 
 def instance_norm(h, n_frames, eps=1e-5):

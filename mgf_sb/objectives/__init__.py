@@ -47,9 +47,18 @@ class ScaleSet(torch.nn.ModuleDict):
         name -> bool.
     weights : dict
         name -> float loss weight (a weight of 0 also disables the scale).
+    target : TargetNetwork, optional
+        The teacher, when scales have their own target layers
+        (``<scale>_target_layers``): each objective is told which slot of the
+        teacher's output is its target (not registered as a submodule).
+
+    Besides the scales' own statistics, :meth:`forward` reports
+    ``encoder_pos_ratio`` on diagnostic batches: the mean per-frame
+    ``||pos(x)|| / ||x||`` of the encoder's input block
+    (:meth:`mgf_sb.encoder.MGFEncoder.pos_ratio`, on what the student sees).
     """
 
-    def __init__(self, objectives, enabled, weights):
+    def __init__(self, objectives, enabled, weights, target=None):
         unknown = set(enabled) - set(objectives)
         if unknown:
             raise ValueError(f"enabled names unknown scales {sorted(unknown)}; known: {sorted(objectives)}")
@@ -59,6 +68,18 @@ class ScaleSet(torch.nn.ModuleDict):
                              "use_utterance, or a peer: use_bestrq / use_wav2vec2)")
         super().__init__(active)
         self.weights = {k: float(weights[k]) for k in active}
+        if target is not None and getattr(target, "n_slots", 1) > 1:
+            for name, objective in active.items():
+                if hasattr(objective, "teacher_slots"):
+                    objective.teacher_slots = (target.slot(name), target.n_slots)
+
+    @property
+    def input_alteration(self):
+        """The enabled frame scale's input alteration (band masking, noise), or None when off
+        (then the student is fed the features as they are; :func:`mgf_sb.pretraining.mgf_forward`)."""
+        frame = self["frame"] if "frame" in self else None
+        alteration = getattr(frame, "alteration", None)
+        return alteration if alteration is not None and alteration.active else None
 
     @property
     def needs_teacher(self):
@@ -76,4 +97,8 @@ class ScaleSet(torch.nn.ModuleDict):
             losses[name] = loss
             total = total + self.weights[name] * (factors or {}).get(name, 1.0) * loss
             stats.update({f"{name}_{k}": v for k, v in st.items()})
+        if getattr(inputs, "diagnostics", False) and hasattr(inputs.encoder, "pos_ratio"):
+            seen = inputs.feats if inputs.input_feats is None else inputs.input_feats
+            stats["encoder_pos_ratio"] = inputs.encoder.pos_ratio(seen, inputs.batch.n_frames.to(seen.device),
+                                                                  mask=inputs.batch.input_mask[:, : seen.shape[1]])
         return total, losses, stats

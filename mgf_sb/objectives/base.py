@@ -12,7 +12,7 @@ import torch
 
 from mgf_sb.batch import MGFBatch
 from mgf_sb.objectives.losses import contrast_accuracy, info_nce, regression_loss, sample_negatives
-from mgf_sb.target import layer_norm_target
+from mgf_sb.target import layer_norm_target, teacher_slot
 
 LOSSES = ("l1", "l2", "infonce")
 TARGET_PROJECTIONS = ("learned", "fixed", "none")
@@ -31,6 +31,9 @@ class ObjectiveInputs:
     teacher : torch.Tensor or None
         (M, T, D) stop-gradient target-network output on the unmasked input;
         only computed when an enabled objective has ``target: teacher``.
+        (M, T, D * n) when scales have their own target layers
+        (``<scale>_target_layers``): each objective reads its slot
+        (:func:`mgf_sb.target.teacher_slot`, set up by the ``ScaleSet``).
     batch : MGFBatch
     encoder : torch.nn.Module or None
         The online encoder (unwrapped from DDP), for objectives that embed the
@@ -40,6 +43,17 @@ class ObjectiveInputs:
         (M, T, D) the same target network fed the student's *masked* input:
         the context-only baseline (``<scale>_context_acc``); computed on the
         diagnostic batches only (see :func:`mgf_sb.pretraining.mgf_forward`).
+    input_feats : torch.Tensor or None
+        (M, T, F) what the student was fed when it differs from ``feats`` (the
+        frame scale's input alterations, :class:`mgf_sb.masking.FrameAlteration`);
+        None: ``feats`` (before the frame and span masks, which the encoder applies).
+    band_mask : torch.BoolTensor or None
+        (M, F) feature channels hidden from the student over the whole sequence
+        (frequency-band masking); None: none.
+    diagnostics : bool
+        A diagnostic batch (every validation batch, every ``diagnostics_every``
+        training steps): the costlier statistics (``encoder_pos_ratio``) are
+        measured on these only.
     """
 
     hidden: List[torch.Tensor]
@@ -48,6 +62,9 @@ class ObjectiveInputs:
     batch: MGFBatch
     encoder: Optional[torch.nn.Module] = None
     teacher_masked: Optional[torch.Tensor] = None
+    input_feats: Optional[torch.Tensor] = None
+    band_mask: Optional[torch.Tensor] = None
+    diagnostics: bool = False
 
 
 class MaskedPrediction(torch.nn.Module):
@@ -65,7 +82,8 @@ class MaskedPrediction(torch.nn.Module):
     target : str
         ``fbank`` (the unmasked features) or ``teacher`` (the target network).
     layer : int
-        Which encoder layer makes the prediction (-1: last).
+        Which encoder output makes the prediction (0: the input embedding,
+        1..L: the layers, -1: the last; ``frame_layer`` / ``phoneme_layer``).
     n_negatives_same, n_negatives_batch : int
         Distractors from the same sequence / from the batch's other
         utterances (infonce).
@@ -129,9 +147,25 @@ class MaskedPrediction(torch.nn.Module):
             )
             self.target_proj = None
 
+    # This scale's target among the teacher's (slot, of n_slots): set by the ScaleSet when scales
+    # have their own target layers (<scale>_target_layers); (0, 1): the teacher's one target.
+    teacher_slots = (0, 1)
+
     @property
     def needs_teacher(self):
         return self.target == "teacher"
+
+    def teacher_of(self, teacher):
+        """This scale's target out of the teacher's output (:func:`mgf_sb.target.teacher_slot`)."""
+        return teacher_slot(teacher, *self.teacher_slots)
+
+    def layer_of(self, hidden):
+        """The encoder output this scale predicts from (``layer``), with a clear error when out of range."""
+        if not -len(hidden) <= self.layer < len(hidden):
+            raise ValueError(f"{type(self).__name__}: layer {self.layer} out of range for an encoder with "
+                             f"{len(hidden)} outputs (0: input embedding .. {len(hidden) - 1}: last layer, or "
+                             f"negative from the end; <scale>_layer in hparams/mgf.yaml)")
+        return hidden[self.layer]
 
     def units(self, x, batch):
         """Gathers units: (M, T, C) -> ((N, C), group (N,)). Subclasses define it."""
@@ -146,10 +180,10 @@ class MaskedPrediction(torch.nn.Module):
         if self.target == "teacher":
             if inputs.teacher is None:
                 raise RuntimeError(f"{type(self).__name__} has target 'teacher' but no teacher output was given")
-            tgt_frames = inputs.teacher
+            tgt_frames = self.teacher_of(inputs.teacher)
         else:
             tgt_frames = inputs.feats
-        pred, group = self.units(inputs.hidden[self.layer], inputs.batch)
+        pred, group = self.units(self.layer_of(inputs.hidden), inputs.batch)
         tgt, _ = self.units(tgt_frames, inputs.batch)
         tgt = tgt.detach()
         if pred.shape[0] == 0:  # nothing masked in this batch (e.g. all very short)
@@ -168,7 +202,7 @@ class MaskedPrediction(torch.nn.Module):
             stats = {"acc": float(acc), "units": float(pred.shape[0])}
             if self.target == "teacher" and inputs.teacher_masked is not None:
                 # Context-only baseline: the teacher itself, fed what the student sees, no projection.
-                ctx, _ = self.units(inputs.teacher_masked, inputs.batch)
+                ctx, _ = self.units(self.teacher_of(inputs.teacher_masked), inputs.batch)
                 stats["context_acc"] = contrast_accuracy(ctx.detach(), tgt, idx, valid)
             return loss, stats
         if self.target == "teacher":

@@ -9,7 +9,7 @@ import torch
 
 from mgf_sb.distributed import GlobalBatchNorm1d, gather_for_contrast
 from mgf_sb.objectives.losses import nt_xent, regression_loss
-from mgf_sb.target import layer_norm_target
+from mgf_sb.target import layer_norm_target, teacher_slot
 
 
 def masked_mean(x, n_frames):
@@ -113,6 +113,8 @@ class UtteranceObjective(torch.nn.Module):
         self.register_buffer("queue", torch.zeros(self.queue_size, out_dim), persistent=False)
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long), persistent=False)
 
+    teacher_slots = (0, 1)  # this scale's target among the teacher's (see MaskedPrediction)
+
     @property
     def needs_teacher(self):
         return self.target == "teacher"
@@ -164,6 +166,6 @@ class UtteranceObjective(torch.nn.Module):
         if self.target == "fbank":
             tgt = masked_mean_std(inputs.feats, n)
         else:
-            tgt = layer_norm_target(masked_mean(inputs.teacher, n))
+            tgt = layer_norm_target(masked_mean(teacher_slot(inputs.teacher, *self.teacher_slots), n))
         loss = regression_loss(z[has], tgt[partner[has]].detach(), self.loss_type)
         return loss, {"pairs": float(has.sum())}
