@@ -16,6 +16,12 @@ holds its settings (spans in ms, the enabled scales). By default the frame
 spans are drawn after the phoneme spans and lose the frames those cover, which
 cuts them into runs as short as one frame; ``whole_frame_spans`` lays all
 spans out together instead (:func:`sample_disjoint_spans`).
+
+The frame scale's other alterations (TERA; off by default) hide bands of Mel
+bins over a whole sequence (:func:`sample_band_mask`, every bin equally likely
+to be hidden) and add noise (:func:`alter_features`); unlike the spans they act
+on the features, so :class:`FrameAlteration` applies them in the training step
+(:func:`mgf_sb.pretraining.mgf_forward`).
 """
 
 import torch
