@@ -7,6 +7,8 @@
 - :func:`mean_std`, :func:`within_spread`, :func:`ranking`, :func:`ranking_text`,
   :func:`ranking_changes`: spreads over seeds / folds, and whether a difference (or a
   change of ranking between two heads) is smaller than the spread.
+- :func:`compare`, :func:`verdict_lines`: the report's opening answer, per task: is the
+  subject (MGF) better, level or worse than each baseline, by how much, against what spread.
 - :func:`parse_train_log`: a SpeechBrain ``FileTrainLogger`` file (the pretraining
   recipe's ``train_log.txt``) -> per-epoch train/valid statistics.
 - :func:`loss_curves_png`, :func:`bar_chart_png`, :func:`layer_weights_png`: matplotlib
@@ -33,12 +35,25 @@ class Column:
     """One metric column: ``key`` in the results dicts, table ``label``, direction, format.
 
     ``ranked=False`` marks a reference column (e.g. a convex reference beside a probe):
-    shown, never bolded, and left out of the ranks by the callers.
+    shown, never bolded, and left out of the ranks by the callers. ``no_skill``: the value a
+    useless model gets (a WER of 100 %: no better than an empty transcript; an EER of 50 %);
+    a best value at or past it is not bolded as best.
     """
 
-    def __init__(self, key, label, higher_better=True, fmt="{:.2f}", ranked=True):
+    def __init__(self, key, label, higher_better=True, fmt="{:.2f}", ranked=True, no_skill=None):
         self.key, self.label, self.higher_better, self.fmt = key, label, bool(higher_better), fmt
         self.ranked = bool(ranked)
+        self.no_skill = no_skill
+
+    def useless(self, value):
+        """True when ``value`` is no better than ``no_skill``."""
+        if self.no_skill is None or value is None:
+            return False
+        return value <= self.no_skill if self.higher_better else value >= self.no_skill
+
+    def like(self, key, label, ranked=True):
+        """The same metric (direction, format, no-skill level) under another key and label."""
+        return Column(key, label, self.higher_better, self.fmt, ranked, self.no_skill)
 
     @property
     def arrow(self):
@@ -178,7 +193,7 @@ def markdown_table(results, columns, rows=None, row_header="upstream", ranks=Non
             if c.key in best:
                 b_row, b_val = best[c.key]
                 if b_val == v:
-                    text = f"**{text}**" if bold_best else text
+                    text = f"**{text}**" if bold_best and not c.useless(v) else text
                 elif within_spread(v, b_val, std, _std(results, b_row, c.key)):
                     text += " " + SPREAD_MARK
             cells.append(text)
@@ -230,13 +245,14 @@ def ranking(results, column, rows=None):
 
 
 def ranking_text(results, column, rows=None):
-    """``"mgf (70.00) > fbank (60.00) ≈ random (59.50)"``: ``≈`` joins neighbours whose
-    difference is smaller than the spread, ``=`` equal values.
+    """``"mgf (70.00) better than fbank (60.00) ≈ random (59.50)"``, best first whatever the
+    metric's direction (an EER: ``random (25.00) better than mgf (35.00)``): ``≈`` joins
+    neighbours whose difference is smaller than the spread, ``=`` equal values.
 
     Example
     -------
     >>> ranking_text({"a": {"x": 1.0, "x_std": 0.5}, "b": {"x": 2.0}, "c": {"x": 0.8}}, Column("x", "x"))
-    'b (2.00) > a (1.00) ≈ c (0.80)'
+    'b (2.00) better than a (1.00) ≈ c (0.80)'
     """
     order = ranking(results, column, rows)
     parts = []
@@ -246,9 +262,77 @@ def ranking_text(results, column, rows=None):
             p = order[i - 1]
             pv = float(results[p][column.key])
             same = within_spread(v, pv, _std(results, r, column.key), _std(results, p, column.key))
-            parts.append("=" if v == pv else SPREAD_MARK if same else ">")
+            parts.append("=" if v == pv else SPREAD_MARK if same else "better than")
         parts.append(f"{r} ({column.fmt.format(v)})")
     return " ".join(parts)
+
+
+def compare(a, b, higher_better, std_a=None, std_b=None):
+    """``"better"``, ``"level"`` or ``"worse"``: ``a`` against ``b`` on a metric; level when equal or
+    when the difference is smaller than the spread (:func:`within_spread`).
+
+    Example
+    -------
+    >>> compare(60, 55, True), compare(20, 25, False), compare(60, 61, True, 1.5), compare(60, 61, True)
+    ('better', 'better', 'level', 'worse')
+    """
+    a, b = float(a), float(b)
+    if a == b or within_spread(a, b, std_a, std_b):
+        return "level"
+    return "better" if (a > b) == bool(higher_better) else "worse"
+
+
+def verdict_lines(results, groups, subject="mgf", others=None):
+    """The report's opening: per task, is ``subject`` better, level or worse than each other row?
+
+    Arguments
+    ---------
+    results : dict
+        row -> {key -> value, key + "_std" -> spread}.
+    groups : list of (str, list of Column)
+        A task's title and its ranked columns (a metric under each head).
+    subject : str
+        The row judged (MGF).
+    others : list of str, optional
+        The rows it is judged against (default: every other row of ``results``).
+
+    Returns
+    -------
+    list of str
+        Markdown: for each task, its title, then one line per other row, e.g.
+        ``- vs fbank: **worse** on TIMIT frame acc (%) · linear (28.90 vs 33.00, -4.10; no spread: one seed)``.
+
+    Example
+    -------
+    >>> res = {"mgf": {"acc": 60.0, "acc_std": 1.0}, "fbank": {"acc": 55.0, "acc_std": 1.0}}
+    >>> verdict_lines(res, [("TIMIT", [Column("acc", "frame acc")])])
+    ['**TIMIT**', '- vs fbank: **better** on frame acc (60.00 vs 55.00, +5.00; spread ±1.00)']
+    """
+    others = [r for r in (others if others is not None else results) if r != subject]
+    lines = []
+    for title, cols in groups:
+        have = [c for c in cols if _number(results.get(subject, {}).get(c.key)) is not None]
+        if not have:
+            lines += [f"**{title}**", f"- no result for {subject} yet"]
+            continue
+        lines.append(f"**{title}**")
+        for o in others:
+            parts = []
+            for c in have:
+                ov = _number(results.get(o, {}).get(c.key))
+                if ov is None:
+                    continue
+                sv = _number(results[subject][c.key])
+                ss, os_ = _std(results, subject, c.key), _std(results, o, c.key)
+                word = compare(sv, ov, c.higher_better, ss, os_)
+                spread = max([x for x in (ss, os_) if x is not None], default=None)
+                how = f"spread ±{c.fmt.format(spread)}" if spread else "no spread: one seed"
+                useless = " (no better than a useless model)" if c.useless(sv) else ""
+                parts.append(f"**{word}** on {c.label} ({c.fmt.format(sv)} vs {c.fmt.format(ov)}, "
+                             f"{sv - ov:+.2f}; {how}){useless}")
+            if parts:
+                lines.append(f"- vs {o}: " + "; ".join(parts))
+    return lines
 
 
 def ranking_changes(results, columns, rows=None):
@@ -414,12 +498,15 @@ def bar_chart_size(n_groups, n_series):
     return max(560, 120 + int(n_groups) * (max(int(n_series), 1) * 28 + 24)), 440
 
 
-def bar_chart_png(path, groups, series, errors=None, title="", ylabel="", size=None):
+def bar_chart_png(path, groups, series, errors=None, title="", ylabel="", size=None, lower_better=None):
     """Grouped bars with value labels and error bars.
 
     One group per column (e.g. a task metric under one head), one bar per series (e.g.
     an upstream). Each bar is labelled with its value; a series' ``errors`` (a std) are
-    drawn as error bars. A missing value leaves a gap labelled ``n/a``.
+    drawn as error bars. A missing value leaves a gap labelled ``n/a``. With
+    ``lower_better`` (one bool per group) holding both kinds, the higher-is-better groups
+    and the lower-is-better ones (EER, WER) get an axis each, side by side, so that
+    neither scale squeezes the other.
 
     Arguments
     ---------
@@ -433,39 +520,54 @@ def bar_chart_png(path, groups, series, errors=None, title="", ylabel="", size=N
     title, ylabel : str
     size : (int, int), optional
         Pixels; default :func:`bar_chart_size`.
+    lower_better : list of bool, optional
+        Per group: lower is better (its own axis when both kinds are present).
     """
     errors = errors or {}
     names = list(series)
     n = max(len(names), 1)
+
+    def padded(values):
+        values = list(values or [])
+        return [_number(v) for v in values + [None] * (len(groups) - len(values))][:len(groups)]
+
+    vals = {name: padded(series[name]) for name in names}
+    errs = {name: padded(errors.get(name)) for name in names}
+    lower = list(lower_better or [False] * len(groups))
+    parts = [[i for i in range(len(groups)) if not lower[i]], [i for i in range(len(groups)) if lower[i]]]
+    parts = [p for p in parts if p] if all(parts) else [list(range(len(groups)))]
     fig = _figure(size or bar_chart_size(len(groups), n))
-    ax = fig.subplots()
-    width = 0.8 / n
-    x = np.arange(len(groups), dtype=float)
+    axes = fig.subplots(1, len(parts), squeeze=False, width_ratios=[len(p) for p in parts])[0]
     rotate = n * len(groups) > 12
-    for i, name in enumerate(names):
-        vals = [_number(v) for v in list(series[name]) + [None] * (len(groups) - len(series[name]))][:len(groups)]
-        errs = list(errors.get(name) or [])
-        errs = [_number(e) for e in errs + [None] * (len(groups) - len(errs))][:len(groups)]
-        pos = x - 0.4 + width * (i + 0.5)
-        heights = [v if v is not None else 0.0 for v in vals]
-        yerr = [e if (e is not None and v is not None) else np.nan for v, e in zip(vals, errs)]
-        has_err = any(np.isfinite(yerr))
-        bars = ax.bar(pos, heights, width * 0.92, color=PALETTE[i % len(PALETTE)], label=name,
-                      yerr=yerr if has_err else None, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
-        labels = ["n/a" if v is None else (f"{v:.1f}" if e is None else f"{v:.1f}±{e:.1f}") for v, e in zip(vals, errs)]
-        ax.bar_label(bars, labels=labels, fontsize=7, rotation=90 if rotate else 0, padding=2)
-    ax.set_xticks(x)
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.margins(y=0.25 if rotate else 0.12)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.set_axisbelow(True)
-    ax.grid(True, axis="y", alpha=0.3)
+    for ax, idx in zip(axes, parts):
+        width = 0.8 / n
+        x = np.arange(len(idx), dtype=float)
+        for i, name in enumerate(names):
+            v = [vals[name][j] for j in idx]
+            e = [errs[name][j] for j in idx]
+            pos = x - 0.4 + width * (i + 0.5)
+            heights = [y if y is not None else 0.0 for y in v]
+            yerr = [d if (d is not None and y is not None) else np.nan for y, d in zip(v, e)]
+            has_err = any(np.isfinite(yerr))
+            bars = ax.bar(pos, heights, width * 0.92, color=PALETTE[i % len(PALETTE)],
+                          label=name if ax is axes[0] else None,
+                          yerr=yerr if has_err else None, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+            labels = ["n/a" if y is None else (f"{y:.1f}" if d is None else f"{y:.1f}±{d:.1f}") for y, d in zip(v, e)]
+            ax.bar_label(bars, labels=labels, fontsize=7, rotation=90 if rotate else 0, padding=2)
+        ax.set_xticks(x)
+        ax.set_xticklabels([groups[j] for j in idx], fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.margins(y=0.25 if rotate else 0.12)
+        direction = ("" if len(parts) == 1 else
+                     " (lower is better)" if lower[idx[0]] else " (higher is better)")
+        if ylabel or direction:
+            ax.set_ylabel((ylabel or "") + direction)
+        ax.set_axisbelow(True)
+        ax.grid(True, axis="y", alpha=0.3)
     if names:  # beside the axes, so that it never hides a bar or its label
         fig.legend(fontsize=8, loc="outside right upper")
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)
     return _save(fig, path)
 
 

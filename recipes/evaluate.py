@@ -69,6 +69,7 @@ from mgf_sb.report import (  # noqa: E402
     parse_train_log,
     ranking_changes,
     ranking_text,
+    verdict_lines,
 )
 
 BASELINES = ("fbank", "random")
@@ -158,10 +159,10 @@ TASKS = {
     "timit": Task("recipes/TIMIT/train.py", "hparams/timit.yaml", "timit_folder",
                   [Column("timit_acc", "TIMIT frame acc (%)")], read_timit, title="TIMIT"),
     "voxceleb": Task("recipes/VoxCeleb/train.py", "hparams/voxceleb.yaml", "voxceleb_folder",
-                     [Column("sid_acc", "VoxCeleb1 SID acc (%)"), Column("eer", "VoxCeleb1 EER (%)", False)],
+                     [Column("sid_acc", "VoxCeleb1 SID acc (%)"), Column("eer", "VoxCeleb1 EER (%)", False, no_skill=50.0)],
                      read_voxceleb, convex={"sid_acc": "sid_acc_convex"}, title="VoxCeleb1"),
     "librispeech": Task("recipes/LibriSpeech/train.py", "hparams/librispeech_ctc.yaml", "librispeech_folder",
-                        [Column("wer", "LibriSpeech WER (%)", False)], read_librispeech, title="LibriSpeech"),
+                        [Column("wer", "LibriSpeech WER (%)", False, no_skill=100.0)], read_librispeech, title="LibriSpeech"),
     "iemocap": Task("recipes/IEMOCAP/run_folds.py", "hparams/emotion.yaml", "iemocap_folder",
                     [Column("ua", "IEMOCAP UA (%)"), Column("wa", "IEMOCAP WA (%)")], read_iemocap,
                     output_arg="experiment_folder",
@@ -457,9 +458,9 @@ def head_columns(tasks, hp, ablation=False, convex=True):
         for c in TASKS[t].columns:
             for h in heads:
                 label = f"{c.label} · {h}" if h else c.label
-                cols.append(Column(f"{c.key}/{h}" if h else c.key, label, c.higher_better, c.fmt))
+                cols.append(c.like(f"{c.key}/{h}" if h else c.key, label))
             if convex and c.key in TASKS[t].convex:
-                cols.append(Column(f"{c.key}/convex", f"{c.label} · convex ref", c.higher_better, c.fmt, ranked=False))
+                cols.append(c.like(f"{c.key}/convex", f"{c.label} · convex ref", ranked=False))
     return cols
 
 
@@ -490,7 +491,7 @@ def head_rankings(results, tasks, hp, rows):
     for t in tasks:
         heads = task_heads(hp, t)
         for c in TASKS[t].columns:
-            cols = [Column(f"{c.key}/{h}" if h else c.key, f"{c.label} · {h}", c.higher_better, c.fmt) for h in heads]
+            cols = [c.like(f"{c.key}/{h}" if h else c.key, f"{c.label} · {h}") for h in heads]
             cols = [x for x in cols if _has_values(results, rows, x)]
             if not cols:
                 continue
@@ -529,7 +530,7 @@ def mean_rank_by_head(results, tasks, hp, rows):
             heads = task_heads(hp, t)
             if i < len(heads) and heads[i]:
                 names.append(heads[i]) if heads[i] not in names else None
-                cols += [Column(f"{c.key}/{heads[i]}", c.label, c.higher_better) for c in TASKS[t].columns]
+                cols += [c.like(f"{c.key}/{heads[i]}", c.label) for c in TASKS[t].columns]
         cols = [c for c in cols if _has_values(results, rows, c)]
         if cols:
             out[f"head {i + 1}: {', '.join(names)}"] = mean_ranks(results, cols, rows)
@@ -572,7 +573,7 @@ def _bars(path, results, columns, rows, title):
                                                                       else "") for c in cols]
     return bar_chart_png(path, groups, {r: [results.get(r, {}).get(c.key) for c in cols] for r in rows},
                          errors={r: [results.get(r, {}).get(c.key + "_std") for c in cols] for r in rows},
-                         title=title, ylabel="%")
+                         title=title, ylabel="%", lower_better=[not c.higher_better for c in cols])
 
 
 def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
@@ -616,8 +617,18 @@ def write_report(hp, steps, rows, sources, status, wall_seconds, log=print):
     if report["bundled_sample"]:
         md += ["**Bundled sample corpora (synthetic speech, tiny models): these numbers only show that the "
                "pipeline runs; they say nothing about the method.**", ""]
+    if "mgf" in main_rows and len(main_rows) > 1:
+        groups = [(TASKS[t].title, [c for c in ranked if c.key.split("/")[0] in {x.key for x in TASKS[t].columns}])
+                  for t in tasks]
+        verdict = verdict_lines(main, groups, "mgf", [r for r in main_rows if r != "mgf"])
+        report["verdict"] = verdict
+        md += ["## Verdict: MGF against each baseline, per task", "",
+               "`better` / `worse`: by more than the spread (the larger std over seeds or folds); `level`: "
+               "within it. Without a spread (one seed) every difference counts, however small.", ""]
+        md += [line if line.startswith("- ") else "\n" + line for line in verdict] + [""]
     md += ["## Upstreams × tasks", "", markdown_table(main, columns, main_rows, "upstream", main_ranks, notes), "",
-           "↑ higher is better, ↓ lower is better; best value in bold; `metric · head`: the same task with "
+           "↑ higher is better, ↓ lower is better; best value in bold (not when it is no better than a useless "
+           "model: a WER of 100 % or more, an EER of 50 %); `metric · head`: the same task with "
            "each downstream head, side by side. `≈`: the difference to the column's best is smaller than the "
            "spread (the larger of the two std): not a real difference. Mean rank: average over the ranked "
            "columns of each row's rank (1 = best; ties share their mean rank)."]

@@ -215,13 +215,19 @@ def test_plan_runs_once_then_skips(tmp_path):
     assert MGF_ROW in md
     assert "| random | 40.00 | 40.00 | 30.00 | 30.00 | 35.00 | 40.00 | 40.00 | 100.00 | 100.00 |" in md
     # the rank of each upstream under each head, and where it changes
-    assert "| TIMIT frame acc (%) | linear | mgf (60.00) > fbank (50.00) > random (40.00) |" in md
-    assert "| TIMIT frame acc (%) | bilstm | fbank (65.00) > mgf (60.00) > random (40.00) |" in md
+    assert "| TIMIT frame acc (%) | linear | mgf (60.00) better than fbank (50.00) better than random (40.00) |" in md
+    assert "| TIMIT frame acc (%) | bilstm | fbank (65.00) better than mgf (60.00) better than random (40.00) |" in md
     assert ("TIMIT frame acc (%): **the ranking changes**: mgf and fbank swap places between linear and bilstm "
             "(no spread measured (one seed))") in md
     assert "IEMOCAP UA (%): **the ranking changes**: mgf and fbank swap places between linear and attentive " \
            "(beyond the spread)" in md
     assert "- TIMIT: one seed (the recipe default): **no spread**" in md and "- IEMOCAP: ± std over 5 folds" in md
+    # the report opens with the verdict: MGF against each baseline, per task, in words
+    verdict = md.split("## Verdict: MGF against each baseline, per task")[1].split("\n## ")[0]
+    assert md.index("## Verdict") < md.index("## Upstreams × tasks")
+    assert ("- vs fbank: **better** on TIMIT frame acc (%) · linear (60.00 vs 50.00, +10.00; no spread: one seed); "
+            "**worse** on TIMIT frame acc (%) · bilstm (60.00 vs 65.00, -5.00; no spread: one seed)") in verdict
+    assert "**IEMOCAP**" in verdict and "- vs random: " in verdict and "spread ±" in verdict
     # ablation table: first head only; frame_only best (rank 1), full second, phoneme_only third
     assert "| frame_only | **65.00** | **55.00** | **15.00** | 1.00 |" in md
     assert "| full | 60.00 | 50.00 | 20.00 | 2.00 |" in md and "| phoneme_only | 55.00 | 45.00 | 25.00 | 3.00 |" in md
@@ -273,7 +279,7 @@ def test_seeds_give_spreads_and_mark_small_differences(tmp_path):
     # bilstm: fbank 65 vs mgf 60 is closer than the spread (6): marked, and the ranking change is not a real one
     assert "| mgf | **60.00 ± 6.00** | 60.00 ± 6.00 ≈ |" in md
     assert "| fbank | 50.00 ± 6.00 | **65.00 ± 6.00** |" in md
-    assert "| TIMIT frame acc (%) | bilstm | fbank (65.00) ≈ mgf (60.00) > random (40.00) |" in md
+    assert "| TIMIT frame acc (%) | bilstm | fbank (65.00) ≈ mgf (60.00) better than random (40.00) |" in md
     assert ("mgf and fbank swap places between linear and bilstm (a difference smaller than the spread: "
             "not a real change)") in md
     swaps = report["main"]["head_rankings"]["timit_acc"]["swaps"]

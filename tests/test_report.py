@@ -34,9 +34,9 @@ def test_ranking_text_marks_neighbours_within_the_spread():
     res = {"a": {"wer": 20.0, "wer_std": 3.0}, "b": {"wer": 22.0, "wer_std": 1.0}, "c": {"wer": 30.0},
            "d": {"wer": None}}
     assert rp.ranking(res, col) == ["a", "b", "c"]
-    assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) > c (30.00)"
+    assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) better than c (30.00)"
     res["d"]["wer"] = 30.0
-    assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) > c (30.00) = d (30.00)"
+    assert rp.ranking_text(res, col) == "a (20.00) ≈ b (22.00) better than c (30.00) = d (30.00)"
 
 
 def test_ranking_changes_between_heads():
@@ -116,3 +116,57 @@ def test_loss_curves_panels_and_size(tmp_path):
     img = mpimg.imread(rp.loss_curves_png(str(tmp_path / "l.png"), panels, title="loss"))
     assert img.shape == (rp.loss_curves_size(2)[1], rp.loss_curves_size(2)[0], 4)
     assert count_colour(img, rp.PALETTE[0]) > 50 and count_colour(img, rp.PALETTE[1]) > 30
+
+
+# ----------------------------------------------------------------------------------------------
+# The report answers the question (issue 29)
+# ----------------------------------------------------------------------------------------------
+def test_lower_is_better_ranking_says_better_not_greater():
+    col = rp.Column("eer", "EER (%)", higher_better=False)
+    assert rp.ranking_text({"mgf": {"eer": 35.0}, "random": {"eer": 25.0}}, col) == \
+        "random (25.00) better than mgf (35.00)"
+
+
+def test_a_useless_best_value_is_not_bolded():
+    col = rp.Column("wer", "WER (%)", higher_better=False, no_skill=100.0)
+    lines = rp.markdown_table({"a": {"wer": 100.0}, "b": {"wer": 143.8}}, [col]).splitlines()
+    assert lines[2] == "| a | 100.00 |"  # the best of two useless values is not marked best
+    lines = rp.markdown_table({"a": {"wer": 40.0}, "b": {"wer": 143.8}}, [col]).splitlines()
+    assert lines[2] == "| a | **40.00** |"
+    assert col.like("wer/linear", "WER · linear").no_skill == 100.0
+
+
+def test_verdict_per_task_better_level_worse_with_the_spread():
+    acc, eer = rp.Column("acc", "acc"), rp.Column("eer", "EER", higher_better=False)
+    res = {"mgf": {"acc": 60.0, "acc_std": 2.0, "eer": 30.0}, "fbank": {"acc": 61.0, "acc_std": 1.0, "eer": 20.0},
+           "random": {"acc": 50.0, "acc_std": 1.0, "eer": 40.0}}
+    lines = rp.verdict_lines(res, [("Task A", [acc]), ("Task B", [eer]), ("Task C", [rp.Column("x", "x")])])
+    assert lines == [
+        "**Task A**",
+        "- vs fbank: **level** on acc (60.00 vs 61.00, -1.00; spread ±2.00)",
+        "- vs random: **better** on acc (60.00 vs 50.00, +10.00; spread ±2.00)",
+        "**Task B**",
+        "- vs fbank: **worse** on EER (30.00 vs 20.00, +10.00; no spread: one seed)",
+        "- vs random: **better** on EER (30.00 vs 40.00, -10.00; no spread: one seed)",
+        "**Task C**",
+        "- no result for mgf yet",
+    ]
+
+
+def test_bar_chart_puts_each_direction_on_its_own_axis(tmp_path):
+    groups, series = ["acc", "WER"], {"mgf": [60.0, 150.0]}
+    one = rp.bar_chart_png(str(tmp_path / "one.png"), groups, series)
+    two = rp.bar_chart_png(str(tmp_path / "two.png"), groups, series, lower_better=[False, True])
+    # one shared axis: the 150 bar dwarfs the 60 one; two axes: each bar fills its own axis
+    def bar_heights(path):
+        img = mpimg.imread(path)
+        px = (img[..., :3] * 255).round().astype(int)
+        mask = np.abs(px - rgb(rp.PALETTE[0])).sum(-1) <= 3
+        cols = np.where(mask.any(0))[0]
+        runs = np.split(cols, np.where(np.diff(cols) > 1)[0] + 1)
+        heights = [int(mask[:, r].any(1).sum()) for r in runs]
+        return [h for h in heights if h > 20]  # bars, not the legend swatch
+    h1, h2 = bar_heights(one), bar_heights(two)
+    assert len(h1) == 2 and len(h2) == 2
+    assert h1[0] < 0.5 * h1[1]  # shared axis
+    assert h2[0] > 0.7 * h2[1]  # own axes
