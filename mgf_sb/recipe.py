@@ -38,6 +38,7 @@ from mgf_sb.distributed import import_before_process_group
 from mgf_sb.run_guard import (OutputLock, check_run_config, leave_process_group, pop_on_change, rank0_decides,
                               release_locks)
 from mgf_sb.settings import check_built_settings, check_override_keys, check_settings
+from mgf_sb.train_log import readable_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,7 @@ def start_experiment(argv):
     check_settings(hparams_file, overrides)  # types, ranges, data_folder: by name, before anything is built
     hparams = load_hparams(hparams_file, overrides)
     check_built_settings(hparams, hparams_file)  # values made at load (VoxCeleb's lr, chosen by head)
+    readable_numbers(hparams)  # train_log.txt: 100.0, not 1.00e+02
     if hparams.get("num_threads"):
         torch.set_num_threads(int(hparams["num_threads"]))
     out = hparams["output_folder"]

@@ -147,3 +147,29 @@ def test_a_finished_run_rerun_says_finished_and_does_nothing(recipe, small_corpu
     assert "pretrained" in said.split("finished: ")[1]
     assert len(log) == 1  # no epoch line added
     assert os.path.getmtime(os.path.join(out, "pretrained", "encoder.ckpt")) == ckpt_mtime
+
+
+def test_console_gets_a_short_epoch_line_and_train_log_the_full_one(recipe, small_corpus, tmp_path):
+    """Issue 29: an epoch line was ~1,500 characters of 30+ keys in e-notation, on the console too.
+    What the console gets, SpeechBrain's logging also writes to log.txt."""
+    out = str(tmp_path / "lines")
+    log = run(recipe, out, small_corpus, number_of_epochs=1)
+    logged = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
+    short = re.findall(r"epoch 1/1: train loss .*", logged)
+    assert len(short) == 1 and len(short[0]) < 300, short
+    assert "frame " in short[0] and "phoneme acc" in short[0] and "context baseline" in short[0] and "lr " in short[0]
+    full = open(os.path.join(out, "train_log.txt")).read().splitlines()[0]
+    assert len(full) > 3 * len(short[0]) and "train phoneme_context_acc: " in full
+    assert full not in logged and "phoneme_context_acc" not in logged  # the full line stays in train_log.txt
+    assert log[0]["train"]["frame"] > 0
+    # readable numbers: plain decimals from 0.01 to 1e5 (SpeechBrain wrote 0.5 as 5.00e-01, 100 as 1.00e+02)
+    for key, value in re.findall(r"(\w+): ([-\d.e+]+)", full):
+        if "e" in value:
+            assert abs(float(value)) < 0.01 or abs(float(value)) >= 1e5 or float(value) == 0, (key, value)
+
+
+def test_plain_numbers():
+    from mgf_sb.train_log import plain_number
+
+    assert [plain_number(v) for v in (100.0, 1.6667, 0.16667, 0.025, 0.002, 123456.0, 0.0)] == \
+        ["100.0", "1.67", "0.167", "0.0250", "2.00e-03", "1.23e+05", "0"]

@@ -20,6 +20,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mgf_sb.batch import MGFCollate
 from mgf_sb.finished import finished_rerun, mark_finished
+from mgf_sb.train_log import pretraining_summary
 from mgf_sb.pretrained_folder import save_pretrained
 from mgf_sb.data.audio import read_crop
 from mgf_sb.data.batching import dynamic_batch_sampler
@@ -149,11 +150,14 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
             return
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
-            self.hparams.train_logger.log_stats(
+            self.hparams.train_logger.log_stats(  # every key, in train_log.txt only
                 stats_meta={"epoch": epoch, "lr": lr, "step": int(self.hparams.target.step)},
                 train_stats=self.train_stats,
                 valid_stats=stats,
+                verbose=False,
             )
+            if if_main_process():  # the console (and log.txt): a short line
+                logger.info(pretraining_summary(epoch, self.hparams.number_of_epochs, lr, self.train_stats, stats))
             self.checkpointer.save_and_keep_only(meta={"loss": stats["loss"]}, min_keys=["loss"],
                                                  num_to_keep=self.hparams.ckpt_num_to_keep)
             if if_main_process():
@@ -336,7 +340,9 @@ def main(argv):
     # the checkpointer restores it.
     hparams["target"].attach(hparams["encoder"])
     n_params = sum(p.numel() for p in hparams["encoder"].parameters())
-    logger.info(f"MGF encoder: {n_params / 1e6:.2f} M parameters; scales: {hparams['objectives'].weights}")
+    logger.info(f"MGF encoder: {n_params / 1e6:.2f} M parameters (what pretrained/ keeps; SpeechBrain's model "
+                f"statistics below also count the objectives' heads, trainable, and the EMA teacher, a frozen copy "
+                f"of the encoder); scales: {hparams['objectives'].weights}")
 
     brain = MGFBrain(
         modules=hparams["modules"],
