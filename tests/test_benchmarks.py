@@ -24,6 +24,8 @@ SMALLEST = {
                         '"minutes_per_100h_extrapolated"'),
     "loader_throughput": (["benchmarks/loader_throughput.py", "hparams/mgf.yaml", "--minutes", "0.3", "--workers",
                            "0", "--repeats", "1", "--work_dir", "{tmp}/loader"], "| shards | 0 |"),
+    "recipe_times": (["benchmarks/recipe_times.py", "--recipes", "timit", "--set", "number_of_epochs=1",
+                      "--work", "{tmp}/times"], "| timit | `python recipes/TIMIT/train.py hparams/timit.yaml"),
 }
 
 
