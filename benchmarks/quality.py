@@ -2,7 +2,9 @@
 """Quality benchmark: does full MGF beat each scale alone, its peers, a random encoder and fbank?
 
     python benchmarks/quality.py                      # default budget (sized for <= 60 min on 2 idle cores)
-    python benchmarks/quality.py --budget=long --device=cuda   # longer runs, larger encoder, a GPU
+    python benchmarks/quality.py --budget=long          # 4x the steps: full MGF, phoneme, the peers, 3 seeds (its own flag)
+    python benchmarks/quality.py --budget=gpu --device=cuda    # longer runs, larger encoder, a GPU
+    python benchmarks/quality.py --dry_run           # the plan, what is cached, the estimated CPU and wall time
     python benchmarks/quality.py --budget=tiny        # the whole pipeline on a few utterances (the test's)
 
 1. **Corpus** (generated on first use, cached under ``--cache``, default
@@ -80,12 +82,18 @@ SMALL_ENCODER = {"d_model": 128, "num_layers": 3, "nhead": 4, "d_ffn": 512, "pro
                  "conv_pos_kernel": 33, "conv_pos_groups": 16}
 TINY_ENCODER = {"d_model": 32, "num_layers": 2, "nhead": 4, "d_ffn": 64, "proj_dim": 32, "conv_pos_kernel": 9,
                 "conv_pos_groups": 4, "dropout": 0.0}
+# representations probed without pretraining: one probe each, whatever the seed (fbank's phone
+# probe draws its training frames with the seed, so fbank and fbank +-5 are probed per seed)
+ENERGY, CEILING = "level (log-energy)", "Resemblyzer (real voices)"
 
 
 @dataclasses.dataclass
 class Budget:
     """Everything a budget fixes. ``epochs``: pretraining epochs (steps = epochs x steps/epoch,
-    stated in the report); ``curve_variants``: variants probed after every epoch (first seed)."""
+    stated in the report); ``curve_variants``: variants probed after the ``curve_epochs``
+    (default every epoch; first seed); ``speaker_split``: (dev, test) utterances per voice of
+    the speaker-identification probe; ``n_trials``: (dev, test) target trials of zero-shot
+    verification, as many non-target trials."""
 
     corpus: CorpusSpec
     encoder: dict
@@ -97,25 +105,43 @@ class Budget:
     max_train_frames: int = 20000
     max_iter: int = 100
     overrides: dict = dataclasses.field(default_factory=dict)
-    speaker_split: tuple = (4, 20)  # dev / test utterances per probe voice (the rest train)
+    speaker_split: tuple = (4, 28)
+    n_trials: tuple = (1000, 2000)
+    curve_epochs: list = None
+    compare_with: str = None  # the budget whose curves the time-to-quality plot shows beside
 
 
+TINY_CORPUS = CorpusSpec(n_pretrain_speakers=3, pretrain_utts=3, n_probe_speakers=4, probe_utts=4, n_speaker_voices=9,
+                         speaker_utts=4, n_emotion_voices=4, emotion_utts=1, two_sentence_prob=0.0)
 BUDGETS = {
     # the test's: a few voices and utterances, two variants, 2 epochs of a 2-layer d=32 encoder
-    "tiny": Budget(CorpusSpec(n_pretrain_speakers=3, pretrain_utts=3, n_probe_speakers=4, probe_utts=4,
-                              two_sentence_prob=0.0), TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"],
+    "tiny": Budget(TINY_CORPUS, TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"],
                    seeds=[0, 1], curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
-                   overrides={"crop_seconds": 3.0}, speaker_split=(1, 2)),
-    # sized for <= 60 min on 2 idle CPU cores (one-time corpus generation apart): see
+                   overrides={"crop_seconds": 3.0}, speaker_split=(1, 2), n_trials=(20, 40)),
+    # sized for <= 90 min wall on 2 idle CPU cores (one-time corpus generation apart): see
     # benchmarks/RESULTS.md for the measured CPU seconds per step and per probe
-    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS), seeds=[0, 1, 2],
-                      curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=15000,
+    "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS),
+                      seeds=[0, 1, 2, 3, 4], curve_variants=["full MGF", "phoneme", "BEST-RQ"], max_train_frames=15000,
                       overrides={"crop_seconds": 3.0}),
-    # longer runs (a GPU): more audio, the YAML's own encoder size, 5 seeds
-    "long": Budget(dataclasses.replace(CorpusSpec(), n_pretrain_speakers=96, pretrain_utts=40),
-                   {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2, 3, 4],
-                   curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=60000),
+    # 4x the default's steps on the same corpus and encoder: full MGF, the default's best single
+    # scale (phoneme), the peers; the random encoder comes with full MGF; its own flag (--budget=long)
+    "long": Budget(CorpusSpec(), SMALL_ENCODER, epochs=12, batch_size=8, variants=["full MGF", "phoneme", "BEST-RQ",
+                                                                               "wav2vec 2.0"],
+                   seeds=[0, 1, 2], curve_variants=["full MGF", "phoneme", "BEST-RQ", "wav2vec 2.0"],
+                   max_train_frames=15000, overrides={"crop_seconds": 3.0}, curve_epochs=[3, 6, 9],
+                   compare_with="default"),
+    # longer runs on a GPU: more audio, the YAML's own encoder size, 5 seeds
+    "gpu": Budget(dataclasses.replace(CorpusSpec(), n_pretrain_speakers=96, pretrain_utts=40),
+                  {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2, 3, 4],
+                  curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=60000),
 }
+# measured CPU seconds (1 thread, 2-core VM; benchmarks/RESULTS.md) for --dry_run's estimate when
+# the output folder has no measurement of its own: per pretraining step, per probe of each kind,
+# per generated utterance
+EST_CPU_PER_STEP = {"full MGF": 0.29, "frame": 0.26, "phoneme": 0.28, "utterance": 0.24, "frame+phoneme": 0.29,
+                    "frame+utterance": 0.27, "phoneme+utterance": 0.28, "BEST-RQ": 0.38, "wav2vec 2.0": 0.60}
+EST_PROBE_CPU = {"encoder": 70.0, "random": 70.0, "fbank": 50.0, "fbank+-5": 90.0, "energy": 5.0, "resemblyzer": 400.0}
+EST_CPU_PER_UTTERANCE = 0.15
 
 
 def log(msg):
@@ -250,9 +276,13 @@ def run_record(step):
 # ----------------------------------------------------------------------------------------------
 # Aggregation and comparisons
 # ----------------------------------------------------------------------------------------------
-COLUMNS = [rp.Column("phones", "phones, frame acc. % (test voices)"),
-           rp.Column("speakers", "speakers, acc. % (test utts)")]
-METRICS = ("phones", "speakers")
+METRICS = ("phones", "speakers", "eer", "emotion")
+LOWER_IS_BETTER = {"eer"}
+LABELS = {"phones": "phones, frame acc. %", "speakers": "speaker ID acc. %", "eer": "zero-shot speaker EER %",
+          "emotion": "emotion acc. %"}
+SEEDLESS = (ENERGY, CEILING)  # probed once: nothing in them depends on a seed
+# the issue's targets for the 95 % interval half-width of pretrained-vs-pretrained differences
+HALF_WIDTH_TARGETS = {"phones": 0.6, "speakers": 1.5, "eer": 2.0}
 
 
 def sample_std(values):
@@ -260,15 +290,24 @@ def sample_std(values):
     return float(v.std(ddof=1)) if len(v) > 1 else None
 
 
+def _seeds_of(probes, row, seeds):
+    have = probes.get(row, {})
+    return sorted(have) if row in SEEDLESS else [s for s in seeds if s in have]
+
+
 def aggregate(probes, rows, seeds):
-    """probes[row][seed] = run_probes() output -> table dict row -> {metric, metric_std, ...}."""
+    """probes[row][seed] = run_probes() output -> table dict row -> {metric, metric_std, ...}
+    (a metric a representation has no probe for, e.g. phones of an utterance embedding: None)."""
     table = {}
     for row in rows:
-        got = [probes[row][s] for s in seeds if s in probes.get(row, {})]
+        got = [probes[row][s] for s in _seeds_of(probes, row, seeds)]
         if not got:
             continue
         entry = {"n_seeds": len(got)}
         for m in METRICS:
+            if any(g.get(m) is None for g in got):
+                entry[m] = entry[m + "_std"] = entry[m + "_dev"] = None
+                continue
             vals = [g[m]["test"] for g in got]
             entry[m], entry[m + "_std"] = float(np.mean(vals)), sample_std(vals)
             entry[m + "_dev"] = float(np.mean([g[m]["dev_best"] for g in got]))
@@ -276,6 +315,10 @@ def aggregate(probes, rows, seeds):
             entry[m + "_l2"] = [g[m].get("l2") for g in got]
             entry[m + "_per_seed"] = vals
         entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
+        entry["emotion_n_test"] = got[0]["emotion"].get("n_test")
+        entry["eer_n_trials"] = got[0]["eer"].get("n_trials")
+        sb = [g["speakers"].get("same_base_errors") for g in got]
+        entry["same_base_errors"] = float(np.mean(sb)) if all(x is not None for x in sb) else None
         table[row] = entry
     return table
 
@@ -289,21 +332,36 @@ def best_on_dev(table, candidates):
     return max(cands, key=lambda c: (table[c]["phones_dev"] + table[c]["speakers_dev"], table[c]["phones_dev"]))
 
 
-def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None):
-    """Paired bootstrap A - B on both probes -> {metric: paired_bootstrap dict}.
+def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None, metrics=METRICS):
+    """Paired bootstrap A - B on every probe -> {metric: interval dict} (``half_width`` added).
 
-    ``split`` "dev" compares the dev utterances (at each run's own chosen layer and L2): the
-    split on which defaults are chosen. ``probes_b`` holds B when it comes from another folder.
+    Accuracies: :func:`quality_probe.paired_bootstrap` over the test utterances and the seeds;
+    EER: :func:`quality_probe.paired_bootstrap_eer` over the test voices and the seeds (1,000
+    replicates; test split only). ``split`` "dev" compares the dev utterances (at each run's own
+    chosen layer and L2): the split on which defaults are chosen. ``probes_b`` holds B when it
+    comes from another folder.
     """
-    from quality_probe import paired_bootstrap
+    from quality_probe import paired_bootstrap, paired_bootstrap_eer
 
     probes_b = probes if probes_b is None else probes_b
     out = {}
-    for m in METRICS:
-        sa = [probes[a][s][m][split + "_items"] for s in seeds if s in probes.get(a, {})]
-        sb = [probes_b[b][s][m][split + "_items"] for s in seeds if s in probes_b.get(b, {})]
-        if sa and sb:
-            out[m] = paired_bootstrap(sa, sb, n_boot=n_boot)
+    for m in metrics:
+        ga = [probes[a][s][m] for s in _seeds_of(probes, a, seeds)]
+        gb = [probes_b[b][s][m] for s in _seeds_of(probes_b, b, seeds)]
+        if not ga or not gb or any(g is None for g in ga + gb):
+            continue
+        if m == "eer":
+            if split != "test":
+                continue
+            c = paired_bootstrap_eer([g["test_scores"] for g in ga], [g["test_scores"] for g in gb],
+                                     ga[0]["test_trials"], n_boot=min(n_boot, 1000))
+        else:
+            key = split + "_items"
+            if not all(key in g for g in ga + gb):
+                continue
+            c = paired_bootstrap([g[key] for g in ga], [g[key] for g in gb], n_boot=n_boot)
+        c["half_width"] = (c["high"] - c["low"]) / 2
+        out[m] = c
     return out
 
 
@@ -327,12 +385,10 @@ def compare_with_before(probes, before, variants, seeds, epochs):
         old = load_probes(before, v, seeds, epochs)
         done = sorted(set(probes.get(v, {})) & set(old[v]))
         if done:
-            # a folder probed before per-utterance dev outcomes were kept compares on test only
-            both = [by_seed[s] for by_seed in (probes[v], old[v]) for s in done]
+            # a probe without per-utterance outcomes of a split (an earlier version) is left out of it
             out[v] = {"seeds": done}
             for split in ("dev", "test"):
-                has_items = all(split + "_items" in p[m] for p in both for m in METRICS)
-                out[v][split] = compare(probes, v, v, done, split=split, probes_b=old) if has_items else {}
+                out[v][split] = compare(probes, v, v, done, split=split, probes_b=old)
     return out
 
 
@@ -344,13 +400,17 @@ def fmt_diff(c):
     return f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
 
 
-def verdict(c, a, b):
+def verdict(c, a, b, lower_is_better=False):
+    """'+0.81 [+0.31, +1.39] ±0.54 **a better**' or '... not resolved' (for an error rate, a
+    negative difference is A better)."""
     if c is None:
         return "n/a"
-    txt = f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+    hw = c.get("half_width", (c["high"] - c["low"]) / 2)
+    txt = f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] ±{hw:.2f}"
     if not c["resolved"]:
         return txt + " not resolved"
-    return txt + (f" **{a} better**" if c["diff"] > 0 else f" **{b} better**")
+    a_better = (c["diff"] < 0) if lower_is_better else (c["diff"] > 0)
+    return txt + (f" **{a} better**" if a_better else f" **{b} better**")
 
 
 def time_to_pass(points, threshold):
@@ -369,29 +429,60 @@ def time_to_pass(points, threshold):
     return None
 
 
-def curve_png(path, curves, hlines, title=""):
-    """Two panels (phones, speakers): accuracy vs pretraining CPU seconds.
+def curve_png(path, curves, hlines, title="", other=None):
+    """Four panels (phones, speaker ID, zero-shot EER, emotion): each vs pretraining CPU seconds.
 
-    curves: name -> {"cpu_seconds": [...], "phones": [...], "speakers": [...]};
-    hlines: name -> {"phones": v, "speakers": v} (baselines, dashed).
+    curves: name -> {"cpu_seconds": [...], metric: [...]}; hlines: name -> {metric: v}
+    (baselines, dashed); other: curves of a second budget, drawn dotted with the same colours.
     """
-    fig = rp._figure((980, 380))
-    axes = fig.subplots(1, 2)
-    names = list(curves) + list(hlines)
+    fig = rp._figure((1100, 760))
+    axes = fig.subplots(2, 2).reshape(-1)
+    names = list(dict.fromkeys(list(curves) + list(other or {}) + list(hlines)))
     colors = {n: rp.PALETTE[i % len(rp.PALETTE)] for i, n in enumerate(names)}
     for ax, metric in zip(axes, METRICS):
-        for name, c in curves.items():
-            ax.plot(c["cpu_seconds"], c[metric], marker="o", linewidth=2, color=colors[name], label=name)
+        for style, group, suffix in (("-", curves, ""), (":", other or {}, " (other budget)")):
+            for name, c in group.items():
+                if c.get(metric):
+                    ax.plot(c["cpu_seconds"], c[metric], marker="o", linestyle=style, linewidth=2,
+                            color=colors[name], label=name + suffix)
         for name, v in hlines.items():
             if v.get(metric) is not None:
                 ax.axhline(v[metric], linestyle="--", linewidth=1.2, color=colors[name], label=name)
         ax.set_xlabel("pretraining CPU seconds (1 thread)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title({"phones": "frame phone accuracy (test voices)", "speakers": "speaker ID accuracy"}[metric])
+        ax.set_ylabel(LABELS[metric] + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.set_title(LABELS[metric] + " (test)")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
+    return rp._save(fig, path)
+
+
+def bars_png(path, table, title=""):
+    """One panel per probe, each on its own axis and direction: horizontal bars (mean over seeds,
+    sample std as the error bar), one per representation; chance / level drawn where known."""
+    fig = rp._figure((1200, 120 + 26 * len(table) * 1))
+    axes = fig.subplots(1, len(METRICS), sharey=True)
+    rows = list(table)
+    y = np.arange(len(rows))
+    for ax, m in zip(axes, METRICS):
+        vals = [table[r][m] if table[r][m] is not None else np.nan for r in rows]
+        errs = [table[r][m + "_std"] or 0.0 if table[r][m] is not None else 0.0 for r in rows]
+        colors = [rp.PALETTE[0] if r in VARIANTS else rp.PALETTE[3] if r in SEEDLESS else rp.PALETTE[1] for r in rows]
+        ax.barh(y, vals, xerr=errs, color=colors, alpha=0.85)
+        for yi, v in zip(y, vals):
+            if not np.isnan(v):
+                ax.text(v, yi, f" {v:.1f}", va="center", fontsize=7)
+        if m == "eer":
+            ax.axvline(50.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(LABELS[m] + ("\n(lower is better)" if m in LOWER_IS_BETTER else "\n(higher is better)"),
+                     fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(rows, fontsize=8)
+    axes[0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=10)
     return rp._save(fig, path)
 
 
@@ -412,38 +503,71 @@ def _fmt(v, std=None):
     return "—" if v is None else (f"{v:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
 
 
+def _half_width_summary(comparisons, rows):
+    """{metric: (largest half-width, rows)} over the comparisons with ``rows``."""
+    out = {}
+    for m in METRICS:
+        hws = [c[m]["half_width"] for o, c in comparisons.items() if o in rows and m in c]
+        if hws:
+            out[m] = max(hws)
+    return out
+
+
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
-                 spe, runs, before=None, before_folder=None):
+                 spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None):
     rows = list(table)
-    lines = ["| representation | phones, frame acc. % (test voices) | speakers, acc. % (test utts) | dev phones / "
-             "dev speakers | layers chosen (phones; speakers) | CPU s / step |", "|---|---|---|---|---|---|"]
+    lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | SID errors inside one base voice % "
+             "| dev phones / SID / emotion (EER) | layers chosen (phones; SID; EER; emotion) | CPU s / step |",
+             "|---|" + "---|" * (len(METRICS) + 4)]
     for r in rows:
         t = table[r]
         cps = runs.get(r, {}).get("cpu_seconds_per_step")
-        lines.append(f"| {r} | {_fmt(t['phones'], t['phones_std'])} | {_fmt(t['speakers'], t['speakers_std'])} | "
-                     f"{t['phones_dev']:.1f} / {t['speakers_dev']:.1f} | {t['phones_layers']}; {t['speakers_layers']} "
-                     f"| {'—' if cps is None else f'{cps:.2f}'} |")
-    comp = ["| full MGF minus | phones (points, 95 % interval) | speakers (points, 95 % interval) |", "|---|---|---|"]
+        devs = " / ".join("—" if t[m + "_dev"] is None else f"{t[m + '_dev']:.1f}" for m in ("phones", "speakers", "emotion"))
+        devs += f" ({'—' if t['eer_dev'] is None else format(t['eer_dev'], '.1f')})"
+        layers = "; ".join(str(t.get(m + "_layers", "—")) for m in METRICS)
+        lines.append(f"| {r} | " + " | ".join(_fmt(t[m], t[m + "_std"]) for m in METRICS) + f" | "
+                     f"{_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
+    head = "| " + " | ".join(f"{LABELS[m]} (points, 95 % interval, ±half-width)" for m in METRICS) + " |"
+    comp = ["| full MGF minus " + head, "|---|" + "---|" * len(METRICS)]
     for other, c in comparisons.items():
-        comp.append(f"| {other} | {verdict(c.get('phones'), 'full MGF', other)} | "
-                    f"{verdict(c.get('speakers'), 'full MGF', other)} |")
+        comp.append(f"| {other} | " + " | ".join(verdict(c.get(m), "full MGF", other, m in LOWER_IS_BETTER)
+                                                 for m in METRICS) + " |")
+    rnd = []
+    if vs_random:
+        rnd = ["| variant minus random-init " + head, "|---|" + "---|" * len(METRICS)]
+        for v, c in vs_random.items():
+            rnd.append(f"| {v} | " + " | ".join(verdict(c.get(m), v, "random", m in LOWER_IS_BETTER) for m in METRICS) + " |")
+    pretrained = [r for r in comparisons if r in VARIANTS]
+    hw = _half_width_summary(comparisons, pretrained)
+    hw_line = "; ".join(f"{LABELS[m]}: {hw[m]:.2f}" + (f" (target <= {HALF_WIDTH_TARGETS[m]}: "
+                                                        f"{'met' if hw[m] <= HALF_WIDTH_TARGETS[m] else 'NOT met'})"
+                                                        if m in HALF_WIDTH_TARGETS else "") for m in hw)
     ttp_line = ("not crossed within the budget" if ttp is None else f"{ttp:.0f} CPU s")
-    n_test_spk = next(iter(table.values())).get("speakers_n_test")
+    t0 = next(iter(table.values()))
+    n_sid, n_emo, n_tr = t0.get("speakers_n_test"), t0.get("emotion_n_test"), t0.get("eer_n_trials")
     text = [
         f"# Quality benchmark ({budget_name} budget)",
         "",
         f"Corpus: {corpus['pretrain_hours']:.2f} h of pretraining audio "
-        f"({len(corpus['pretrain_speakers'])} espeak-ng / flite voices), {corpus['probe_hours']:.2f} h of held-out "
-        f"probe audio ({len(corpus['probe_speakers'])} festival voices, no shared base voice, disjoint sentence "
-        f"vocabulary, a random channel per utterance); generated in {corpus['generation_seconds']:.0f} s "
-        f"with {corpus['procs']} processes ({corpus['folder']}).",
+        f"({len(corpus['pretrain_speakers'])} espeak-ng / flite voices); held out from it in base voice and "
+        f"sentence vocabulary: {corpus['probe_hours']:.2f} h phone probe ({len(corpus['probe_speakers'])} festival "
+        f"voices), {corpus.get('speaker_hours', 0):.2f} h speaker probe ({len(corpus.get('speaker_voices', []))} voices "
+        f"of {len({v['base_voice'] for v in corpus.get('speaker_voices', [])})} base voices), "
+        f"{corpus.get('emotion_hours', 0):.2f} h emotion probe ({len(corpus.get('emotion_voices', []))} voices x "
+        f"{len(corpus.get('emotions', {}))} prosody classes); a random channel per utterance (EQ, noise, level), "
+        f"drawn independently of voice and class; {corpus.get('n_utterances', '?')} utterances, "
+        f"{corpus.get('bytes', 0) / 1e6:.0f} MB, generated in {corpus['generation_seconds']:.0f} s with "
+        f"{corpus['procs']} processes ({corpus['folder']}).",
         f"Pretraining: {budget.epochs} epochs x {spe} steps = **{steps} optimiser steps** per run, batch "
         f"{budget.batch_size} utterances (crop_seconds {budget.overrides.get('crop_seconds', 'from the YAML')}), "
         f"encoder {budget.encoder or 'YAML default'}, seeds {budget.seeds}; every variant with the same settings "
         f"(no per-variant tuning).",
-        f"Probes: phones: labels at each representation's frame centres, scored at 100 frames/s on "
-        f"the test voices, layer and L2 chosen on the dev voices; speakers: {n_test_spk} test utterances "
-        f"(binomial SE <= {100 * math.sqrt(0.25 / max(1, n_test_spk or 1)):.1f} points), layer and L2 chosen on dev.",
+        f"Probes (frozen features, linear; layer and L2 chosen on dev, scored on test): phones at each "
+        f"representation's frame centres, scored at 100 frames/s on test voices; speaker ID (SID) on pooled "
+        f"mean + std, {n_sid} test utterances of every speaker-probe voice; zero-shot verification (no trained "
+        f"probe): cosine of z-scored pooled statistics, layer chosen on dev voices' trials, {n_tr} trials between "
+        f"the other (test) voices, half of them targets; emotion on pooled statistics, {n_emo} test utterances of "
+        f"voices the probe never saw (chance 25 %).",
         f"Machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']}, {info['jobs']} runs side "
         f"by side x {info['threads']} thread(s), device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
         f"load average at start {info.get('load_average_start')}, at end {info.get('load_average_end')}.",
@@ -451,33 +575,42 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         f"total {timing['total']:.0f} s; CPU time (load-independent): pretraining {timing['pretrain_cpu']:.0f} s, "
         f"probes {timing['probes_cpu']:.0f} s (runs and probes reused from an earlier invocation count 0).",
         "",
-        "Mean ± sample std over seeds; CPU s / step measured on the run itself (1 thread, teacher pass included).",
+        "Mean ± sample std over seeds (rows without pretraining that depend on no seed: one probe). "
+        f"{ceiling_note or ''}",
         "",
         *lines,
         "",
-        f"Differences (paired bootstrap over the test utterances and, independently per row, the seeds; "
-        f"4,000 replicates; 'not resolved' = the 95 % interval spans 0). Best single scale (chosen on dev): "
-        f"**{picks.get('single')}**; best pair (chosen on dev): **{picks.get('pair')}**.",
+        f"Differences: paired bootstrap (accuracies: over the test utterances; EER: over the test voices, each "
+        f"trial weighted by its voices' draws; both: independently per row, over the seeds; 95 %; 'not resolved' = "
+        f"the interval spans 0). Best single scale (chosen on dev): **{picks.get('single')}**; best pair (chosen "
+        f"on dev): **{picks.get('pair')}**.",
         "",
         *comp,
         "",
-        f"Pretraining CPU seconds full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**.",
+        f"Largest interval half-width of a pretrained-vs-pretrained difference above: {hw_line or 'n/a'}.",
+        "",
+        *rnd,
+        "",
+        f"Pretraining CPU seconds full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**"
+        + (f"; at the other budget: **{other_ttp}**." if other_ttp else "."),
         "",
     ]
     if before:
         text += [f"This folder minus `{before_folder}` (the same variant there; paired bootstrap over utterances "
                  "and seeds, 95 %; ▲/▼ resolved; dev is the split defaults are chosen on):", "",
-                 "| variant | dev phones | dev speakers | test phones | test speakers |", "|---|---|---|---|---|"]
+                 "| variant | dev phones | dev speakers | test phones | test speakers | test EER | test emotion |",
+                 "|---|---|---|---|---|---|---|"]
         for v, c in before.items():
             text.append(f"| {v} | {fmt_diff(c['dev'].get('phones'))} | {fmt_diff(c['dev'].get('speakers'))} | "
-                        f"{fmt_diff(c['test'].get('phones'))} | {fmt_diff(c['test'].get('speakers'))} |")
+                        f"{fmt_diff(c['test'].get('phones'))} | {fmt_diff(c['test'].get('speakers'))} | "
+                        f"{fmt_diff(c['test'].get('eer'))} | {fmt_diff(c['test'].get('emotion'))} |")
         text.append("")
     if curves:
-        text += ["Curves (first seed; test accuracy after each epoch; step 0 = the random-init encoder):", ""]
+        text += ["Curves (first seed; test scores after the probed epochs; step 0 = the random-init encoder):", ""]
         for name, c in curves.items():
-            pts = ", ".join(f"{s} steps / {x:.0f} CPU s: {p:.1f} / {k:.1f}"
-                            for s, x, p, k in zip(c["steps"], c["cpu_seconds"], c["phones"], c["speakers"]))
-            text.append(f"- {name} (phones / speakers): {pts}")
+            pts = ", ".join(f"{s} steps / {x:.0f} CPU s: " + " / ".join(f"{c[m][i]:.1f}" for m in METRICS)
+                            for i, (s, x) in enumerate(zip(c["steps"], c["cpu_seconds"])))
+            text.append(f"- {name} (phones / SID / EER / emotion): {pts}")
         text.append("")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(text))
@@ -520,7 +653,116 @@ def parse_args(argv):
                         "adds each variant here minus the same variant there, on dev and test")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan (variants x seeds x budget), what is cached, and the estimated CPU and wall "
+                        "time; run nothing")
     return p.parse_args(argv)
+
+
+def _probe_key(variant, seed, epoch):
+    return f"{variant}/seed{seed}/epoch{epoch}"
+
+
+def probe_file(out, key):
+    return os.path.join(out, "probes", slug(key).replace("/", "__") + ".json")
+
+
+def probe_is_current(res):
+    """A probe file written by this version (every probe, per-utterance dev outcomes)."""
+    return all(m in res for m in METRICS) and all(
+        res[m] is None or (m == "eer" and "test_trials" in res[m]) or "dev_items" in res[m] for m in METRICS)
+
+
+def curve_epochs(budget):
+    """Epochs (before the last) whose snapshots the curve probes."""
+    eps = budget.curve_epochs if budget.curve_epochs is not None else range(1, budget.epochs)
+    return [e for e in eps if 0 < e < budget.epochs]
+
+
+def plan(budget, out, corpus_ready, resemblyzer):
+    """The work of one invocation -> dict: pretraining runs [(variant, seed, steps, done)], probes
+    [(key, kind, done)], steps per run (from the corpus spec)."""
+    spec = budget.corpus
+    n_train = spec.n_pretrain_speakers * spec.pretrain_utts
+    spe = math.ceil(n_train / budget.batch_size)
+    steps = budget.epochs * spe
+    runs, probes = [], []
+    seed0 = budget.seeds[0]
+    for seed in budget.seeds:
+        for v in budget.variants:
+            run_dir = os.path.join(out, "runs", slug(v), f"seed{seed}")
+            done = os.path.isfile(os.path.join(run_dir, "snapshots", f"epoch{budget.epochs}", "mgf_config.json"))
+            runs.append((v, seed, steps, done))
+            probes.append((_probe_key(v, seed, budget.epochs), "encoder"))
+            if seed == seed0 and v in budget.curve_variants:
+                probes += [(_probe_key(v, seed, e), "encoder") for e in curve_epochs(budget)]
+        if "full MGF" in budget.variants:
+            probes.append((f"random/seed{seed}", "random"))
+        probes += [(f"fbank/seed{seed}", "fbank"), (f"fbank+-5/seed{seed}", "fbank+-5")]
+    probes.append((f"{ENERGY}/seed{seed0}", "energy"))
+    if resemblyzer:
+        probes.append((f"{CEILING}/seed{seed0}", "resemblyzer"))
+    probes = [(k, kind, os.path.isfile(probe_file(out, k))) for k, kind in probes]
+    return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready}
+
+
+def measured_cpu_per_step(out):
+    """{variant: CPU s / step} of the runs an earlier invocation measured in ``out``."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            runs = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {v: float(np.mean([x["cpu_seconds_per_step"] for x in recs])) for v, recs in runs.items()
+            if recs and all(x.get("cpu_seconds_per_step") for x in recs)}
+
+
+def print_plan(budget_name, budget, pl, out, jobs, cache_folder):
+    """--dry_run: the plan, what is cached, the estimated CPU and wall time -> the estimate dict."""
+    cps = {**EST_CPU_PER_STEP, **measured_cpu_per_step(out)}
+    spec = budget.corpus
+    n_utts = (spec.n_pretrain_speakers * (spec.pretrain_utts + 1) + spec.n_probe_speakers * spec.probe_utts
+              + spec.n_speaker_voices * spec.speaker_utts + spec.n_emotion_voices * spec.emotion_utts * 4)
+    corpus_cpu = 0.0 if pl["corpus_ready"] else n_utts * EST_CPU_PER_UTTERANCE
+    run_cpu = sum(cps.get(v, 0.3) * st for v, _, st, done in pl["runs"] if not done)
+    probe_cpu = sum(EST_PROBE_CPU[kind] for _, kind, done in pl["probes"] if not done)
+    todo_runs = sum(not d for *_, d in pl["runs"])
+    todo_probes = sum(not d for *_, d in pl["probes"])
+    cores = max(1, min(jobs, os.cpu_count() or 1))
+    wall = corpus_cpu / 2 + (run_cpu + probe_cpu) / cores
+    print(f"budget {budget_name}: {len(budget.variants)} variants x {len(budget.seeds)} seeds {budget.seeds} = "
+          f"{len(pl['runs'])} pretraining runs of {pl['steps']} steps ({budget.epochs} epochs x {pl['steps_per_epoch']})")
+    print(f"corpus: {'cached' if pl['corpus_ready'] else 'to generate'} ({cache_folder}, {n_utts} utterances)")
+    print(f"output: {out}")
+    print("| variant | seeds done | seeds to train | est. CPU s / run |")
+    print("|---|---|---|---|")
+    for v in budget.variants:
+        done = [s for vv, s, _, d in pl["runs"] if vv == v and d]
+        todo = [s for vv, s, _, d in pl["runs"] if vv == v and not d]
+        print(f"| {v} | {done or '-'} | {todo or '-'} | {cps.get(v, 0.3) * pl['steps']:.0f} |")
+    print(f"probes: {len(pl['probes'])} ({len(pl['probes']) - todo_probes} cached, {todo_probes} to run)")
+    print(f"estimate: corpus {corpus_cpu:.0f} CPU s, pretraining {run_cpu:.0f} CPU s ({todo_runs} runs), probes "
+          f"{probe_cpu:.0f} CPU s ({todo_probes}); wall ~{wall / 60:.0f} min with {cores} run(s) side by side on an "
+          f"idle machine (CPU s per step: measured in {out} where an earlier invocation ran, else "
+          f"benchmarks/RESULTS.md's)")
+    return {"corpus_cpu": corpus_cpu, "pretrain_cpu": run_cpu, "probe_cpu": probe_cpu, "wall_seconds": wall,
+            "runs_to_train": todo_runs, "probes_to_run": todo_probes}
+
+
+def other_budget_curves(budget, out):
+    """(curves, time to pass fbank +-5) of the budget this one is plotted beside (``compare_with``,
+    read from its default output folder beside ``out``), or (None, None)."""
+    if not budget.compare_with:
+        return None, None
+    path = os.path.join(os.path.dirname(out), budget.compare_with, "results.json")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    ttp = res.get("cpu_seconds_to_pass_fbank_pm5_phones")
+    return (res.get("curves", {}),
+            f"{budget.compare_with} budget: " + ("not crossed" if ttp is None else f"{ttp:.0f} CPU s"))
 
 
 def main(argv=None):
@@ -541,6 +783,14 @@ def main(argv=None):
     jobs = args.jobs or (1 if args.device != "cpu" else max(1, min(2, os.cpu_count() or 1)))
     threads = args.threads or (1 if jobs > 1 else None)
     out = os.path.abspath(args.out or os.path.join(REPO, "results", "quality", args.budget))
+    from quality_corpus import corpus_folder
+    from quality_probe import ProbeData, resemblyzer_available, run_probes
+
+    resemblyzer = resemblyzer_available()
+    if args.dry_run:
+        cf = corpus_folder(args.cache, budget.corpus)
+        pl = plan(budget, out, os.path.isfile(os.path.join(cf, "corpus.json")), resemblyzer)
+        return print_plan(args.budget, budget, pl, out, jobs, cf)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, threads or torch.get_num_threads()))
     info = machine_info(threads, args.device, jobs)
@@ -558,33 +808,30 @@ def main(argv=None):
     steps = budget.epochs * spe
     log(f"budget {args.budget}: {len(budget.variants)} variants x seeds {budget.seeds}, {budget.epochs} epochs x "
         f"{spe} steps = {steps} steps each; {jobs} run(s) side by side; output {out}")
+    if not resemblyzer:
+        log(f"the ceiling row '{CEILING}' is left out: the optional package resemblyzer is not installed "
+            "(pip install resemblyzer; its speaker encoder ships in the wheel, no download at run time)")
 
-    from quality_probe import ProbeData, run_probes
-
-    data = ProbeData(corpus, speaker_split=budget.speaker_split)
-    probe_dir = os.path.join(out, "probes")
-    os.makedirs(probe_dir, exist_ok=True)
+    data = ProbeData(corpus, speaker_split=budget.speaker_split, n_trials=budget.n_trials)
+    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
     seed0 = budget.seeds[0]
-
-    def probe_path(key):
-        return os.path.join(probe_dir, slug(key).replace("/", "__") + ".json")
 
     def probe(key, **kw):
         """Runs (or reloads) the probes of one representation."""
-        path = probe_path(key)
+        path = probe_file(out, key)
         if os.path.isfile(path):
             with open(path) as f:
                 res = json.load(f)
-            if all("dev_items" in res[m] for m in METRICS) or args.report_only:
+            if probe_is_current(res) or args.report_only:
                 return res
-            log(f"  probe {key}: written by a version without per-utterance dev outcomes; probing again")
-        shared = key.split("/")[0] in ("fbank", "fbank+-5", "random") and args.baselines_from
+            log(f"  probe {key}: written by an earlier version of the probes; probing again")
+        shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING) and args.baselines_from
         if shared and os.path.isfile(os.path.join(args.baselines_from, "probes", os.path.basename(path))):
-            # fbank needs no pretraining; the random encoder is drawn from the seed and the encoder
-            # shape alone: both the same in every folder made with the same budget.
+            # fbank, the level and the ceiling need no pretraining; the random encoder is drawn from the
+            # seed and the encoder shape alone: all the same in every folder made with the same budget.
             with open(os.path.join(args.baselines_from, "probes", os.path.basename(path))) as f:
                 res = json.load(f)
-            if all("dev_items" in res[m] for m in METRICS):
+            if probe_is_current(res):
                 return res
         if args.report_only:
             return None
@@ -596,9 +843,9 @@ def main(argv=None):
         with open(path + ".tmp", "w") as f:
             json.dump(res, f)
         os.replace(path + ".tmp", path)
-        log(f"  probe {key}: phones {res['phones']['test']:.1f} (layer {res['phones']['layer']}, l2 "
-            f"{res['phones']['l2']:g}), speakers {res['speakers']['test']:.1f} (layer {res['speakers']['layer']}) "
-            f"[{res['seconds']:.0f} s]")
+        ph = "—" if res["phones"] is None else f"{res['phones']['test']:.1f} (layer {res['phones']['layer']})"
+        log(f"  probe {key}: phones {ph}, SID {res['speakers']['test']:.1f}, EER {res['eer']['test']:.1f}, "
+            f"emotion {res['emotion']['test']:.1f} [{res['seconds']:.0f} s, {res['cpu_seconds']:.0f} CPU s]")
         return res
 
     # -- the grid: pretraining runs side by side, each probed as soon as it is done ----------------
@@ -610,18 +857,21 @@ def main(argv=None):
             runs[(variant, seed)] = pretrain_step(variant, seed, run_dir, ov, budget.epochs)
     queue = ProbeQueue(probe)
     if not args.report_only:
+        queue.add([(f"{ENERGY}/seed{seed0}", {"kind": "energy", "seed": seed0})])
         queue.add([(f"{kind}/seed{seed}", {"kind": kind, "seed": seed})
                    for seed in budget.seeds for kind in ("fbank", "fbank+-5")])
+        if resemblyzer:
+            queue.add([(f"{CEILING}/seed{seed0}", {"kind": "resemblyzer", "seed": seed0})])
 
     def probes_of_run(step, _out=None):
         variant, seed = step.row, step.seed
         final = step.result_path
-        jobs_ = [(f"{variant}/seed{seed}/epoch{budget.epochs}", {"kind": "encoder", "source": final, "seed": seed})]
+        jobs_ = [(_probe_key(variant, seed, budget.epochs), {"kind": "encoder", "source": final, "seed": seed})]
         if variant == "full MGF":
             jobs_.append((f"random/seed{seed}", {"kind": "random", "reference": final, "seed": seed}))
         if seed == seed0 and variant in budget.curve_variants:
-            for e in range(1, budget.epochs):
-                jobs_.append((f"{variant}/seed{seed}/epoch{e}", {
+            for e in curve_epochs(budget):
+                jobs_.append((_probe_key(variant, seed, e), {
                     "kind": "encoder", "source": os.path.join(step.folder, "snapshots", f"epoch{e}"), "seed": seed}))
         queue.add(jobs_)
 
@@ -648,7 +898,7 @@ def main(argv=None):
     # -- collect -----------------------------------------------------------------------------------
     probes, curves, run_records = {}, {}, {}
     for (variant, seed), r in runs.items():
-        res = probe(f"{variant}/seed{seed}/epoch{budget.epochs}", kind="encoder", source=r.result_path,
+        res = probe(_probe_key(variant, seed, budget.epochs), kind="encoder", source=r.result_path,
                     seed=seed) if status[r.name] in ("done", "ran") else None
         if res is None:
             continue
@@ -661,29 +911,34 @@ def main(argv=None):
             if rnd is not None:
                 probes.setdefault("random", {})[seed] = rnd
         if seed == seed0 and variant in budget.curve_variants:
-            c = {"steps": [], "cpu_seconds": [], "phones": [], "speakers": []}
-            for e in range(1, budget.epochs + 1):
+            c = {"steps": [], "cpu_seconds": [], **{m: [] for m in METRICS}}
+            for e in curve_epochs(budget) + [budget.epochs]:
                 snap = os.path.join(r.folder, "snapshots", f"epoch{e}")
                 rr = res if e == budget.epochs else (
-                    probe(f"{variant}/seed{seed}/epoch{e}", kind="encoder", source=snap, seed=seed)
+                    probe(_probe_key(variant, seed, e), kind="encoder", source=snap, seed=seed)
                     if os.path.isdir(snap) else None)
                 if rr is not None:
                     st = run_steps(snap)
                     c["steps"].append(st)
                     c["cpu_seconds"].append(st * (rec["cpu_seconds_per_step"] or float("nan")))
-                    c["phones"].append(rr["phones"]["test"])
-                    c["speakers"].append(rr["speakers"]["test"])
+                    for m in METRICS:
+                        c[m].append(rr[m]["test"])
             curves[variant] = c
     for seed in budget.seeds:
         for kind in ("fbank", "fbank+-5"):
             res = probe(f"{kind}/seed{seed}", kind=kind, seed=seed)
             if res is not None:
                 probes.setdefault(kind, {})[seed] = res
+    for row, kind in ((ENERGY, "energy"), (CEILING, "resemblyzer")):
+        if kind == "resemblyzer" and not resemblyzer and not os.path.isfile(probe_file(out, f"{row}/seed{seed0}")):
+            continue
+        res = probe(f"{row}/seed{seed0}", kind=kind, seed=seed0)
+        if res is not None:
+            probes.setdefault(row, {})[seed0] = res
     start = probes.get("random", {}).get(seed0)
     for c in curves.values():  # step 0: the random-init encoder (full MGF's shape, seed0's draw)
         if start is not None:
-            for k, v in (("steps", 0), ("cpu_seconds", 0.0), ("phones", start["phones"]["test"]),
-                         ("speakers", start["speakers"]["test"])):
+            for k, v in (("steps", 0), ("cpu_seconds", 0.0), *((m, start[m]["test"]) for m in METRICS)):
                 c[k].insert(0, v)
     trained = [v for v in budget.variants if v in probes]
     if not trained or "fbank+-5" not in probes:
@@ -695,32 +950,36 @@ def main(argv=None):
         steps, spe = recs[0]["steps"], recs[0]["steps"] // budget.epochs
 
     # -- report ------------------------------------------------------------------------------------
-    rows = list(budget.variants) + list(BASELINES)
+    rows = list(budget.variants) + list(BASELINES) + [ENERGY, CEILING]
     table = aggregate(probes, rows, budget.seeds)
     runs_summary = {v: {"cpu_seconds_per_step": float(np.mean([x["cpu_seconds_per_step"] for x in recs_]))}
                     for v, recs_ in run_records.items() if recs_ and all(x["cpu_seconds_per_step"] for x in recs_)}
     picks = {"single": best_on_dev(table, SINGLE_SCALES), "pair": best_on_dev(table, PAIRS)}
-    comparisons = {}
+    log("comparing (paired bootstrap intervals)")
+    comparisons, vs_random = {}, {}
     if "full MGF" in table:
-        others = [v for v in SINGLE_SCALES if v in table] + [p for p in (picks["pair"],) if p] + \
-                 [v for v in PEERS if v in table] + [b for b in ("fbank+-5", "random") if b in table]
+        others = [v for v in (*SINGLE_SCALES, *PAIRS, *PEERS, "fbank+-5", "random", CEILING) if v in table]
         for o in others:
             comparisons[o] = compare(probes, "full MGF", o, budget.seeds)
+    if "random" in table:
+        for v in budget.variants:
+            if v in table:
+                vs_random[v] = compare(probes, v, "random", budget.seeds)
     ttp = None
     if "full MGF" in curves and "fbank+-5" in table:
         pts = list(zip(curves["full MGF"]["cpu_seconds"], curves["full MGF"]["phones"]))
         ttp = time_to_pass(pts, table["fbank+-5"]["phones"])
+    other_curves, other_ttp = other_budget_curves(budget, out)
     single = picks["single"] if picks["single"] in curves else next((v for v in SINGLE_SCALES if v in curves), None)
     shown = {k: v for k, v in curves.items() if k in ("full MGF", single, *PEERS)}
-    hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random") if b in table}
+    hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random", CEILING) if b in table}
     what = "the best single scale (chosen on dev)" if single == picks["single"] else "a single scale"
     curve_png(os.path.join(out, "quality_curve.png"), shown, hlines,
-              title=f"full MGF vs {what} ({single}) and the peers; seed {seed0}")
-    rp.bar_chart_png(os.path.join(out, "quality_bars.png"), ["phones (frame acc.)", "speakers (acc.)"],
-                     {r: [table[r]["phones"], table[r]["speakers"]] for r in table},
-                     errors={r: [table[r]["phones_std"], table[r]["speakers_std"]] for r in table},
-                     title=f"Quality benchmark ({args.budget}): {steps} steps, seeds {budget.seeds} (± sample std)",
-                     ylabel="accuracy (%)")
+              title=f"{args.budget} budget: full MGF vs {what} ({single}) and the peers; seed {seed0}"
+                    + (f"; dotted: the {budget.compare_with} budget" if other_curves else ""),
+              other={k: v for k, v in (other_curves or {}).items() if k in shown})
+    bars_png(os.path.join(out, "quality_bars.png"), table,
+             title=f"Quality benchmark ({args.budget}): {steps} steps, seeds {budget.seeds} (mean ± sample std)")
     timing["total"] = time.time() - t_start
     try:
         info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -730,17 +989,25 @@ def main(argv=None):
     if args.before:
         before = compare_with_before(probes, os.path.abspath(args.before), [v for v in budget.variants if v in probes],
                                      budget.seeds, budget.epochs)
+    note = None if CEILING in table else (f"'{CEILING}' row: not measured (the optional package resemblyzer is not "
+                                          "installed).")
     text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
-                        steps, spe, runs_summary, before=before, before_folder=args.before)
+                        steps, spe, runs_summary, before=before, before_folder=args.before, vs_random=vs_random,
+                        other_ttp=other_ttp, ceiling_note=note)
+
+    def slim(res_m):
+        drop = ("test_items", "test_ids", "dev_items", "test_scores", "test_trials")
+        return None if res_m is None else {k: v for k, v in res_m.items() if k not in drop}
+
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
-              "table": table, "comparisons": comparisons, "picks": picks, "curves": curves,
+              "table": table, "comparisons": comparisons, "vs_random": vs_random, "picks": picks, "curves": curves,
               "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
               "before": {"folder": args.before, "comparisons": before} if args.before else None,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
-              "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain")},
-              "probes": {r: {str(s): {m: {k: v for k, v in res[m].items() if k not in ("test_items", "test_ids", "dev_items")}
-                                      for m in METRICS} for s, res in by_seed.items()} for r, by_seed in probes.items()}}
+              "corpus": {k: v for k, v in corpus.items() if k not in ("probe", "pretrain", "speaker", "emotion")},
+              "probes": {r: {str(s): {m: slim(res[m]) for m in METRICS} for s, res in by_seed.items()}
+                         for r, by_seed in probes.items()}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(text)

@@ -49,6 +49,15 @@ PROBE_BASES = [("festival", "kal_diphone"), ("festival", "ked_diphone"), ("festi
 FLITE_PRETRAIN_BASES = ["awb", "rms"]
 ESPEAK_LANGS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan"]
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
+# espeak-ng base voices (accent + variant) held out of pretraining for the speaker and emotion
+# probes, which need no phone timings: one per accent, male and female variants.
+ESPEAK_HELD_OUT = ["en-us+m7", "en-gb+f5", "en-gb-scotland+m6", "en-gb-x-rp+f4", "en-029+m2", "en-gb-x-gbclan+f1"]
+# base voices of the speaker- and emotion-probe voices: the festival voices of the phone probe and
+# the held-out espeak-ng voices (9 base voices; none is used in pretraining)
+SPEAKER_BASES = PROBE_BASES + [("espeak", b) for b in ESPEAK_HELD_OUT]
+# emotion class -> (rate multiplier, pitch shift in semitones, pitch-range multiplier), as
+# samples/make_samples.py renders IEMOCAP's; applied on top of each voice's own prosody
+EMOTIONS = {"neu": (1.00, 0.0, 1.0), "sad": (0.72, -3.0, 0.35), "ang": (1.30, 1.0, 2.2), "hap": (1.05, 4.0, 1.6)}
 
 # "engine:voice" names that are the same base voice (diphone set / recorded speaker) as another
 # engine's voice: such a pair must never be split between pretraining and probes.
@@ -73,7 +82,11 @@ class CorpusSpec:
 
     n_pretrain_speakers / pretrain_utts: pretraining voices and training utterances per voice
     (one more per voice goes to the ``valid`` split). n_probe_speakers / probe_utts: held-out
-    festival voices for the probes and single-sentence utterances per voice.
+    festival voices for the phone probe and single-sentence utterances per voice.
+    n_speaker_voices / speaker_utts: held-out voices of :data:`SPEAKER_BASES` for the speaker
+    probes (identification and zero-shot verification) and utterances per voice.
+    n_emotion_voices / emotion_utts: held-out voices for the emotion probe and utterances per
+    voice *and class* of :data:`EMOTIONS`.
     two_sentence_prob: chance that a pretraining utterance holds two sentences (~3 s for one,
     ~6 s for two).
     """
@@ -82,11 +95,15 @@ class CorpusSpec:
     pretrain_utts: int = 24
     n_probe_speakers: int = 32
     probe_utts: int = 36
+    n_speaker_voices: int = 72
+    speaker_utts: int = 44
+    n_emotion_voices: int = 48
+    emotion_utts: int = 5
     two_sentence_prob: float = 0.3
     seed: int = 0
 
     def key(self):
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v3"
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|v4"
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -120,7 +137,8 @@ class Channel:
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One utterance to synthesise: output path, text and its pool ('A' | 'B'), speaker, channel,
-    seed of its noise, and whether festival's phone timings are kept (probe utterances)."""
+    seed of its noise, whether festival's phone timings are kept (phone-probe utterances), the
+    set it belongs to ('pretrain' | 'probe' | 'speaker' | 'emotion') and its emotion class."""
 
     path: str
     text: str
@@ -129,6 +147,8 @@ class Job:
     channel: Channel
     seed: int
     want_phones: bool
+    set: str = "probe"
+    emotion: Optional[str] = None
 
 
 def base_voice(engine: str, name: str) -> str:
@@ -166,9 +186,11 @@ def draw_channel(rng) -> Channel:
 
 
 def draw_speakers(spec: CorpusSpec):
-    """(pretraining speakers, probe speakers): espeak-ng + flite awb/rms vs festival, disjoint streams."""
+    """(pretraining speakers, phone-probe speakers): espeak-ng (but :data:`ESPEAK_HELD_OUT`) +
+    flite awb/rms vs festival, disjoint streams."""
     rng = np.random.default_rng([spec.seed, 1])
-    espeak = [f"{lang}+{var}" for lang in ESPEAK_LANGS for var in ESPEAK_VARIANTS]
+    espeak = [f"{lang}+{var}" for lang in ESPEAK_LANGS for var in ESPEAK_VARIANTS
+              if f"{lang}+{var}" not in ESPEAK_HELD_OUT]
     order = rng.permutation(len(espeak))
     pretrain = []
     for i in range(spec.n_pretrain_speakers):
@@ -180,8 +202,25 @@ def draw_speakers(spec: CorpusSpec):
     rng_probe = np.random.default_rng([spec.seed, 2])
     probe = [draw_speaker(f"h{i:03d}", *PROBE_BASES[i % len(PROBE_BASES)], rng_probe)
              for i in range(spec.n_probe_speakers)]
-    check_held_out(pretrain, probe)
+    check_held_out(pretrain, probe + [s for v in draw_probe_sets(spec).values() for s in v])
     return pretrain, probe
+
+
+def draw_probe_sets(spec: CorpusSpec):
+    """{"speaker": voices, "emotion": voices} of :data:`SPEAKER_BASES`, dealt base by base (voice
+    ``i`` has base ``i mod 9``), each from its own stream; ids ``s###`` / ``e###``."""
+    out = {}
+    for name, n, tag, stream in (("speaker", spec.n_speaker_voices, "s", 6), ("emotion", spec.n_emotion_voices, "e", 7)):
+        rng = np.random.default_rng([spec.seed, stream])
+        out[name] = [draw_speaker(f"{tag}{i:03d}", *SPEAKER_BASES[i % len(SPEAKER_BASES)], rng) for i in range(n)]
+    return out
+
+
+def emotion_voice(voice: tts.Voice, emotion: str) -> tts.Voice:
+    """``voice`` speaking with the prosody of ``emotion`` (:data:`EMOTIONS`: rate and pitch range
+    multiply the voice's own, the pitch shift adds to it)."""
+    rate, pitch, rng_ = EMOTIONS[emotion]
+    return voice.replace(rate=voice.rate * rate, pitch=voice.pitch + pitch, pitch_range=voice.pitch_range * rng_)
 
 
 def check_held_out(pretrain, probe):
@@ -237,8 +276,9 @@ def _synth_job(job: Job):
     """Synthesises, applies the utterance's channel, writes FLAC; returns the manifest row."""
     import soundfile as sf
 
-    wav, phones, _ = tts.synthesize_aligned(job.text, job.speaker.voice, SR)
-    if job.want_phones:
+    voice = job.speaker.voice if job.emotion is None else emotion_voice(job.speaker.voice, job.emotion)
+    wav, phones, _ = tts.synthesize_aligned(job.text, voice, SR)
+    if phones:  # festival: its long leading / trailing pauses shortened (every probe set alike)
         wav, phones = _trim(wav, phones)
     ch = job.channel
     wav = tts.apply_channel(wav, SR, np.random.default_rng(job.seed), noise_snr_db=ch.snr_db, eq=ch.eq,
@@ -250,7 +290,9 @@ def _synth_job(job: Job):
              format="FLAC", subtype="PCM_16")
     os.replace(tmp, job.path)
     row = {"path": job.path, "speaker": job.speaker.id, "text": job.text, "text_pool": job.text_pool,
-           "duration": len(wav) / SR, "channel": ch.row()}
+           "duration": len(wav) / SR, "channel": ch.row(), "set": job.set}
+    if job.emotion is not None:
+        row["emotion"] = job.emotion
     if job.want_phones:
         row["phones"] = [[round(s, 4), round(e, 4), p] for s, e, p in phones]
     return row
@@ -259,14 +301,18 @@ def _synth_job(job: Job):
 def plan_jobs(spec: CorpusSpec, folder: str):
     """Every utterance to synthesise: (list of :class:`Job`, pretraining speakers, probe speakers).
 
-    Pretraining texts come from pool A, probe texts from pool B (:func:`text_pools`); channels
-    are drawn per utterance, in plan order, from one stream.
+    Pretraining texts come from pool A, probe texts (phones, speakers, emotion) from pool B
+    (:func:`text_pools`); channels are drawn per utterance, in plan order, from one stream, so
+    an utterance's level, SNR and EQ are independent of its speaker and emotion class.
     """
     pretrain, probe = draw_speakers(spec)
+    sets = draw_probe_sets(spec)
     pools = text_pools(spec.seed)
     n_pre = len(pretrain) * (spec.pretrain_utts + 1)
+    n_b = (len(probe) * spec.probe_utts + len(sets["speaker"]) * spec.speaker_utts
+           + len(sets["emotion"]) * spec.emotion_utts * len(EMOTIONS))
     sents = {"A": iter(tts.make_sentences(2 * n_pre, spec.seed, *pools["A"])),
-             "B": iter(tts.make_sentences(len(probe) * spec.probe_utts, spec.seed, *pools["B"]))}
+             "B": iter(tts.make_sentences(n_b, spec.seed, *pools["B"]))}
     rng = np.random.default_rng([spec.seed, 3])  # sentences per utterance, noise seeds
     rng_channel = np.random.default_rng([spec.seed, 4])
     jobs = []
@@ -277,11 +323,21 @@ def plan_jobs(spec: CorpusSpec, folder: str):
             if rng.random() < spec.two_sentence_prob:
                 text += " " + next(sents["A"])
             jobs.append(Job(os.path.join(folder, "pretrain", split, spk.id, f"{spk.id}-{i:03d}.flac"), text, "A",
-                            spk, draw_channel(rng_channel), int(rng.integers(2**31)), False))
+                            spk, draw_channel(rng_channel), int(rng.integers(2**31)), False, "pretrain"))
     for spk in probe:
         for i in range(spec.probe_utts):
             jobs.append(Job(os.path.join(folder, "probe", spk.id, f"{spk.id}-{i:03d}.flac"), next(sents["B"]), "B",
                             spk, draw_channel(rng_channel), int(rng.integers(2**31)), True))
+    for spk in sets["speaker"]:
+        for i in range(spec.speaker_utts):
+            jobs.append(Job(os.path.join(folder, "speaker", spk.id, f"{spk.id}-{i:03d}.flac"), next(sents["B"]), "B",
+                            spk, draw_channel(rng_channel), int(rng.integers(2**31)), False, "speaker"))
+    for spk in sets["emotion"]:
+        for emo in EMOTIONS:
+            for i in range(spec.emotion_utts):
+                jobs.append(Job(os.path.join(folder, "emotion", spk.id, f"{spk.id}-{emo}-{i:03d}.flac"),
+                                next(sents["B"]), "B", spk, draw_channel(rng_channel), int(rng.integers(2**31)),
+                                False, "emotion", emo))
     return jobs, pretrain, probe
 
 
@@ -304,8 +360,10 @@ def build_corpus(cache, spec: CorpusSpec, procs=2, log=print):
             return json.load(f)
     os.makedirs(folder, exist_ok=True)
     jobs, pretrain, probe = plan_jobs(spec, folder)
+    sets = draw_probe_sets(spec)
     log(f"generating the quality corpus in {folder}: {len(jobs)} utterances, "
-        f"{len(pretrain)} pretraining + {len(probe)} held-out probe voices, {procs} processes")
+        f"{len(pretrain)} pretraining + {len(probe)} phone-probe + {len(sets['speaker'])} speaker-probe + "
+        f"{len(sets['emotion'])} emotion-probe voices (all held out), {procs} processes")
     t0 = time.time()
     if procs <= 1:
         rows = [_synth_job(j) for j in jobs]
@@ -318,7 +376,7 @@ def build_corpus(cache, spec: CorpusSpec, procs=2, log=print):
                     log(f"  {i + 1}/{len(jobs)} utterances ({time.time() - t0:.0f} s)")
     seconds = time.time() - t0
     rows = [{**r, "path": os.path.relpath(r["path"], folder)} for r in rows]
-    pre = [r for r in rows if "phones" not in r]
+    pre = [r for r in rows if r["set"] == "pretrain"]
     summary = {
         "spec": dataclasses.asdict(spec),
         "folder": folder,
@@ -328,18 +386,28 @@ def build_corpus(cache, spec: CorpusSpec, procs=2, log=print):
         "pretrain_hours": round(sum(r["duration"] for r in pre) / 3600, 3),
         "pretrain_train_hours": round(sum(r["duration"] for r in pre if r["path"].startswith("pretrain/train/"))
                                       / 3600, 3),
-        "probe_hours": round(sum(r["duration"] for r in rows if "phones" in r) / 3600, 3),
+        "probe_hours": round(sum(r["duration"] for r in rows if r["set"] == "probe") / 3600, 3),
+        "speaker_hours": round(sum(r["duration"] for r in rows if r["set"] == "speaker") / 3600, 3),
+        "emotion_hours": round(sum(r["duration"] for r in rows if r["set"] == "emotion") / 3600, 3),
+        "n_utterances": len(rows),
+        "bytes": sum(os.path.getsize(os.path.join(folder, r["path"])) for r in rows),
         "pretrain_speakers": [_speaker_row(s) for s in pretrain],
         "probe_speakers": [_speaker_row(s) for s in probe],
+        "speaker_voices": [_speaker_row(s) for s in sets["speaker"]],
+        "emotion_voices": [_speaker_row(s) for s in sets["emotion"]],
+        "emotions": {k: list(v) for k, v in EMOTIONS.items()},
         "text_pools": {k: {"words": w, "templates": t} for k, (w, t) in text_pools(spec.seed).items()},
         "pretrain": pre,
-        "probe": [r for r in rows if "phones" in r],
+        "probe": [r for r in rows if r["set"] == "probe"],
+        "speaker": [r for r in rows if r["set"] == "speaker"],
+        "emotion": [r for r in rows if r["set"] == "emotion"],
     }
     with open(done + ".tmp", "w") as f:
         json.dump(summary, f)
     os.replace(done + ".tmp", done)
-    log(f"corpus ready: {summary['pretrain_hours']:.2f} h pretraining, {summary['probe_hours']:.2f} h probe, "
-        f"generated in {seconds:.0f} s")
+    log(f"corpus ready: {summary['pretrain_hours']:.2f} h pretraining, {summary['probe_hours']:.2f} h phone probe, "
+        f"{summary['speaker_hours']:.2f} h speaker probe, {summary['emotion_hours']:.2f} h emotion probe, "
+        f"{summary['bytes'] / 1e6:.0f} MB, generated in {seconds:.0f} s")
     return summary
 
 

@@ -42,9 +42,139 @@ PHONE_L2_GRID = (1e-4, 1e-3, 1e-2)
 SPEAKER_L2_GRID = (1e-3, 1e-2, 1e-1)
 
 
-def _voice_base(corpus):
-    """speaker id -> its synthesiser base voice (for balanced splits); ids alone when unknown."""
-    return {s["id"]: s.get("voice", "") for s in corpus.get("probe_speakers", [])}
+def _voice_base(corpus, key):
+    """speaker id -> its synthesiser base voice (for balanced splits) of ``corpus[key]``."""
+    return {s["id"]: s.get("base_voice", s.get("voice", "")) for s in corpus.get(key, [])}
+
+
+def _read(folder, row):
+    wav, sr = sf.read(os.path.join(folder, row["path"]), dtype="float32")
+    if sr != SR:
+        raise ValueError(f"{row['path']}: expected {SR} Hz, got {sr}")
+    return wav
+
+
+def round_robin(voices, base):
+    """``voices`` ordered one base voice at a time (bases sorted, voices sorted within a base), so
+    that any prefix spans the base voices as evenly as it can."""
+    by_base = {}
+    for v in sorted(voices):
+        by_base.setdefault(base.get(v, ""), []).append(v)
+    order = []
+    while any(by_base.values()):
+        for b in sorted(by_base):
+            if by_base[b]:
+                order.append(by_base[b].pop(0))
+    return order
+
+
+def make_trials(utt_voice, voices, n_each, seed):
+    """Verification trials among the utterances of ``voices``: ``n_each`` target pairs (two
+    different utterances of one voice, the voice drawn uniformly) and ``n_each`` non-target pairs
+    (utterances of two different voices, drawn uniformly) -> (N, 2) int64 utterance indices and
+    (N,) bool is-target. Deterministic given ``seed``; no pair is drawn twice."""
+    rng = np.random.default_rng(seed)
+    utts = {v: np.flatnonzero(utt_voice == v) for v in voices}
+    voices = [v for v in voices if len(utts[v]) >= 2]
+    if len(voices) < 2:
+        raise ValueError("verification needs at least two voices with two utterances each")
+    pairs, seen = [], set()
+    for target in (True, False):
+        got, tries = 0, 0
+        while got < n_each and tries < 100 * n_each:
+            tries += 1
+            if target:
+                v = voices[rng.integers(len(voices))]
+                a, b = rng.choice(utts[v], 2, replace=False)
+            else:
+                i, j = rng.choice(len(voices), 2, replace=False)
+                a, b = rng.choice(utts[voices[i]]), rng.choice(utts[voices[j]])
+            key = (min(a, b), max(a, b))
+            if key in seen:
+                continue
+            seen.add(key)
+            pairs.append((a, b, target))
+            got += 1
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    return arr[:, :2], arr[:, 2].astype(bool)
+
+
+class SpeakerSet:
+    """The speaker-probe voices (``corpus["speaker"]``: held-out voices of ``SPEAKER_BASES``).
+
+    - identification: each voice's utterances split into train / dev / test (the last
+      ``speaker_split`` = (dev, test) utterances of each voice are dev and test);
+    - zero-shot verification: the voices split into dev voices (``verify_dev_share``, dealt
+      round-robin over base voices) and test voices; ``n_trials`` = (dev, test) target pairs, as
+      many non-target pairs, among the utterances of the dev / test voices.
+
+    Attributes: ``wavs``, ``voice`` (U,) voice index, ``base`` (U,) base-voice index, ``role``
+    (U,) "train" | "dev" | "test" (identification), ``voices``, ``voice_base`` (V,) base index
+    per voice, ``verify_role`` {voice: "dev" | "test"}, ``trials`` {"dev"|"test": (pairs, is_target)}.
+    """
+
+    def __init__(self, corpus, speaker_split=(4, 28), verify_dev_share=0.25, n_trials=(1000, 2000)):
+        rows = sorted(corpus.get("speaker", []), key=lambda r: r["path"])
+        if not rows:
+            raise ValueError("the corpus has no speaker-probe set: regenerate it (quality_corpus v4)")
+        base_of = _voice_base(corpus, "speaker_voices")
+        self.voices = sorted({r["speaker"] for r in rows})
+        bases = sorted(set(base_of.values()))
+        vidx = {v: i for i, v in enumerate(self.voices)}
+        self.base_names = bases
+        self.voice_base = np.array([bases.index(base_of[v]) for v in self.voices])
+        by_voice = {}
+        for r in rows:
+            by_voice.setdefault(r["speaker"], []).append(r)
+        nd, nt = speaker_split
+        self.wavs, self.ids, voice, role = [], [], [], []
+        for v in self.voices:
+            utts = by_voice[v]
+            n = len(utts)
+            if nd + nt >= n:
+                raise ValueError(f"voice {v} has {n} utterances: too few for {nd} dev + {nt} test speaker-probe "
+                                 f"utterances and at least one to train on")
+            for j, r in enumerate(utts):
+                self.wavs.append(_read(corpus["folder"], r))
+                self.ids.append(os.path.splitext(os.path.basename(r["path"]))[0])
+                voice.append(vidx[v])
+                role.append("train" if j < n - nd - nt else "dev" if j < n - nt else "test")
+        self.voice = np.array(voice, dtype=np.int64)
+        self.base = self.voice_base[self.voice]
+        self.role = np.array(role)
+        order = round_robin(self.voices, base_of)
+        n_dev = max(2, int(round(verify_dev_share * len(order))))
+        self.verify_role = {v: ("dev" if i < n_dev else "test") for i, v in enumerate(order)}
+        seed = int(corpus.get("spec", {}).get("seed", 0))
+        self.trials = {}
+        for k, (split, n) in enumerate(zip(("dev", "test"), n_trials)):
+            vs = [vidx[v] for v in self.voices if self.verify_role[v] == split]
+            self.trials[split] = make_trials(self.voice, vs, n, [seed, 11, k])
+
+
+class EmotionSet:
+    """The emotion-probe voices (``corpus["emotion"]``): 4 classes rendered by prosody; voices
+    split into train / dev / test (``emotion_split`` = dev, test shares, dealt round-robin over
+    base voices), so the probe never sees a test voice. Attributes: ``wavs``, ``label`` (U,),
+    ``classes``, ``role`` (U,), ``voice`` (U,) voice ids."""
+
+    def __init__(self, corpus, emotion_split=(0.25, 0.25)):
+        rows = sorted(corpus.get("emotion", []), key=lambda r: r["path"])
+        if not rows:
+            raise ValueError("the corpus has no emotion-probe set: regenerate it (quality_corpus v4)")
+        self.classes = sorted({r["emotion"] for r in rows})
+        voices = sorted({r["speaker"] for r in rows})
+        order = round_robin(voices, _voice_base(corpus, "emotion_voices"))
+        n_test = max(1, int(round(emotion_split[1] * len(voices))))
+        n_dev = max(1, int(round(emotion_split[0] * len(voices))))
+        if n_dev + n_test >= len(voices):
+            raise ValueError(f"need more than {n_dev + n_test} emotion voices for the splits")
+        vrole = {v: ("test" if i < n_test else "dev" if i < n_test + n_dev else "train") for i, v in enumerate(order)}
+        self.wavs = [_read(corpus["folder"], r) for r in rows]
+        self.ids = [os.path.splitext(os.path.basename(r["path"]))[0] for r in rows]
+        self.label = np.array([self.classes.index(r["emotion"]) for r in rows], dtype=np.int64)
+        self.voice = np.array([r["speaker"] for r in rows])
+        self.role = np.array([vrole[r["speaker"]] for r in rows])
 
 
 class ProbeData:
@@ -78,59 +208,35 @@ class ProbeData:
         The phone inventory (class names).
     """
 
-    def __init__(self, corpus, phone_split=(0.25, 0.25), speaker_split=(4, 20)):
+    def __init__(self, corpus, phone_split=(0.25, 0.25), speaker_split=(4, 28), verify_dev_share=0.25,
+                 n_trials=(1000, 2000), emotion_split=(0.25, 0.25)):
         rows = sorted(corpus["probe"], key=lambda r: r["path"])
         folder = corpus["folder"]
         self.phones = phone_inventory(rows)
         self.inventory = {p: i for i, p in enumerate(self.phones)}
         speakers = sorted({r["speaker"] for r in rows})
-        spk_index = {s: i for i, s in enumerate(speakers)}
-        self.n_speakers = len(speakers)
         n_dev = max(1, int(round(phone_split[0] * len(speakers))))
         n_test = max(1, int(round(phone_split[1] * len(speakers))))
         if n_dev + n_test >= len(speakers):
             raise ValueError(f"need more than {n_dev + n_test} probe voices for the phone splits")
-        # deal voices out base by base, so that each role spans the base voices
-        base = _voice_base(corpus)
-        by_base = {}
-        for s in sorted(speakers):
-            by_base.setdefault(base.get(s, ""), []).append(s)
-        order = []  # round-robin over bases: one voice of each base at a time
-        while any(by_base.values()):
-            for b in sorted(by_base):
-                if by_base[b]:
-                    order.append(by_base[b].pop(0))
+        order = round_robin(speakers, _voice_base(corpus, "probe_speakers"))
         voice_role = {s: ("test" if i < n_test else "dev" if i < n_test + n_dev else "train")
                       for i, s in enumerate(order)}
         self.voice_role = voice_role
         self.wavs, self.labels, self.phone_segments, self.ids = [], [], [], []
-        spk, prole, srole = [], [], []
-        by_speaker = {}
+        prole = []
         for r in rows:
-            by_speaker.setdefault(r["speaker"], []).append(r)
-        nd, nt = speaker_split
-        for s in speakers:
-            utts = by_speaker[s]
-            n = len(utts)
-            if nd + nt >= n:
-                raise ValueError(f"voice {s} has {n} utterances: too few for {nd} dev + {nt} test speaker-probe "
-                                 f"utterances and at least one to train on")
-            for j, r in enumerate(utts):
-                wav, sr = sf.read(os.path.join(folder, r["path"]), dtype="float32")
-                if sr != SR:
-                    raise ValueError(f"{r['path']}: expected {SR} Hz, got {sr}")
-                self.wavs.append(wav)
-                segs = [tuple(p) for p in r["phones"]]
-                self.phone_segments.append(segs)
-                self.labels.append(self.labels_at(segs, len(wav), 1))
-                self.ids.append(os.path.splitext(os.path.basename(r["path"]))[0])
-                spk.append(spk_index[s])
-                prole.append(voice_role[s])
-                srole.append("train" if j < n - nd - nt else "dev" if j < n - nt else "test")
-        self.speaker = np.array(spk, dtype=np.int64)
+            wav = _read(folder, r)
+            self.wavs.append(wav)
+            segs = [tuple(p) for p in r["phones"]]
+            self.phone_segments.append(segs)
+            self.labels.append(self.labels_at(segs, len(wav), 1))
+            self.ids.append(os.path.splitext(os.path.basename(r["path"]))[0])
+            prole.append(voice_role[r["speaker"]])
         self.phone_role = np.array(prole)
-        self.speaker_role = np.array(srole)
         self._native_labels = {}
+        self.speakers = SpeakerSet(corpus, speaker_split, verify_dev_share, n_trials)
+        self.emotion = EmotionSet(corpus, emotion_split)
 
     def labels_at(self, segments, n_samples, frame_stack):
         """Phone index of each native frame of a representation stacking ``frame_stack`` fbank frames."""
@@ -154,14 +260,20 @@ class ProbeData:
 
     def batches(self, batch_size):
         """Yields (indices, wavs (B, samples), wav_lens (B,)) in order, zero-padded."""
-        for a in range(0, len(self.wavs), batch_size):
-            idx = list(range(a, min(a + batch_size, len(self.wavs))))
-            n = max(len(self.wavs[i]) for i in idx)
-            w = torch.zeros(len(idx), n)
-            for k, i in enumerate(idx):
-                w[k, : len(self.wavs[i])] = torch.from_numpy(self.wavs[i])
-            lens = torch.tensor([len(self.wavs[i]) / n for i in idx])
-            yield idx, w, lens
+        return batches(self.wavs, batch_size)
+
+
+def batches(wavs, batch_size):
+    """Yields (indices, wavs (B, samples), wav_lens (B,)) over a list of waveforms, in order,
+    zero-padded; utterances of similar length go together only as the list orders them."""
+    for a in range(0, len(wavs), batch_size):
+        idx = list(range(a, min(a + batch_size, len(wavs))))
+        n = max(len(wavs[i]) for i in idx)
+        w = torch.zeros(len(idx), n)
+        for k, i in enumerate(idx):
+            w[k, : len(wavs[i])] = torch.from_numpy(wavs[i])
+        lens = torch.tensor([len(wavs[i]) / n for i in idx])
+        yield idx, w, lens
 
 
 class Layer:
@@ -182,15 +294,93 @@ class Layer:
         return h
 
 
-@torch.no_grad()
-def encode(data: ProbeData, kind, source=None, reference=None, seed=0, batch_size=16, device="cpu"):
-    """Every representation of every probe utterance.
+class Representation:
+    """One representation as a function of a batch of waveforms.
 
-    Arguments
-    ---------
-    kind : str
-        ``fbank`` | ``fbank+-5`` | ``encoder`` (a pretrained folder ``source``) | ``random``
-        (architecture and normaliser of ``reference``, weights from ``seed``).
+    ``kind``: ``fbank`` | ``fbank+-5`` (80 log-Mel with the global normaliser fitted on the
+    phone-probe train voices) | ``encoder`` (a pretrained folder ``source``: input embedding + each
+    layer) | ``random`` (architecture and normaliser of ``reference``, weights from ``seed``) |
+    ``energy`` (frame log-energy alone: the level a probe could read) | ``resemblyzer`` (GE2E
+    speaker encoder of the PyPI package, one 256-d embedding per utterance: utterance probes only).
+
+    ``__call__(wavs, lens)`` -> (list of (B, T, D) layers, (B,) valid frames); ``stack``: fbank
+    frames per native frame; ``frames``: False when the representation has no frames (phones n/a).
+    """
+
+    def __init__(self, data, kind, source=None, reference=None, seed=0, device="cpu"):
+        self.kind, self.device, self.stack, self.frames, self.up = kind, device, 1, True, None
+        if kind in ("fbank", "fbank+-5"):
+            self.fe = FeatureExtractor(n_mels=80, frame_stack=1)
+            self.fe.train()  # global statistics from the phone-probe train utterances only
+            for i in np.flatnonzero(data.phone_role == "train"):
+                self.fe(torch.from_numpy(data.wavs[i])[None], torch.ones(1), epoch=0)
+            self.fe.eval()
+        elif kind == "energy":
+            pass
+        elif kind == "resemblyzer":
+            from resemblyzer import VoiceEncoder  # optional: the caller checks resemblyzer_available()
+
+            self.frames, self.ve = False, VoiceEncoder(device=device, verbose=False)
+        elif kind in ("encoder", "random"):
+            if kind == "random":
+                torch.manual_seed(seed)
+                up = Upstream("random", reference=reference)
+            else:
+                up = Upstream(source)
+            self.up = up.to(device).eval()
+            self.stack = self.up.features.frame_stack
+        else:
+            raise ValueError(f"unknown representation kind {kind!r}")
+
+    @torch.no_grad()
+    def __call__(self, wavs, lens):
+        if self.kind in ("fbank", "fbank+-5"):
+            h, n = self.fe(wavs, lens, epoch=10**9)
+            return [h], n
+        if self.kind == "energy":
+            return log_energy(wavs, lens)
+        if self.kind == "resemblyzer":
+            n_s = (lens * wavs.shape[1]).round().long()
+            emb = [torch.from_numpy(self.ve.embed_utterance(wavs[k, : int(n_s[k])].numpy())) for k in range(len(wavs))]
+            return [torch.stack(emb)[:, None, :]], torch.ones(len(wavs), dtype=torch.long)
+        layers, n = self.up(wavs.to(self.device), lens.to(self.device))
+        return [h.float().cpu() for h in layers], n.cpu()
+
+
+def log_energy(wavs, lens, win=400, hop=HOP):
+    """Frame log-energy (dB) of a batch: (B, samples), (B,) relative lengths -> ([(B, T, 1)], (B,)
+    valid frames); 25 ms frames every 10 ms. The level alone, for the emotion leak test."""
+    frames = torch.nn.functional.pad(wavs, (0, win)).unfold(1, win, hop)[:, : wavs.shape[1] // hop + 1]
+    e = 10 * torch.log10(frames.pow(2).mean(-1) + 1e-10)
+    n = (lens * wavs.shape[1] / hop).floor().long() + 1
+    return [e[:, :, None]], n.clamp(max=e.shape[1])
+
+
+def resemblyzer_available():
+    """True when the optional speaker encoder (PyPI ``resemblyzer``) imports."""
+    try:
+        import resemblyzer  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def pool(rep, wavs, batch_size=16):
+    """Pooled mean + std of every layer over each utterance -> list of (U, 2 D) (per layer; a
+    representation with one vector per utterance, ``rep.frames`` False: that vector, (U, D))."""
+    out = None
+    for idx, w, lens in batches(wavs, batch_size):
+        layers, n = rep(w, lens)
+        if out is None:
+            out = [[] for _ in layers]
+        for li, h in enumerate(layers):
+            out[li].append(pooled_statistics(h, n) if rep.frames else h[:, 0])
+    return [torch.cat(p) for p in out]
+
+
+@torch.no_grad()
+def encode(data: ProbeData, kind, source=None, reference=None, seed=0, batch_size=16, device="cpu", rep=None):
+    """Every representation of every phone-probe utterance.
 
     Returns
     -------
@@ -200,30 +390,11 @@ def encode(data: ProbeData, kind, source=None, reference=None, seed=0, batch_siz
         (U, 2 * D_native) mean + std over each utterance's native frames, one per layer
         (fbank +-5: of the single frames, which context cannot change).
     """
-    if kind in ("fbank", "fbank+-5"):
-        fe = FeatureExtractor(n_mels=80, frame_stack=1)
-        fe.train()  # global statistics from the probe-train utterances only
-        for i in np.flatnonzero(data.phone_role == "train"):
-            fe(torch.from_numpy(data.wavs[i])[None], torch.ones(1), epoch=0)
-        fe.eval()
-        up, stack = None, 1
-    else:
-        if kind == "random":
-            torch.manual_seed(seed)
-            up = Upstream("random", reference=reference)
-        else:
-            up = Upstream(source)
-        up = up.to(device).eval()
-        stack = up.features.frame_stack
+    rep = rep or Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
+    stack = rep.stack
     native, pooled = None, None
     for idx, wavs, lens in data.batches(batch_size):
-        if up is None:
-            layers, n = fe(wavs, lens, epoch=10**9)
-            layers = [layers]
-        else:
-            layers, n = up(wavs.to(device), lens.to(device))
-            layers = [h.float().cpu() for h in layers]
-            n = n.cpu()
+        layers, n = rep(wavs, lens)
         if native is None:
             native = [[] for _ in layers]
             pooled = [[] for _ in layers]
@@ -300,22 +471,16 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
             "test_ids": [data.ids[i] for i in np.flatnonzero(data.phone_role == "test")]}
 
 
-def speaker_probe(pooled, data: ProbeData, l2_grid=SPEAKER_L2_GRID, max_iter=200):
-    """Speaker identification on pooled statistics; layer and L2 chosen on dev utterances.
-
-    Returns
-    -------
-    dict
-        ``dev`` (best dev accuracy of each layer over the L2 grid), ``layer``, ``l2``, ``dev_best``,
-        ``dev_items`` (1/0 per dev utterance at that layer and L2), ``test`` (%), ``test_items`` (1/0 per test utterance), ``test_ids``, ``n_test``.
-    """
-    tr, dv, te = (torch.from_numpy(data.speaker_role == r) for r in ("train", "dev", "test"))
-    y = torch.from_numpy(data.speaker)
+def _linear_probe(pooled, y, role, n_classes, l2_grid, max_iter):
+    """Linear probe on pooled statistics; layer and L2 chosen on the ``role == "dev"`` items.
+    -> (dev accuracy per layer, layer, l2, dev accuracy, dev 0/1 outcomes, test predictions)."""
+    tr, dv, te = (torch.from_numpy(role == r) for r in ("train", "dev", "test"))
+    y = torch.as_tensor(y)
     best, dev_per_layer = None, []
     for li, x in enumerate(pooled):
         layer_best = -1.0
         for l2 in l2_grid:
-            probe = fit_logistic_regression(x[tr], y[tr], data.n_speakers, l2=l2, max_iter=max_iter)
+            probe = fit_logistic_regression(x[tr], y[tr], n_classes, l2=l2, max_iter=max_iter)
             pred = probe.predict(x[dv])
             acc = 100 * accuracy(pred, y[dv])
             layer_best = max(layer_best, acc)
@@ -323,22 +488,115 @@ def speaker_probe(pooled, data: ProbeData, l2_grid=SPEAKER_L2_GRID, max_iter=200
                 best = (acc, li, l2, probe, (pred == y[dv]).long())
         dev_per_layer.append(layer_best)
     acc, li, l2, probe, dev_correct = best
-    correct = (probe.predict(pooled[li][te]) == y[te]).long()
-    return {"dev": dev_per_layer, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_correct.tolist(), "test": 100.0 * correct.double().mean().item(),
-            "test_items": correct.tolist(), "test_ids": [data.ids[i] for i in np.flatnonzero(data.speaker_role == "test")],
-            "n_test": int(te.sum())}
+    return dev_per_layer, li, l2, acc, dev_correct.tolist(), probe.predict(pooled[li][te])
+
+
+def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=200):
+    """Speaker identification on pooled statistics of the speaker-probe voices; layer and L2
+    chosen on dev utterances.
+
+    Returns
+    -------
+    dict
+        ``dev`` (best dev accuracy of each layer over the L2 grid), ``layer``, ``l2``, ``dev_best``,
+        ``dev_items`` (1/0 per dev utterance), ``test`` (%), ``test_items`` (1/0 per test
+        utterance), ``test_ids``, ``n_test``, ``same_base_errors`` (% of the test errors whose
+        predicted voice has the true voice's base voice; chance: the share of the other voices that
+        share it).
+    """
+    y = torch.from_numpy(sset.voice)
+    dev, li, l2, acc, dev_items, pred = _linear_probe(pooled, y, sset.role, len(sset.voices), l2_grid, max_iter)
+    te = sset.role == "test"
+    yt = sset.voice[te]
+    pred = pred.numpy()
+    correct = (pred == yt).astype(np.int64)
+    wrong = correct == 0
+    same = sset.voice_base[pred[wrong]] == sset.voice_base[yt[wrong]]
+    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items,
+            "test": 100.0 * correct.mean(), "test_items": correct.tolist(),
+            "test_ids": [sset.ids[i] for i in np.flatnonzero(te)], "n_test": int(te.sum()),
+            "same_base_errors": float(100.0 * same.mean()) if wrong.any() else None}
+
+
+def cosine_scores(x, pairs, mean, std):
+    """Cosine of the z-scored vectors of each pair: (U, D), (N, 2), (D,), (D,) -> (N,) np.ndarray."""
+    z = torch.nn.functional.normalize((x - mean) / std, dim=1)
+    return (z[pairs[:, 0]] * z[pairs[:, 1]]).sum(1).numpy()
+
+
+def eer(scores, is_target, weights=None):
+    """Equal error rate (%) of (N,) scores for (N,) bool targets, optionally weighted per trial:
+    the point of the ROC where the miss rate meets the false-alarm rate (threshold between two
+    sorted scores; the mean of the two rates where they cross)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(is_target, dtype=bool)
+    w = np.ones_like(scores) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    wt, wn = (w * t)[order], (w * ~t)[order]
+    P, N = wt.sum(), wn.sum()
+    if P <= 0 or N <= 0:
+        return float("nan")
+    miss = np.concatenate([[1.0], 1.0 - np.cumsum(wt) / P])  # accept the top k trials, k = 0..N
+    fa = np.concatenate([[0.0], np.cumsum(wn) / N])
+    k = int(np.argmin(np.abs(miss - fa)))
+    return float(50.0 * (miss[k] + fa[k]))
+
+
+def verification(pooled, sset: SpeakerSet):
+    """Zero-shot speaker verification: cosine of z-scored pooled statistics, no trained probe.
+
+    Each layer is z-scored with the mean and std of the dev voices' utterances (unlabelled use);
+    the layer is the one with the lowest EER on the dev trials, scored on the test trials (other
+    voices). Returns ``dev`` (EER per layer), ``layer``, ``dev_best``, ``test`` (EER %),
+    ``test_scores`` (per test trial, for intervals), ``n_trials``, ``n_voices``.
+    """
+    dev_utts = np.isin(sset.voice, [i for i, v in enumerate(sset.voices) if sset.verify_role[v] == "dev"])
+    dev, best = [], None
+    for li, x in enumerate(pooled):
+        mean, std = x[dev_utts].mean(0), x[dev_utts].std(0).clamp_min(1e-6)
+        pairs, tgt = sset.trials["dev"]
+        e = eer(cosine_scores(x, pairs, mean, std), tgt)
+        dev.append(e)
+        if best is None or e < best[0]:
+            best = (e, li, mean, std)
+    e, li, mean, std = best
+    pairs, tgt = sset.trials["test"]
+    scores = cosine_scores(pooled[li], pairs, mean, std)
+    return {"dev": dev, "layer": li, "dev_best": e, "test": eer(scores, tgt), "test_scores": np.round(scores, 5).tolist(),
+            "test_trials": {"voices": sset.voice[pairs].tolist(), "target": tgt.astype(int).tolist()},
+            "n_trials": int(len(tgt)), "n_voices": int(len(set(sset.voice[pairs.reshape(-1)].tolist())))}
+
+
+def emotion_probe(pooled, eset: EmotionSet, l2_grid=SPEAKER_L2_GRID, max_iter=200):
+    """Emotion classification on pooled statistics, test voices unseen by the probe; layer and L2
+    chosen on the dev voices. Returns the keys of :func:`speaker_probe` but ``same_base_errors``."""
+    y = torch.from_numpy(eset.label)
+    dev, li, l2, acc, dev_items, pred = _linear_probe(pooled, y, eset.role, len(eset.classes), l2_grid, max_iter)
+    te = eset.role == "test"
+    correct = (pred.numpy() == eset.label[te]).astype(np.int64)
+    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items,
+            "test": 100.0 * correct.mean(), "test_items": correct.tolist(),
+            "test_ids": [eset.ids[i] for i in np.flatnonzero(te)], "n_test": int(te.sum()),
+            "chance": 100.0 / len(eset.classes)}
 
 
 def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames=30000, max_iter=200,
                device="cpu"):
-    """Encodes the probe corpus with one representation and runs both probes -> dict."""
-    frames, pooled = encode(data, kind, source=source, reference=reference, seed=seed, device=device)
-    return {
-        "phones": phone_probe(frames, data, seed=seed, max_train_frames=max_train_frames, max_iter=max_iter),
-        "speakers": speaker_probe(pooled, data, max_iter=max_iter),
-        "n_layers": len(frames),
-        "frame_stack": frames[0].stack,
-    }
+    """Encodes the probe sets with one representation and runs every probe -> dict with
+    ``phones`` (None for a representation without frames), ``speakers`` (identification), ``eer``
+    (zero-shot verification), ``emotion``."""
+    rep = Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
+    out = {"phones": None, "n_layers": None, "frame_stack": rep.stack}
+    if rep.frames and kind != "energy":
+        frames, _ = encode(data, kind, rep=rep)
+        out["phones"] = phone_probe(frames, data, seed=seed, max_train_frames=max_train_frames, max_iter=max_iter)
+        out["n_layers"] = len(frames)
+        del frames
+    spk = pool(rep, data.speakers.wavs)
+    out["speakers"] = speaker_probe(spk, data.speakers, max_iter=max_iter)
+    out["eer"] = verification(spk, data.speakers)
+    out["emotion"] = emotion_probe(pool(rep, data.emotion.wavs), data.emotion, max_iter=max_iter)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,3 +651,46 @@ def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95):
     lo, hi = np.percentile(out, [50 * (1 - level), 50 * (1 + level)])
     return {"diff": float(diff), "low": float(lo), "high": float(hi), "resolved": bool(lo > 0 or hi < 0),
             "n_items": int(n), "n_boot": int(n_boot)}
+
+
+def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, level=0.95):
+    """Difference of EERs A - B (points) with a bootstrap interval over voices and seeds.
+
+    Each replicate draws the test voices with replacement (the same draw for A and B: both scored
+    the same trials) and weighs each trial by how often its voices were drawn (a target trial by
+    its voice's count, a non-target trial by the product of its two voices' counts), and draws
+    the seeds of A and of B independently with replacement; an EER is the mean over the drawn
+    seeds of the weighted EER (:func:`eer`).
+
+    Arguments
+    ---------
+    a_seeds, b_seeds : list
+        One list of (N,) trial scores per seed, over the same trials.
+    trials : dict
+        ``voices``: (N, 2) voice index of each side; ``target``: (N,) 0/1.
+
+    Returns
+    -------
+    dict
+        ``diff`` (mean EER of A minus that of B), ``low``, ``high``, ``resolved``, ``n_items``
+        (voices), ``n_trials``, ``n_boot``.
+    """
+    A, B = np.asarray(a_seeds, dtype=np.float64), np.asarray(b_seeds, dtype=np.float64)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"the two rows were scored on different trials ({A.shape[1]} vs {B.shape[1]})")
+    pv = np.asarray(trials["voices"], dtype=np.int64)
+    tgt = np.asarray(trials["target"], dtype=bool)
+    voices, inv = np.unique(pv, return_inverse=True)
+    inv = inv.reshape(pv.shape)
+    rng = np.random.default_rng(rng_seed)
+    diff = np.mean([eer(x, tgt) for x in A]) - np.mean([eer(x, tgt) for x in B])
+    out = np.empty(n_boot)
+    for r in range(n_boot):
+        c = np.bincount(rng.integers(0, len(voices), len(voices)), minlength=len(voices)).astype(np.float64)
+        w = np.where(tgt, c[inv[:, 0]], c[inv[:, 0]] * c[inv[:, 1]])
+        ea = np.mean([eer(A[k], tgt, w) for k in rng.integers(0, len(A), len(A))])
+        eb = np.mean([eer(B[k], tgt, w) for k in rng.integers(0, len(B), len(B))])
+        out[r] = ea - eb
+    lo, hi = np.nanpercentile(out, [50 * (1 - level), 50 * (1 + level)])
+    return {"diff": float(diff), "low": float(lo), "high": float(hi), "resolved": bool(lo > 0 or hi < 0),
+            "n_items": int(len(voices)), "n_trials": int(len(tgt)), "n_boot": int(n_boot)}

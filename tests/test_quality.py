@@ -32,20 +32,29 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.load(open(out / "results.json"))
-    assert set(res["table"]) == {"full MGF", "frame", "fbank", "fbank+-5", "random"}
-    for row in res["table"].values():
-        assert 0 <= row["phones"] <= 100 and 0 <= row["speakers"] <= 100
+    assert set(res["table"]) == {"full MGF", "frame", "fbank", "fbank+-5", "random", quality.ENERGY,
+                                 quality.CEILING}
+    for name, row in res["table"].items():
+        for m in ("speakers", "eer", "emotion"):
+            assert 0 <= row[m] <= 100
+        # phones: every representation with frames; the level and the d-vector have none
+        assert (row["phones"] is None) == (name in (quality.ENERGY, quality.CEILING))
+    assert res["table"][quality.ENERGY]["n_seeds"] == 1 and res["table"]["fbank"]["n_seeds"] == 2
     # fbank +-5 frames sees strictly more than one frame: never much worse on phones
     assert res["table"]["fbank+-5"]["phones"] > res["table"]["fbank"]["phones"] - 5
     assert res["steps"] == res["epochs"] * res["steps_per_epoch"] > 0
     assert res["curves"]["full MGF"]["steps"] == [0, res["steps_per_epoch"], res["steps"]]  # 0: random init
     assert res["curves"]["full MGF"]["phones"][0] == res["probes"]["random"]["0"]["phones"]["test"]
+    assert res["curves"]["full MGF"]["eer"][0] == res["probes"]["random"]["0"]["eer"]["test"]
     assert set(res["curves"]) == {"full MGF"} and res["picks"]["single"] == "frame"
     # every stated difference has an interval over 2 seeds x the test utterances
-    assert set(res["comparisons"]) == {"frame", "fbank+-5", "random"}
-    for c in res["comparisons"].values():
-        for m in ("phones", "speakers"):
+    assert set(res["comparisons"]) == {"frame", "fbank+-5", "random", quality.CEILING}
+    assert set(res["vs_random"]) == {"full MGF", "frame"}
+    for name, c in res["comparisons"].items():
+        assert set(c) == ({"speakers", "eer", "emotion"} if name == quality.CEILING else set(quality.METRICS))
+        for m in c:
             assert c[m]["low"] <= c[m]["diff"] <= c[m]["high"] and c[m]["n_items"] > 0
+            assert c[m]["half_width"] == pytest.approx((c[m]["high"] - c[m]["low"]) / 2)
     assert all(r["n_seeds"] == 2 for r in res["table"].values())
     for v in ("full MGF", "frame"):  # each run's own CPU seconds were measured
         assert all(x["cpu_seconds"] > 0 and x["steps"] == res["steps"] for x in res["runs"][v])
@@ -54,6 +63,7 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
     assert "| full MGF |" in text and "optimiser steps" in text and "95 % interval" in text
+    assert "±" in text and "zero-shot" in text and "Largest interval half-width" in text
     # a rerun reuses every finished step
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0 and "4 pretraining run(s) already done, 0 to train" in proc.stdout

@@ -60,7 +60,10 @@ def test_default_spec_sizes(plan):
     spec, jobs, pretrain, probe = plan
     assert len(probe) >= 32 and spec.probe_utts >= 36 and len(probe) * 20 >= 625  # speaker-probe test utts
     assert len(pretrain) >= 48
-    assert len(jobs) == len(pretrain) * (spec.pretrain_utts + 1) + len(probe) * spec.probe_utts
+    sets = qc.draw_probe_sets(spec)
+    assert len(jobs) == (len(pretrain) * (spec.pretrain_utts + 1) + len(probe) * spec.probe_utts
+                         + len(sets["speaker"]) * spec.speaker_utts
+                         + len(sets["emotion"]) * spec.emotion_utts * len(qc.EMOTIONS))
     valid = [j for j in jobs if "/valid/" in j.path]
     assert sorted(j.speaker.id for j in valid) == sorted(s.id for s in pretrain)  # one per voice
     assert {_base(s) for s in probe} == {f"{e}:{n}" for e, n in qc.PROBE_BASES}  # every festival voice
@@ -82,11 +85,67 @@ def test_pretraining_and_probe_voices_share_no_base_voice(plan):
     _, jobs, pretrain, probe = plan
     assert {s.voice.engine for s in probe} == {"festival"}  # the only engine with phone timings
     assert {s.voice.engine for s in pretrain} == {"espeak", "flite"}
-    pre_bases = {_base(j.speaker) for j in jobs if not j.want_phones}
-    probe_bases = {_base(j.speaker) for j in jobs if j.want_phones}
+    pre_bases = {_base(j.speaker) for j in jobs if j.set == "pretrain"}
+    probe_bases = {_base(j.speaker) for j in jobs if j.set != "pretrain"}  # phones, speakers, emotion
     assert not pre_bases & probe_bases
     assert not pre_bases & set(qc.SAME_BASE_VOICE.values())
     assert not {s.id for s in pretrain} & {s.id for s in probe}
+    assert {j.set for j in jobs} == {"pretrain", "probe", "speaker", "emotion"}
+    assert all(j.want_phones == (j.set == "probe") for j in jobs)
+
+
+def test_speaker_probe_has_64_voices_of_8_base_voices_and_2000_test_utterances(plan):
+    spec, jobs, _, _ = plan
+    voices = {j.speaker.id: _base(j.speaker) for j in jobs if j.set == "speaker"}
+    assert len(voices) >= 64 and len(set(voices.values())) >= 8
+    per_voice = {v: sum(j.speaker.id == v for j in jobs) for v in voices}
+    assert set(per_voice.values()) == {spec.speaker_utts}
+    import quality  # the default budget's split of each voice's utterances: train / dev / test
+    n_dev, n_test = quality.BUDGETS["default"].speaker_split
+    assert len(voices) * n_test >= 2000 and spec.speaker_utts - n_dev - n_test >= 8
+    # every base voice equally represented (voices dealt base by base)
+    counts = np.bincount([sorted(set(voices.values())).index(b) for b in voices.values()])
+    assert counts.max() - counts.min() <= 1
+    emo = {j.speaker.id for j in jobs if j.set == "emotion"}
+    assert not emo & set(voices) and len(emo) >= 32
+
+
+@pytest.mark.parametrize("n_pretrain", [60, 200])
+def test_held_out_espeak_voices_never_reach_pretraining(n_pretrain):
+    """However many pretraining voices are asked for, the espeak-ng pool cycles without the held-out ones."""
+    pretrain, _ = qc.draw_speakers(qc.CorpusSpec(n_pretrain_speakers=n_pretrain))
+    used = {_base(s) for s in pretrain}
+    assert not used & {f"espeak:{b}" for b in qc.ESPEAK_HELD_OUT}
+    n_espeak = n_pretrain - len(range(0, n_pretrain, 3))  # a third are flite awb / rms
+    assert len(used) == 2 + min(n_espeak, 72 - len(qc.ESPEAK_HELD_OUT))
+
+
+def test_emotion_classes_are_prosody_only_and_balanced_per_voice(plan):
+    spec, jobs, _, _ = plan
+    emo = [j for j in jobs if j.set == "emotion"]
+    by_voice = {}
+    for j in emo:
+        by_voice.setdefault(j.speaker.id, []).append(j.emotion)
+    for classes in by_voice.values():  # every voice speaks every class equally often
+        assert sorted(classes) == sorted(list(qc.EMOTIONS) * spec.emotion_utts)
+    v = tts.Voice("espeak", "en-us+m7", rate=1.1, pitch=2.0, pitch_range=0.8)
+    sad = qc.emotion_voice(v, "sad")
+    assert sad.rate == pytest.approx(1.1 * 0.72) and sad.pitch == pytest.approx(-1.0)
+    assert sad.pitch_range == pytest.approx(0.8 * 0.35) and sad.name == v.name
+    assert qc.emotion_voice(v, "neu") == v
+
+
+def test_emotion_class_says_nothing_of_level_snr_or_channel(plan):
+    """Level, SNR and EQ are drawn independently of the class: per-class means within sampling noise
+    (one-way ANOVA over the 4 classes, every channel feature), and the statistic sees a planted leak."""
+    _, jobs, _, _ = plan
+    emo = [j for j in jobs if j.set == "emotion"]
+    feats = np.array([_channel_features(j) for j in emo])
+    labels = np.array([list(qc.EMOTIONS).index(j.emotion) for j in emo])
+    p = np.array([f_oneway(*[feats[labels == c, k] for c in range(4)]).pvalue for k in range(feats.shape[1])])
+    assert np.all(p > 1e-3), p
+    level = feats[:, 5] + 1.5 * (labels == 2)  # anger 1.5 dB louder: the kind of leak this must catch
+    assert f_oneway(*[level[labels == c] for c in range(4)]).pvalue < 1e-3
 
 
 def test_text_pools_split_every_content_list_in_half():
@@ -108,8 +167,8 @@ def test_text_pools_split_every_content_list_in_half():
 
 def test_probe_and_pretraining_texts_share_no_sentence_and_no_content_word(plan):
     _, jobs, _, _ = plan
-    pre = [j for j in jobs if not j.want_phones]
-    probe = [j for j in jobs if j.want_phones]
+    pre = [j for j in jobs if j.set == "pretrain"]
+    probe = [j for j in jobs if j.set != "pretrain"]
     assert {j.text_pool for j in pre} == {"A"} and {j.text_pool for j in probe} == {"B"}
     pre_sents = {s for j in pre for s in re.split(r"(?<=[.?]) ", j.text)}
     assert any(len(re.split(r"(?<=[.?]) ", j.text)) == 2 for j in pre)  # the split sees 2-sentence utts
@@ -139,10 +198,10 @@ def _anova_p(jobs):
     return np.array([f_oneway(*[g[:, k] for g in groups]).pvalue for k in range(groups[0].shape[1])])
 
 
-@pytest.mark.parametrize("probe", [True, False], ids=["probe", "pretraining"])
-def test_channels_are_drawn_per_utterance_and_carry_no_speaker(plan, probe):
+@pytest.mark.parametrize("which", ["probe", "pretrain", "speaker", "emotion"])
+def test_channels_are_drawn_per_utterance_and_carry_no_speaker(plan, which):
     _, jobs, _, _ = plan
-    jobs = [j for j in jobs if j.want_phones == probe]
+    jobs = [j for j in jobs if j.set == which]
     by_spk = {}
     for j in jobs:
         by_spk.setdefault(j.speaker.id, []).append(j.channel)
@@ -157,15 +216,16 @@ def test_channels_are_drawn_per_utterance_and_carry_no_speaker(plan, probe):
     coloured = [qc.Job(j.path, j.text, j.text_pool, j.speaker,
                        qc.Channel(((*j.channel.eq[0][:2], j.channel.eq[0][2] + 1.5 * (ids.index(j.speaker.id) % 2),
                                     j.channel.eq[0][3]), *j.channel.eq[1:]),
-                                  j.channel.noise_color, j.channel.snr_db, j.channel.peak_db), j.seed, j.want_phones)
+                                  j.channel.noise_color, j.channel.snr_db, j.channel.peak_db), j.seed, j.want_phones,
+                       j.set, j.emotion)
                 for j in jobs]
     assert _anova_p(coloured)[0] < 1e-3
 
 
 def test_pretraining_and_probe_channels_come_from_one_distribution(plan):
     _, jobs, _, _ = plan
-    pre = np.array([_channel_features(j) for j in jobs if not j.want_phones])
-    probe = np.array([_channel_features(j) for j in jobs if j.want_phones])
+    pre = np.array([_channel_features(j) for j in jobs if j.set == "pretrain"])
+    probe = np.array([_channel_features(j) for j in jobs if j.set != "pretrain"])
     se = np.sqrt(pre.var(0) / len(pre) + probe.var(0) / len(probe))
     assert np.all(np.abs(pre.mean(0) - probe.mean(0)) < 4 * se)
 
@@ -173,14 +233,16 @@ def test_pretraining_and_probe_channels_come_from_one_distribution(plan):
 # ------------------------------------------------------------------------------- a real build
 def test_build_writes_rows_with_pool_channel_and_base_voice(tmp_path):
     spec = qc.CorpusSpec(n_pretrain_speakers=1, pretrain_utts=1, n_probe_speakers=1, probe_utts=1,
-                         two_sentence_prob=0.0)
+                         n_speaker_voices=2, speaker_utts=1, n_emotion_voices=1, emotion_utts=1, two_sentence_prob=0.0)
     summary = qc.build_corpus(str(tmp_path), spec, procs=1, log=lambda m: None)
     folder = summary["folder"]
     with open(os.path.join(folder, "corpus.json")) as f:
         assert json.load(f) == summary
     jobs, _, _ = qc.plan_jobs(spec, folder)
-    rows = {r["path"]: r for r in summary["pretrain"] + summary["probe"]}
-    assert len(rows) == len(jobs) == 3
+    rows = {r["path"]: r for k in ("pretrain", "probe", "speaker", "emotion") for r in summary[k]}
+    assert len(rows) == len(jobs) == 2 + 1 + 2 + 4
+    assert sorted(r["emotion"] for r in summary["emotion"]) == sorted(qc.EMOTIONS)
+    assert [s["base_voice"] for s in summary["speaker_voices"]] == ["festival:kal_diphone", "festival:ked_diphone"]
     for j in jobs:
         r = rows[os.path.relpath(j.path, folder)]
         assert r["channel"] == j.channel.row() and r["text_pool"] == j.text_pool and r["text"] == j.text

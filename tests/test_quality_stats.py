@@ -114,36 +114,71 @@ def test_sample_std_uses_n_minus_1():
     assert quality.sample_std([1.0]) is None
 
 
-def _corpus(tmp_path, n_voices=6, n_utts=8, seed=0):
-    """Voices of noise; each utterance 1 s with phones a (0-0.305 s), b (0.305-0.6), c (0.6-1.0)."""
+BASES = ["festival:kal_diphone", "festival:ked_diphone", "espeak:en-us+m7"]
+
+
+def _write(tmp_path, path, rng, seconds=1.0):
+    os.makedirs(os.path.dirname(tmp_path / path), exist_ok=True)
+    sf.write(tmp_path / path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype("float32"), 16000)
+
+
+def _corpus(tmp_path, n_voices=6, n_utts=8, seed=0, n_spk=9, n_emo=8):
+    """Voices of noise in every probe set. Phone probe: ``n_voices`` voices x ``n_utts`` 1 s utterances
+    with phones a (0-0.305 s), b (0.305-0.6), c (0.6-1.0); speaker probe: ``n_spk`` voices x
+    ``n_utts``; emotion probe: ``n_emo`` voices x 4 classes; base voices dealt in turn."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, spk_rows, emo_rows = [], [], []
     for v in range(n_voices):
         for u in range(n_utts):
             path = f"probe/h{v:03d}/h{v:03d}-{u:03d}.flac"
-            os.makedirs(os.path.dirname(tmp_path / path), exist_ok=True)
-            sf.write(tmp_path / path, (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
+            _write(tmp_path, path, rng)
             rows.append({"path": path, "speaker": f"h{v:03d}", "duration": 1.0,
                          "phones": [[0.0, 0.305, "a"], [0.305, 0.6, "b"], [0.6, 1.0, "c"]]})
+    for v in range(n_spk):
+        for u in range(n_utts):
+            path = f"speaker/s{v:03d}/s{v:03d}-{u:03d}.flac"
+            _write(tmp_path, path, rng, 0.5)
+            spk_rows.append({"path": path, "speaker": f"s{v:03d}", "duration": 0.5})
+    for v in range(n_emo):
+        for e in ("ang", "hap", "neu", "sad"):
+            path = f"emotion/e{v:03d}/e{v:03d}-{e}-000.flac"
+            _write(tmp_path, path, rng, 0.5)
+            emo_rows.append({"path": path, "speaker": f"e{v:03d}", "duration": 0.5, "emotion": e})
     speakers = [{"id": f"h{v:03d}", "voice": ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"][v % 3]}
                 for v in range(n_voices)]
-    return {"probe": rows, "folder": str(tmp_path), "probe_speakers": speakers}
+    return {"probe": rows, "folder": str(tmp_path), "probe_speakers": speakers, "speaker": spk_rows,
+            "emotion": emo_rows, "spec": {"seed": seed},
+            "speaker_voices": [{"id": f"s{v:03d}", "base_voice": BASES[v % 3]} for v in range(n_spk)],
+            "emotion_voices": [{"id": f"e{v:03d}", "base_voice": BASES[v % 3]} for v in range(n_emo)]}
 
 
 def test_probe_data_splits_voices_across_bases_and_counts_speaker_utterances(tmp_path):
-    data = ProbeData(_corpus(tmp_path, n_voices=12, n_utts=8), phone_split=(0.25, 0.25), speaker_split=(2, 3))
+    data = ProbeData(_corpus(tmp_path, n_voices=12, n_utts=8, n_spk=12), phone_split=(0.25, 0.25),
+                     speaker_split=(2, 3), n_trials=(10, 20))
     base = {f"h{v:03d}": v % 3 for v in range(12)}
     for role in ("train", "dev", "test"):  # every role spans all three base voices
         assert {base[s] for s, r in data.voice_role.items() if r == role} == {0, 1, 2}
-    for s in range(data.n_speakers):
-        r = data.speaker_role[data.speaker == s]
+    sp = data.speakers
+    for s in range(len(sp.voices)):
+        r = sp.role[sp.voice == s]
         assert (r == "test").sum() == 3 and (r == "dev").sum() == 2 and (r == "train").sum() == 3
+    # verification: dev and test voices disjoint, each spanning the base voices
+    for role in ("dev", "test"):
+        vs = [v for v, r in sp.verify_role.items() if r == role]
+        assert {int(v[1:]) % 3 for v in vs} == {0, 1, 2}
+        pairs, _ = sp.trials[role]
+        assert {sp.voices[i] for i in sp.voice[pairs.reshape(-1)]} <= set(vs)
+    # emotion: a voice is in one role only (test voices unseen by the probe)
+    em = data.emotion
+    for v in set(em.voice):
+        assert len(set(em.role[em.voice == v])) == 1
+    assert set(em.role) == {"train", "dev", "test"}
     with pytest.raises(ValueError, match="too few"):
         ProbeData(_corpus(tmp_path, n_voices=6, n_utts=5), speaker_split=(2, 3))
 
 
 def test_native_labels_sit_at_frame_centres_and_scoring_is_at_100fps(tmp_path):
-    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3), n_trials=(10, 20))
     a, b, c = (data.inventory[p] for p in "abc")
     # 100 Hz: frame i centred at 10 i ms; 0.30 s -> a (frame 30), 0.31 s -> b (frame 31)
     lab = data.native_labels(0, 1)
@@ -166,7 +201,7 @@ def test_native_labels_sit_at_frame_centres_and_scoring_is_at_100fps(tmp_path):
 
 
 def test_phone_probe_chooses_layer_and_l2_on_dev(tmp_path):
-    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3), n_trials=(10, 20))
     rng = torch.Generator().manual_seed(0)
     informative = [torch.nn.functional.one_hot(torch.from_numpy(data.native_labels(i, 1)), 3).float()
                    + 0.3 * torch.randn(101, 3, generator=rng) for i in range(len(data))]
@@ -182,13 +217,13 @@ def test_phone_probe_chooses_layer_and_l2_on_dev(tmp_path):
 
 
 def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
-    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3))
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3), n_trials=(10, 20)).speakers
     g = torch.Generator().manual_seed(0)
-    spk = torch.from_numpy(data.speaker)
-    good = torch.nn.functional.one_hot(spk, data.n_speakers).float() + 0.1 * torch.randn(len(data), data.n_speakers,
-                                                                                         generator=g)
-    res = speaker_probe([torch.randn(len(data), 4, generator=g), good], data, max_iter=50)
-    assert res["layer"] == 1 and res["test"] == 100.0
-    assert res["n_test"] == len(res["test_items"]) == 3 * data.n_speakers
-    assert len(res["dev_items"]) == 2 * data.n_speakers
+    spk = torch.from_numpy(data.voice)
+    n_spk = len(data.voices)
+    good = torch.nn.functional.one_hot(spk, n_spk).float() + 0.1 * torch.randn(len(spk), n_spk, generator=g)
+    res = speaker_probe([torch.randn(len(spk), 4, generator=g), good], data, max_iter=50)
+    assert res["layer"] == 1 and res["test"] == 100.0 and res["same_base_errors"] is None  # no error
+    assert res["n_test"] == len(res["test_items"]) == 3 * n_spk
+    assert len(res["dev_items"]) == 2 * n_spk
     assert 100.0 * np.mean(res["dev_items"]) == pytest.approx(res["dev_best"])
