@@ -55,7 +55,6 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mgf_sb import grid  # noqa: E402
-from mgf_sb import report as rp  # noqa: E402
 from mgf_sb.pretrained_folder import read_config  # noqa: E402
 from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
 
@@ -140,8 +139,8 @@ BUDGETS = {
 # per generated utterance
 EST_CPU_PER_STEP = {"full MGF": 0.29, "frame": 0.26, "phoneme": 0.28, "utterance": 0.24, "frame+phoneme": 0.29,
                     "frame+utterance": 0.27, "phoneme+utterance": 0.28, "BEST-RQ": 0.38, "wav2vec 2.0": 0.60}
-EST_PROBE_CPU = {"encoder": 70.0, "random": 70.0, "fbank": 50.0, "fbank+-5": 90.0, "energy": 5.0, "resemblyzer": 400.0}
-EST_CPU_PER_UTTERANCE = 0.15
+EST_PROBE_CPU = {"encoder": 53.0, "random": 53.0, "fbank": 13.0, "fbank+-5": 29.0, "energy": 2.0, "resemblyzer": 92.0}
+EST_CPU_PER_UTTERANCE = 0.5  # 1,740 s with 2 processes for 6,780 utterances, under load
 
 
 def log(msg):
@@ -429,16 +428,35 @@ def time_to_pass(points, threshold):
     return None
 
 
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]  # matplotlib's tab10
+
+
+def _figure(size, dpi=100):
+    """A matplotlib Figure of ``size`` = (width, height) pixels on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path):
+    fig.savefig(path)
+    return path
+
+
 def curve_png(path, curves, hlines, title="", other=None):
     """Four panels (phones, speaker ID, zero-shot EER, emotion): each vs pretraining CPU seconds.
 
     curves: name -> {"cpu_seconds": [...], metric: [...]}; hlines: name -> {metric: v}
     (baselines, dashed); other: curves of a second budget, drawn dotted with the same colours.
     """
-    fig = rp._figure((1100, 760))
+    fig = _figure((1100, 760))
     axes = fig.subplots(2, 2).reshape(-1)
     names = list(dict.fromkeys(list(curves) + list(other or {}) + list(hlines)))
-    colors = {n: rp.PALETTE[i % len(rp.PALETTE)] for i, n in enumerate(names)}
+    colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
     for ax, metric in zip(axes, METRICS):
         for style, group, suffix in (("-", curves, ""), (":", other or {}, " (other budget)")):
             for name, c in group.items():
@@ -455,20 +473,20 @@ def curve_png(path, curves, hlines, title="", other=None):
     axes[0].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
-    return rp._save(fig, path)
+    return _save(fig, path)
 
 
 def bars_png(path, table, title=""):
     """One panel per probe, each on its own axis and direction: horizontal bars (mean over seeds,
     sample std as the error bar), one per representation; chance / level drawn where known."""
-    fig = rp._figure((1200, 120 + 26 * len(table) * 1))
+    fig = _figure((1200, 120 + 26 * len(table) * 1))
     axes = fig.subplots(1, len(METRICS), sharey=True)
     rows = list(table)
     y = np.arange(len(rows))
     for ax, m in zip(axes, METRICS):
         vals = [table[r][m] if table[r][m] is not None else np.nan for r in rows]
         errs = [table[r][m + "_std"] or 0.0 if table[r][m] is not None else 0.0 for r in rows]
-        colors = [rp.PALETTE[0] if r in VARIANTS else rp.PALETTE[3] if r in SEEDLESS else rp.PALETTE[1] for r in rows]
+        colors = [PALETTE[0] if r in VARIANTS else PALETTE[3] if r in SEEDLESS else PALETTE[1] for r in rows]
         ax.barh(y, vals, xerr=errs, color=colors, alpha=0.85)
         for yi, v in zip(y, vals):
             if not np.isnan(v):
@@ -483,7 +501,7 @@ def bars_png(path, table, title=""):
     axes[0].invert_yaxis()
     if title:
         fig.suptitle(title, fontsize=10)
-    return rp._save(fig, path)
+    return _save(fig, path)
 
 
 def machine_info(threads, device, jobs):

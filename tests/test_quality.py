@@ -52,10 +52,11 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     assert set(res["vs_random"]) == {"full MGF", "frame"}
     for name, c in res["comparisons"].items():
         assert set(c) == ({"speakers", "eer", "emotion"} if name == quality.CEILING else set(quality.METRICS))
-        for m in c:
-            assert c[m]["low"] <= c[m]["diff"] <= c[m]["high"] and c[m]["n_items"] > 0
+        for m in c:  # (a percentile interval of an EER over 7 voices need not hold the point estimate)
+            assert c[m]["low"] <= c[m]["high"] and c[m]["n_items"] > 0
+            assert m == "eer" or c[m]["low"] <= c[m]["diff"] <= c[m]["high"]
             assert c[m]["half_width"] == pytest.approx((c[m]["high"] - c[m]["low"]) / 2)
-    assert all(r["n_seeds"] == 2 for r in res["table"].values())
+    assert all(r["n_seeds"] == (1 if name in quality.SEEDLESS else 2) for name, r in res["table"].items())
     for v in ("full MGF", "frame"):  # each run's own CPU seconds were measured
         assert all(x["cpu_seconds"] > 0 and x["steps"] == res["steps"] for x in res["runs"][v])
     for png in ("quality_bars.png", "quality_curve.png"):
