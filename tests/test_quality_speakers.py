@@ -165,3 +165,24 @@ def test_every_budget_meets_the_issue_sizes():
     assert long.corpus == d.corpus and long.encoder == d.encoder and long_steps >= 4 * steps >= 4 * 540
     assert {"full MGF", "BEST-RQ", "wav2vec 2.0"} <= set(long.variants) and len(long.seeds) >= 3
     assert d.n_trials[1] >= 1000  # >= 2,000 test trials, half of them targets
+
+
+def test_the_long_budget_plots_the_default_budgets_curves_beside_its_own(tmp_path):
+    """--budget=long reads results/quality/default/results.json beside its own folder: both budgets'
+    curves in one time-to-quality plot, and the default's time to pass fbank +-5."""
+    long = quality.BUDGETS["long"]
+    assert long.compare_with == "default" and quality.curve_epochs(long) == [3, 6, 9]
+    out = tmp_path / "long"
+    assert quality.other_budget_curves(long, str(out)) == (None, None)  # not run yet: nothing beside
+    curve = {"steps": [0, 540], "cpu_seconds": [0.0, 150.0], "phones": [55.0, 60.0], "speakers": [49.0, 42.0],
+             "eer": [30.0, 25.0], "emotion": [56.0, 58.0]}
+    os.makedirs(tmp_path / "default")
+    (tmp_path / "default" / "results.json").write_text(
+        '{"curves": {"full MGF": %s}, "cpu_seconds_to_pass_fbank_pm5_phones": null}' % str(curve).replace("'", '"'))
+    curves, ttp = quality.other_budget_curves(long, str(out))
+    assert curves == {"full MGF": curve} and ttp == "default budget: not crossed"
+    mine = {k: [v[0], v[1], v[1] + 1] for k, v in curve.items()}
+    png = quality.curve_png(str(tmp_path / "c.png"), {"full MGF": mine}, {"random": {"phones": 55.0}},
+                            other=curves)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
