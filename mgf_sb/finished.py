@@ -136,7 +136,10 @@ def finished_rerun(hparams, say=print):
     if record is None:
         return None
     if _more_epochs(record, hparams):
-        os.remove(_path(hparams))
+        try:
+            os.remove(_path(hparams))
+        except FileNotFoundError:  # another process of the same DDP job removed it first
+            pass
         say(f"continuing: {record.get('epochs')} epochs were trained, number_of_epochs is now "
             f"{hparams.get('number_of_epochs')}")
         return None

@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import logging
 import os
+import sys
 
 import speechbrain as sb
 import torch
@@ -37,21 +38,11 @@ from hyperpyyaml import load_hyperpyyaml
 from mgf_sb.distributed import import_before_process_group
 from mgf_sb.run_guard import (OutputLock, check_run_config, leave_process_group, pop_on_change, rank0_decides,
                               release_locks)
-from mgf_sb.settings import check_built_settings, check_override_keys, check_settings
+from mgf_sb.settings import (check_built_settings, check_override_keys, check_settings, read_utf8,  # noqa: F401
+                             recipe_help)
 from mgf_sb.train_log import readable_numbers
 
 logger = logging.getLogger(__name__)
-
-
-def read_utf8(path, hint="save the file as UTF-8"):
-    """The text of a YAML file; a file that is not UTF-8 is a ValueError naming it (file:line) and ``hint``."""
-    with open(path, "rb") as fin:
-        raw = fin.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); {hint}") from None
 
 
 def load_hparams(hparams_file, overrides=None):
@@ -207,6 +198,38 @@ def start_experiment(argv):
     run_opts : dict
         SpeechBrain's run options (device, precision, distributed backend...).
     """
+    if any(a in ("--help", "-h") for a in argv):  # the recipe's own settings, not SpeechBrain's generic options
+        print(recipe_help(argv, getattr(sys.modules.get("__main__"), "__doc__", None)))
+        sys.exit(0)
+    _quiet_user_errors()
+    try:
+        return _prologue(argv)
+    except Exception as e:  # a setting, a folder, a rerun: the message says it all (no traceback)
+        e.mgf_user_error = True
+        raise
+
+
+def _quiet_user_errors():
+    """An error of the prologue (a bad or misspelt setting, a missing data folder or upstream, a rerun
+    with other settings, a busy output folder) ends the script with ``error: <message>`` on stderr and
+    exit code 1, without a traceback; ``MGF_TRACEBACK=1`` shows it. Uncaught errors elsewhere keep
+    Python's traceback. (In-process callers still get the exception.)"""
+    if getattr(sys.excepthook, "mgf_quiet", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if getattr(exc, "mgf_user_error", False) and not os.environ.get("MGF_TRACEBACK"):
+            sys.stderr.write(f"error ({exc_type.__name__}): {exc}\n(MGF_TRACEBACK=1 shows the traceback)\n")
+            sys.stderr.flush()
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.mgf_quiet = True
+    sys.excepthook = hook
+
+
+def _prologue(argv):
     argv, on_change = pop_on_change(argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     import_before_process_group()  # else the group outlives destroy_process_group (see there)

@@ -17,6 +17,8 @@ The numbers themselves (defaults) stay in the YAML; this table only says what a 
 import difflib
 import math
 import os
+import re
+import sys
 
 from ruamel.yaml import YAML
 
@@ -188,9 +190,20 @@ RULES = {
 
 
 # ----------------------------------------------------------------------------------------------
-def _yaml_text(hparams_file):
-    from mgf_sb.recipe import read_utf8
+def read_utf8(path, hint="save the file as UTF-8"):
+    """The text of a YAML file; a file that is not UTF-8 is a ValueError naming it (file:line) and ``hint``.
 
+    (Here, not in :mod:`mgf_sb.recipe`, which imports this module: no import circle.)"""
+    with open(path, "rb") as fin:
+        raw = fin.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); {hint}") from None
+
+
+def _yaml_text(hparams_file):
     return read_utf8(hparams_file)
 
 
@@ -366,3 +379,62 @@ def check_data_folder(values):
         hint = f" (nor does {parent})"
     raise FileNotFoundError(f"--data_folder={folder}: the data folder {what}{hint}; pass "
                             f"--data_folder=<the corpus folder>")
+
+
+# ----------------------------------------------------------------------------------------------
+# --help: a recipe's own settings
+# ----------------------------------------------------------------------------------------------
+def settings_help(hparams_file):
+    """One line per top-level setting of the YAML: ``--key (default) description``.
+
+    The description is the key's own comment, else the comment block just above it;
+    keys built from others (``!ref``) are shown with their expression.
+    """
+    lines, out, block = read_utf8(hparams_file).splitlines(), [], []
+    for line in lines:
+        if line.startswith("#"):
+            text = line.lstrip("#").strip()
+            block = [] if not text or set(text) <= set("-=# ") or text.startswith("----") else block + [text]
+            continue
+        m = re.match(r"^([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if not m:
+            if not line.strip():
+                block = []
+            continue
+        key, value, comment = m.groups()
+        if key in ("sample_overrides",) or key.startswith("__"):
+            block = []
+            continue
+        desc = comment or " ".join(block)
+        desc = re.split(r"(?<!e\.g)(?<!i\.e)\. ", desc)[0].rstrip(".")  # the first sentence
+        value = value or "{...}"
+        out.append(f"  --{key}={value}" + (f"    {desc}" if desc else ""))
+        block = []
+    return "\n".join(out)
+
+
+def recipe_help(argv, script_doc=None, default_yaml=None):
+    """The text of a recipe's ``--help``: what it does, its usage, and one line per setting of its
+    YAML (:func:`settings_help`), instead of SpeechBrain's generic run options.
+
+    ``script_doc``: the recipe's docstring (its first paragraph is shown, and its first
+    ``hparams/<name>.yaml`` is the YAML when ``argv`` names none).
+    """
+    doc = (script_doc or "").strip()
+    yaml = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    if yaml is None:
+        m = re.search(r"hparams/\w+\.ya?ml", doc) if doc else None
+        yaml = default_yaml or (m.group(0) if m else None)
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "<recipe>"
+    out = []
+    if doc:
+        out += [doc.split("\n\n")[0].strip(), ""]
+    if yaml is None or not os.path.isfile(yaml):
+        out += [f"usage: python {script} <hparams.yaml> [--<setting>=<value> ...]"]
+        return "\n".join(out)
+    out += [f"usage: python {script} {yaml} [--<setting>=<value> ...]", "",
+            f"settings (from {yaml}; --<setting>=<value> overrides one, YAML syntax for lists and maps):",
+            settings_help(yaml), "",
+            "plus --on_change=stop|restart (a rerun with other settings: stop, or move the earlier run aside) and "
+            "SpeechBrain's run options (--device, --precision, --distributed_backend, ...)."]
+    return "\n".join(out)

@@ -11,7 +11,7 @@ per-fold UA/WA, their mean and standard deviation over folds (population std,
 ddof=0), the confusion matrix summed over the folds, the ``head`` and, when the
 folds computed it, the convex reference (UA of a full-batch logistic regression
 on the same pooled features) per fold and its mean and std. Re-running resumes:
-finished folds only re-evaluate their best checkpoint.
+a finished fold says ``finished: ...`` and does nothing (:mod:`mgf_sb.finished`).
 """
 
 import json
@@ -114,14 +114,14 @@ def fold_folders(hparams_file, argv, session):
 def run_folds(hparams_file, argv, sessions=SESSIONS, train_script=os.path.join(HERE, "train.py")):
     """Trains/evaluates each fold, aggregates, writes the table; returns the aggregate."""
     results, experiment_folder, seen = [], None, set()
-    for s in sessions:
+    for i, s in enumerate(sessions, 1):
         output_folder, experiment_folder = fold_folders(hparams_file, argv, s)
         if output_folder in seen:
             raise ValueError(f"every fold would write to {output_folder}: pass --experiment_folder=... "
                              f"(each fold goes to <experiment_folder>/session<n>) instead of --output_folder")
         seen.add(output_folder)
         cmd = [sys.executable, train_script, hparams_file] + argv + [f"--test_session={s}"]
-        print(f"==== IEMOCAP fold: test session {s} -> {output_folder}", flush=True)
+        print(f"[fold {i}/{len(sessions)}] test session {s} -> {output_folder}", flush=True)
         rc = subprocess.call(cmd)
         if rc != 0:
             raise RuntimeError(f"fold test_session={s} failed (exit {rc}): {' '.join(cmd)}; "
@@ -156,5 +156,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(name)s - %(message)s")  # the folds' (SpeechBrain's) format
     main(sys.argv[1:])

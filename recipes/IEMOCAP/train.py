@@ -59,7 +59,7 @@ from mgf_sb.downstream import (  # noqa: E402
     write_results,
 )
 from mgf_sb.finished import finished_rerun, mark_finished  # noqa: E402
-from mgf_sb.upstream import describe_source, is_hf_source  # noqa: E402
+from mgf_sb.upstream import describe_source, is_hf_source, upstream_tag  # noqa: E402
 from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def write_test_results(hparams, metrics, loss, class_stats, layer_weights, conve
                  f"{ref['n_utterances']} |\n")
     table = confusion_table(metrics["confusion"])
     md = (f"# IEMOCAP emotion, test session {results['test_session']}\n\n"
-          f"upstream: `{results['upstream']}` (freeze={results['freeze']}, layer={results['layer']}), "
+          f"upstream: `{upstream_tag(hparams['upstream'])}` (freeze={results['freeze']}, layer={results['layer']}), "
           f"head: {results['head']}\n\n"
           f"| head | UA | WA | utterances |\n|---|---|---|---|\n{rows}\n"
           f"Confusion matrix:\n\n{table}\n")

@@ -25,6 +25,7 @@ every process decodes the whole set and rank 0 writes the results.
 ``--precision=bf16`` trains under autocast.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -40,7 +41,7 @@ from mgf_sb.data.manifest import read_manifest
 from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.finished import finished_rerun, mark_finished
-from mgf_sb.upstream import describe_source
+from mgf_sb.upstream import describe_source, upstream_tag
 from mgf_sb.recipe import start_experiment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +143,30 @@ class ASRBrain(DownstreamBrain):
         }
 
 
+@contextlib.contextmanager
+def output_to(path):
+    """Sends this process's stdout and stderr, at the file-descriptor level (C++ libraries' output
+    included), to ``path`` (appended) for the duration of the block."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def train_tokenizer(hparams):
     """SentencePiece (chars or unigram) on the training transcripts, saved in the run folder."""
     char = hparams["token_type"] == "char"
@@ -160,8 +185,12 @@ def train_tokenizer(hparams):
         user_defined_symbols=",".join(alphabet) if char else None,
         unk_id=hparams["blank_index"],  # blank shares index 0 with <unk> (no <unk> survives the prep)
     )
-    run_on_main(make)  # trained once, by rank 0 (DDP); the other processes wait, then load it
-    tokenizer = make()
+    log = os.path.join(hparams["tokenizer_folder"], "sentencepiece_log.txt")
+    with output_to(log):  # SentencePiece's C++ log (absl banner, the whole trainer_spec): ~100 lines
+        run_on_main(make)  # trained once, by rank 0 (DDP); the other processes wait, then load it
+        tokenizer = make()
+    logger.info(f"tokenizer: SentencePiece {hparams['token_type']}, {tokenizer.sp.vocab_size()} tokens, in "
+                f"{hparams['tokenizer_folder']} (SentencePiece's own output: {log})")
     n = tokenizer.sp.vocab_size()
     if n != hparams["output_neurons"]:
         raise ValueError(
@@ -228,10 +257,10 @@ def main(argv):
     )
     if not hparams["skip_prep"]:
         run_on_main(prepare_librispeech, kwargs=prep)  # rank 0 prepares; the others wait
-        test_names = prepare_librispeech(**prep)  # up to date now: only lists the present test splits
-    else:
-        test_names = [s for s in hparams["test_splits"]
-                      if os.path.isfile(os.path.join(hparams["manifest_folder"], f"{s}.csv"))]
+    # the test splits prepared (present in data_folder): those with a manifest (not a second prep call,
+    # which logged every split again and then "up to date; skipping preparation")
+    test_names = [s for s in hparams["test_splits"]
+                  if os.path.isfile(os.path.join(hparams["manifest_folder"], f"{s}.csv"))]
     tokenizer = train_tokenizer(hparams)
     datasets = dataio_prepare(hparams, tokenizer, test_names)
 
@@ -244,7 +273,7 @@ def main(argv):
     )
     brain.tokenizer = tokenizer
     brain.searcher = None
-    logger.info(f"upstream {describe_source(hparams['upstream'])} ({hparams['upstream_model'].num_layers} layers, "
+    logger.info(f"upstream {upstream_tag(hparams['upstream'])} ({hparams['upstream_model'].num_layers} layers, "
                 f"{hparams['upstream_model'].frame_rate:g} Hz, {'frozen' if hparams['freeze'] else 'fine-tuned'}); "
                 f"{hparams['output_neurons']} {hparams['token_type']} tokens")
     brain.fit(
@@ -273,7 +302,7 @@ def main(argv):
         f"{'-' if r['beam_CER'] is None else format(r['beam_CER'], '.2f')} |"
         for s, r in brain.test_results.items()
     )
-    md = (f"# LibriSpeech CTC, upstream {results['upstream']} ({'frozen' if hparams['freeze'] else 'fine-tuned'}), "
+    md = (f"# LibriSpeech CTC, upstream {upstream_tag(hparams['upstream'])} ({'frozen' if hparams['freeze'] else 'fine-tuned'}), "
           f"head {results['head']}\n\n"
           f"| split | utterances | WER greedy | CER greedy | WER beam {hparams['beam_size']} | CER beam |\n"
           f"|---|---|---|---|---|---|\n{rows}\n")

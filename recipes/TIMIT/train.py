@@ -46,7 +46,7 @@ from mgf_sb.distributed import ddp_sum
 from mgf_sb.downstream import DownstreamBrain, announce_data, write_results
 from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.heads import valid_mask
-from mgf_sb.upstream import describe_source
+from mgf_sb.upstream import describe_source, upstream_tag
 from mgf_sb.recipe import start_experiment
 from timit_prepare import PHONES_39, decode_segments, frame_labels, labels_at, nearest_frames, prepare_timit
 
@@ -139,8 +139,9 @@ class TIMITBrain(DownstreamBrain):
             self.checkpointer.save_and_keep_only(meta={"acc": stats["acc"]}, max_keys=["acc"], num_to_keep=1)
         else:
             name = self.eval_name
-            self.hparams.train_logger.log_stats(
-                stats_meta={f"{name}, epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
+            self.hparams.train_logger.log_stats(  # "dev loss", "dev acc": the set scored, not "test"
+                stats_meta={"evaluated": name, "epoch loaded": self.hparams.epoch_counter.current,
+                            **{f"{name} {k}": v for k, v in stats.items()}}
             )
             result = self.frame_stats()
             result["loss"] = stage_loss
@@ -214,7 +215,7 @@ def main(argv):
     if not hparams["freeze"] and upstream.encoder is not None:
         hparams["checkpointer"].add_recoverable("upstream_encoder", upstream.encoder)
     logger.info(
-        f"upstream {describe_source(hparams['upstream'])}: {upstream.num_layers} representations of size "
+        f"upstream {upstream_tag(hparams['upstream'])} ({hparams['upstream']}): {upstream.num_layers} representations of size "
         f"{upstream.output_size} at {upstream.frame_rate:g} Hz; layer={hparams['layer']}; freeze={hparams['freeze']}"
     )
 
@@ -249,7 +250,7 @@ def main(argv):
         **brain.eval_results,
     }
     lines = [
-        f"# TIMIT frame accuracy (39 phones), upstream {results['upstream']}, head {results['head']}\n",
+        f"# TIMIT frame accuracy (39 phones), upstream {upstream_tag(hparams['upstream'])}, head {results['head']}\n",
         "| set | frame accuracy | frames | chance (majority class) |",
         "|---|---|---|---|",
     ]

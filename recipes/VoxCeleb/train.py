@@ -48,7 +48,7 @@ from mgf_sb.downstream import DownstreamBrain, announce_data, balanced_class_wei
 from mgf_sb.finished import finished_rerun, mark_finished
 from mgf_sb.heads import count_parameters, select_head
 from mgf_sb.metrics import compute_eer, compute_min_dcf, cosine_scores
-from mgf_sb.upstream import BASELINES, describe_source
+from mgf_sb.upstream import BASELINES, describe_source, upstream_tag
 from mgf_sb.recipe import start_experiment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -293,9 +293,11 @@ def main(argv, mode="train"):
         results.update(run_verification(brain, hparams, datasets))
     elif mode == "verify":
         raise ValueError("no verification trials: set --trial_file (veri_test2.txt) and --verification=True")
-    lines = [f"# VoxCeleb1, upstream {results['upstream']}, head {results['head']}", "",
+    lines = [f"# VoxCeleb1 {'verification' if mode == 'verify' else ''}, upstream {upstream_tag(hparams['upstream'])}, "
+             f"head {results['head']}".replace("VoxCeleb1 ,", "VoxCeleb1,"), "",
              "| metric | value |", "|---|---|"]
-    for key in ("sid_test_acc", "convex_reference", "chance_acc", "eer", "min_dcf"):
+    keys = ("eer", "min_dcf") if mode == "verify" else ("sid_test_acc", "convex_reference", "chance_acc", "eer", "min_dcf")
+    for key in keys:  # chance_acc is identification's chance level: not in the verification table
         if key in results:
             lines.append(f"| {key} | {100 * results[key]:.2f}% |" if key != "min_dcf" else f"| {key} | {results[key]:.4f} |")
     if if_main_process():
