@@ -316,6 +316,8 @@ def aggregate(probes, rows, seeds):
         entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
         entry["emotion_n_test"] = got[0]["emotion"].get("n_test")
         entry["eer_n_trials"] = got[0]["eer"].get("n_trials")
+        hard = [g["eer"].get("same_base_test") for g in got]
+        entry["eer_same_base"] = float(np.mean(hard)) if all(x is not None for x in hard) else None
         sb = [g["speakers"].get("same_base_errors") for g in got]
         entry["same_base_errors"] = float(np.mean(sb)) if all(x is not None for x in sb) else None
         table[row] = entry
@@ -534,9 +536,10 @@ def _half_width_summary(comparisons, rows):
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
                  spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None):
     rows = list(table)
-    lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | SID errors inside one base voice % "
+    lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | EER, same-base non-targets only % "
+             "| SID errors inside one base voice % "
              "| dev phones / SID / emotion (EER) | layers chosen (phones; SID; EER; emotion) | CPU s / step |",
-             "|---|" + "---|" * (len(METRICS) + 4)]
+             "|---|" + "---|" * (len(METRICS) + 5)]
     for r in rows:
         t = table[r]
         cps = runs.get(r, {}).get("cpu_seconds_per_step")
@@ -544,7 +547,7 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         devs += f" ({'—' if t['eer_dev'] is None else format(t['eer_dev'], '.1f')})"
         layers = "; ".join(str(t.get(m + "_layers", "—")) for m in METRICS)
         lines.append(f"| {r} | " + " | ".join(_fmt(t[m], t[m + "_std"]) for m in METRICS) + f" | "
-                     f"{_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
+                     f"{_fmt(t.get('eer_same_base'))} | {_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
     head = "| " + " | ".join(f"{LABELS[m]} (points, 95 % interval, ±half-width)" for m in METRICS) + " |"
     comp = ["| full MGF minus " + head, "|---|" + "---|" * len(METRICS)]
     for other, c in comparisons.items():
@@ -584,7 +587,8 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         f"representation's frame centres, scored at 100 frames/s on test voices; speaker ID (SID) on pooled "
         f"mean + std, {n_sid} test utterances of every speaker-probe voice; zero-shot verification (no trained "
         f"probe): cosine of z-scored pooled statistics, layer chosen on dev voices' trials, {n_tr} trials between "
-        f"the other (test) voices, half of them targets; emotion on pooled statistics, {n_emo} test utterances of "
+        f"the other (test) voices, half of them targets (also scored against only the non-target trials whose two "
+        f"voices share a base voice: the voice, not the synthesiser); emotion on pooled statistics, {n_emo} test utterances of "
         f"voices the probe never saw (chance 25 %).",
         f"Machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']}, {info['jobs']} runs side "
         f"by side x {info['threads']} thread(s), device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
@@ -953,6 +957,16 @@ def main(argv=None):
         res = probe(f"{row}/seed{seed0}", kind=kind, seed=seed0)
         if res is not None:
             probes.setdefault(row, {})[seed0] = res
+    from quality_probe import eer
+
+    for by_seed in probes.values():  # the verification EER with non-targets of one base voice only
+        for res in by_seed.values():
+            tr = res["eer"]["test_trials"]
+            base = data.speakers.voice_base[np.asarray(tr["voices"])]
+            t = np.asarray(tr["target"], dtype=bool)
+            keep = t | (base[:, 0] == base[:, 1])
+            res["eer"]["same_base_test"] = eer(np.asarray(res["eer"]["test_scores"])[keep], t[keep])
+            res["eer"]["same_base_nontargets"] = int((keep & ~t).sum())
     start = probes.get("random", {}).get(seed0)
     for c in curves.values():  # step 0: the random-init encoder (full MGF's shape, seed0's draw)
         if start is not None:
