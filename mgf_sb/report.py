@@ -120,14 +120,7 @@ def column_ranks(results, columns, rows=None):
     return per_column
 
 
-def _number(v):
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
+from mgf_sb.report_plots import _number  # noqa: E402  (one definition: a float, or None)
 
 
 def _std(results, row, key):
