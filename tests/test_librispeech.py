@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import math
+import logging
 import os
 import shutil
 
@@ -131,6 +132,19 @@ def test_prep_real_layout_and_bad_cases(prepared):
     with open(trans, encoding="utf-8") as f:
         lineno = [i for i, line in enumerate(f, 1) if line.startswith(f"{spk}-{chap}-0900 ")][0]
     assert no_audio[0][0] == f"{trans}:{lineno}"  # names the file and line of the orphan transcript
+
+
+def test_prep_logs_each_splits_skip_summary_once(bad_corpus, tmp_path, caplog):
+    """The audio checks and the transcript checks share one skip list: one summary line per split."""
+    root, _, _ = bad_corpus
+    with caplog.at_level(logging.INFO):
+        prep.prepare_librispeech(root, str(tmp_path), ["train-clean-100"], ["dev-clean"], ["test-clean"],
+                                 alphabet=ALPHABET)
+    lines = [r.getMessage() for r in caplog.records]
+    for name in ("train", "valid", "test-clean"):
+        summaries = [m for m in lines if m.startswith(f"{name}: skipped ") or m == f"{name}: no file skipped"]
+        assert len(summaries) == 1, (name, summaries)
+    assert any(m.startswith("train: skipped 4 files") for m in lines)
 
 
 def test_prep_missing_split_names_it(bad_corpus, tmp_path):

@@ -124,8 +124,9 @@ class SkipReport:
         """{reason category: count}; the category is the text before '('."""
         return Counter(r.split(" (")[0] for _, r in self.items)
 
-    def write(self, folder):
-        """Writes ``<name>_skipped.tsv`` (and ``<name>_converted.tsv``); logs a summary."""
+    def write(self, folder, log=True):
+        """Writes ``<name>_skipped.tsv`` (and ``<name>_converted.tsv``); logs a summary unless ``log``
+        is False (a caller that adds to the list and writes it again logs the final one)."""
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{self.name}_skipped.tsv")
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
@@ -138,11 +139,12 @@ class SkipReport:
                 f.write("path\tconversion\n")
                 for p, r in self.notes:
                     f.write(f"{escape_field(p)}\t{escape_field(r)}\n")
-            logger.info(f"{self.name}: {len(self.notes)} files converted (listed in {self.name}_converted.tsv)")
-        if self.items:
+            if log:
+                logger.info(f"{self.name}: {len(self.notes)} files converted (listed in {self.name}_converted.tsv)")
+        if log and self.items:
             summary = ", ".join(f"{n} {k}" for k, n in self.counts().most_common())
             logger.warning(f"{self.name}: skipped {len(self.items)} files ({summary}); see {path}")
-        else:
+        elif log:
             logger.info(f"{self.name}: no file skipped")
         return path
 

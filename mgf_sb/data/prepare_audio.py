@@ -22,7 +22,7 @@ def utterance_id(path, root):
 
 
 def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_duration=None,
-                  sample_rate=16000, num_workers=1, extensions=AUDIO_EXTENSIONS, seen=None):
+                  sample_rate=16000, num_workers=1, extensions=AUDIO_EXTENSIONS, seen=None, log_skips=True):
     """Scans and checks the audio of some splits (subfolders) of ``data_folder``.
 
     Arguments
@@ -41,6 +41,9 @@ def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_
         already taken by one of them is left out of this one and listed
         (see :func:`mgf_sb.data.audio.scan_audio`). Symlink loops and files
         reached twice are listed too, in ``<name>_skipped.tsv``.
+    log_skips : bool
+        Log the skip summary (False for a caller that adds its own skips to
+        the list and logs the whole of it once).
 
     Returns
     -------
@@ -75,7 +78,7 @@ def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_
             report.note(c.source, c.note)
         rows.append({"ID": utterance_id(c.source, data_folder), "duration": c.duration, "wav": os.path.abspath(c.path),
                      "source": c.source})
-    report.write(save_folder)
+    report.write(save_folder, log=log_skips)
     logger.info(f"{name}: {len(rows)} usable files, {len(report)} skipped, "
                 f"{sum(r['duration'] for r in rows) / 3600:.2f} h")
     return rows

@@ -113,7 +113,8 @@ def prepare_split(data_folder, splits, save_folder, name, alphabet, uppercase=Tr
         Rows with ID, duration, wav, spk_id, wrd.
     """
     roots = [os.path.join(data_folder, s) for s in splits]
-    audio_rows = collect_audio(data_folder, splits, save_folder, name, **audio_kwargs)
+    # the audio checks' skips are logged once, with the transcript checks', by report.write below
+    audio_rows = collect_audio(data_folder, splits, save_folder, name, log_skips=False, **audio_kwargs)
     report = SkipReport(name)
     for path, reason in _read_skip_list(os.path.join(save_folder, f"{name}_skipped.tsv")):
         report.add(path, reason)  # the audio checks' own skips (unreadable, empty, ...)
