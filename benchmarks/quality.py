@@ -55,6 +55,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mgf_sb import grid  # noqa: E402
+from mgf_sb.report_plots import PALETTE, _figure, _save  # noqa: E402
 from mgf_sb.pretrained_folder import read_config  # noqa: E402
 from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
 
@@ -428,25 +429,6 @@ def time_to_pass(points, threshold):
             return s0 + (threshold - v0) / (value - v0) * (step - s0)
         prev = (step, value)
     return None
-
-
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]  # matplotlib's tab10
-
-
-def _figure(size, dpi=100):
-    """A matplotlib Figure of ``size`` = (width, height) pixels on its own Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path):
-    fig.savefig(path)
-    return path
 
 
 def curve_png(path, curves, hlines, title="", other=None):
