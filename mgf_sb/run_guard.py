@@ -178,12 +178,33 @@ def run_settings(hparams):
     return settings
 
 
+# Settings added to hparams/mgf.yaml after runs were recorded, each with the value that gives the
+# behaviour from before it existed. A run recorded without such a key, resumed or re-checked with
+# the key at that value, is unchanged (the new switch is off); at any other value it is a change.
+# Add each new switch here with its "off" value, or every earlier run folder stops on resume.
+ADDED_SETTINGS = {
+    # issue "Hierarchy in the network": depth per scale, input block, frame-scale alterations
+    "conv_pos_norm": "none", "conv_pos_scale_init": None, "frame_layer": -1, "phoneme_layer": -1,
+    "frame_target_layers": None, "phoneme_target_layers": None, "word_target_layers": None,
+    "utterance_target_layers": None, "frame_freq_mask_bins": 0, "frame_freq_mask_count": 1, "frame_noise_std": 0.0,
+}
+
+
 def settings_changes(before, now, resumable=()):
     """``{key: [before, now]}`` for each setting that differs (``"<absent>"`` on the side that
-    lacks it), keys in ``resumable`` left out: what a rerun changed."""
+    lacks it), keys in ``resumable`` left out: what a rerun changed. A key the record lacks that
+    is now at its :data:`ADDED_SETTINGS` value (the behaviour from before it existed) is no change."""
     resumable = set(resumable or ())
+
+    def differs(k):
+        if k in resumable:
+            return False
+        if k not in before and k in now and k in ADDED_SETTINGS:
+            return json.loads(json.dumps(ADDED_SETTINGS[k])) != now[k]
+        return before.get(k, "<absent>") != now.get(k, "<absent>")
+
     return {k: [before.get(k, "<absent>"), now.get(k, "<absent>")] for k in sorted(set(before) | set(now))
-            if k not in resumable and before.get(k, "<absent>") != now.get(k, "<absent>")}
+            if differs(k)}
 
 
 def show_value(v):

@@ -128,3 +128,42 @@ def test_a_finished_recipe_step_whose_yaml_default_moved_is_changed_not_done(tmp
     st = grid.execute([step], _output, runner=_fake([]), on_change="rerun", log=lambda *a: None)
     assert st == {"pretrain x": "ran"}
     assert any(p.startswith("run.replaced-") for p in os.listdir(tmp_path))  # the old run kept aside
+
+
+def test_a_switch_added_since_a_run_is_no_change_while_off_and_a_change_when_on(tmp_path, monkeypatch):
+    """A key added to the YAML after a run was recorded (listed in run_guard.ADDED_SETTINGS with its
+    "off" value) leaves the old run done while it is off; switched on, the run is changed."""
+    from mgf_sb import run_guard
+    from mgf_sb.recipe import command_settings
+
+    monkeypatch.setitem(run_guard.ADDED_SETTINGS, "new_switch", 0)
+    yaml = tmp_path / "h.yaml"
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\n")
+    folder = tmp_path / "run"
+    step = grid.Step(name="pretrain x", kind="pretrain", folder=str(folder),
+                     command=[sys.executable, "train.py", str(yaml), f"--output_folder={folder}"])
+    folder.mkdir()
+    (folder / "out.txt").write_text("x")
+    grid.write_mark(step, 1.0)
+    (folder / grid.RUN_CONFIG).write_text(__import__("json").dumps(
+        {"settings": command_settings(step.command[2:]), "resumable_keys": []}))
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nnew_switch: 0\nother_new: 0\n")
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "changed"  # other_new is not declared: it counts
+    assert step.changes == {"other_new": ["<absent>", 0]}
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nnew_switch: 0\n")
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "done"
+    yaml.write_text("output_folder: !PLACEHOLDER\nlr: 0.001\nnew_switch: 3\n")
+    grid._SETTINGS_NOW.clear()
+    assert grid.step_status(step, _output) == "changed" and step.changes == {"new_switch": ["<absent>", 3]}
+
+
+def test_every_added_setting_is_a_key_of_the_yaml():
+    """ADDED_SETTINGS names keys of hparams/mgf.yaml (a misspelt key would leave old runs stopping);
+    the switches added so far are still off by default."""
+    from mgf_sb.recipe import command_settings
+    from mgf_sb.run_guard import ADDED_SETTINGS
+
+    now = command_settings([os.path.join(grid.REPO, "hparams", "mgf.yaml")])
+    assert ADDED_SETTINGS and set(ADDED_SETTINGS) <= set(now), set(ADDED_SETTINGS) - set(now)
