@@ -27,6 +27,7 @@ encoded by the student K times with independent masks while the features and
 the target network run once per view, which amortises the teacher's cost.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import List
 
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from mgf_sb.masking import MaskSampler, sample_spans, spans_to_mask
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +72,10 @@ class MGFBatch:
     peer_mask : torch.BoolTensor
         (M, T) frames masked for a peer objective (BEST-RQ / wav2vec 2.0, see
         ``peer_masks`` of :class:`MGFCollate`); all False when none is enabled.
+    speaker : torch.LongTensor
+        (M,) speaker of each sequence's utterance where the manifest says (its ``spk_id``
+        column, numbered by the recipe), -1 unknown; only logged (the utterance scale's
+        ``same_speaker_negatives``), never used by a loss.
     """
 
     id: List[str]
@@ -86,9 +93,10 @@ class MGFBatch:
     source: torch.Tensor = None
     utt: torch.Tensor = None
     peer_mask: torch.Tensor = None
+    speaker: torch.Tensor = None
     _tensor_fields: tuple = field(
         default=("wavs", "wav_lens", "n_frames", "frame_mask", "span_start", "span_len", "span_valid", "partner",
-                 "word_start", "word_len", "word_valid", "source", "utt", "peer_mask"),
+                 "word_start", "word_len", "word_valid", "source", "utt", "peer_mask", "speaker"),
         repr=False,
     )
 
@@ -104,6 +112,8 @@ class MGFBatch:
             self.word_valid = torch.zeros(M, 0, dtype=torch.bool)
         if self.peer_mask is None:  # no peer objective
             self.peer_mask = torch.zeros_like(self.frame_mask)
+        if self.speaker is None:  # no speaker known
+            self.speaker = torch.full((M,), -1, dtype=torch.long)
 
     @property
     def span_mask(self):
@@ -178,7 +188,7 @@ def nearest_frames(centres, targets):
 
 
 def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter=0.0, min_view=0,
-                        random_crop=True):
+                        random_crop=True, strict_gap=False):
     """Where the views of one waveform lie (the collate's view half, as ``compute_mask_indices`` is fairseq's mask).
 
     A crop of at most ``crop`` samples (random position, or the start of the
@@ -195,7 +205,8 @@ def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter
     n_views : int
         1 or 2.
     gap : int
-        Samples skipped between the views (at most ``gap_max_fraction`` of the crop).
+        Samples skipped between the views (at most ``gap_max_fraction`` of the crop, unless
+        ``strict_gap``).
     gap_max_fraction : float
     jitter : float
         Each view's length is uniform in ``[max((1 - jitter) v, min_view), v]``,
@@ -205,6 +216,13 @@ def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter
         loses its gap; if it is still too short it gives one view (the whole
         crop; it has no partner for the utterance scale).
     random_crop : bool
+    strict_gap : bool
+        Never shrink the gap (neither by ``gap_max_fraction`` nor for ``min_view``): a crop too
+        short for two views (of at least ``min_view`` and 1 sample) with the whole gap between
+        them gives one view. The two views' audio is then always at least ``gap`` samples apart:
+        ``gap + (v - len_0 - start_0) + start_1`` with ``start_i`` a view's offset in its half,
+        on average ``gap + (v - lo) / 2`` and at most ``gap + 2 (v - lo)`` (``lo`` the
+        shortest jittered length).
 
     Returns
     -------
@@ -217,6 +235,10 @@ def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter
     [(0, 450), (550, 1000)]
     >>> sample_view_windows(1000, 2000, gap=100, min_view=600)
     [(0, 1000)]
+    >>> sample_view_windows(1000, 2000, gap=500, random_crop=False)  # capped: 0.34 of the crop
+    [(0, 330), (670, 1000)]
+    >>> sample_view_windows(1000, 2000, gap=500, random_crop=False, strict_gap=True)
+    [(0, 250), (750, 1000)]
     """
     off = 0
     if n > crop:
@@ -224,9 +246,15 @@ def sample_view_windows(n, crop, n_views=2, gap=0, gap_max_fraction=0.34, jitter
         n = crop
     if n_views == 1:
         return [(off, off + n)]
-    g = min(gap, int(gap_max_fraction * n))
-    if min_view > 0 and (n - g) // 2 < min_view:
-        g = min(g, max(0, n - 2 * min_view))  # the gap gives way first
+    if strict_gap:  # the gap as asked, or no pair
+        g = gap
+        v = (n - g) // 2
+        if v < max(min_view, 1):
+            return [(off, off + n)]
+    else:
+        g = min(gap, int(gap_max_fraction * n))
+        if min_view > 0 and (n - g) // 2 < min_view:
+            g = min(g, max(0, n - 2 * min_view))  # the gap gives way first
     v = (n - g) // 2  # each view's half; the second half starts at v + g
     if min_view > 0 and v < min_view:
         return [(off, off + n)]
@@ -286,6 +314,10 @@ class ViewSampler:
         1 or 2 views per utterance (2 is needed by the utterance scale).
     gap_seconds, gap_max_fraction, length_jitter :
         See :func:`sample_view_windows`.
+    gap_strict : bool
+        Views always at least ``gap_seconds`` apart; a crop too short gives one view
+        (``strict_gap`` of :func:`sample_view_windows`). False: the gap shrinks on short crops
+        (logged once, at construction: :meth:`gap_note`).
     min_view_seconds : float
         Shortest view (0: no minimum; see :func:`sample_view_windows`).
     gain_db, eq, noise_snr_db :
@@ -300,7 +332,7 @@ class ViewSampler:
     """
 
     def __init__(self, sample_rate=16000, crop_seconds=8.0, n_views=2, gap_seconds=0.0, gap_max_fraction=0.34,
-                 length_jitter=0.0, min_view_seconds=0.0, gain_db=0.0, eq=0.0, noise_snr_db=None):
+                 length_jitter=0.0, min_view_seconds=0.0, gain_db=0.0, eq=0.0, noise_snr_db=None, gap_strict=False):
         if n_views not in (1, 2):
             raise ValueError(f"n_views must be 1 or 2, got {n_views}")
         if not 0.0 <= length_jitter < 1.0:
@@ -325,11 +357,34 @@ class ViewSampler:
                 float(noise_snr_db[0]), float(noise_snr_db[1]))
             noise_snr_db = (min(lo, hi), max(lo, hi))
         self.noise_snr = noise_snr_db
+        self.gap_strict = bool(gap_strict)
+        self.sample_rate = sample_rate
+        note = self.gap_note()
+        if note:
+            logger.info(note)
+
+    def gap_note(self):
+        """What the gap really is on short crops (None when there is no gap or no pair): the cap
+        ``gap_max_fraction`` and ``min_view_seconds`` shrink it silently otherwise."""
+        if self.n_views != 2 or self.gap <= 0:
+            return None
+        sr, asked = self.sample_rate, self.gap / self.sample_rate
+        shortest_pair = (self.gap + 2 * max(self.min_view, 1)) / sr
+        if self.gap_strict:
+            return (f"views: view_gap_seconds={asked:g} s kept on every crop (view_gap_strict); a crop shorter "
+                    f"than {shortest_pair:.2f} s gives one view (no pair for the utterance scale)")
+        full = max(self.gap / self.gap_max_fraction, (self.gap + 2 * self.min_view)) / sr
+        crop = self.crop / sr
+        where = (f"every crop (crop_seconds={crop:g} s is shorter than {full:.2f} s)" if crop < full
+                 else f"crops shorter than {full:.2f} s (files shorter than that)")
+        return (f"views: view_gap_seconds={asked:g} s shrinks on {where}: to view_gap_max_fraction="
+                f"{self.gap_max_fraction:g} of the crop, and below what view_min_seconds={self.min_view / sr:g} s "
+                f"leaves; view_gap_strict=True keeps the gap and gives such crops one view")
 
     def __call__(self, sig, random_crop=True):
         """(samples,) waveform -> list of 1 or 2 perturbed views."""
         windows = sample_view_windows(sig.shape[0], self.crop, self.n_views, self.gap, self.gap_max_fraction,
-                                      self.jitter, self.min_view, random_crop)
+                                      self.jitter, self.min_view, random_crop, self.gap_strict)
         return [perturb_view(sig[a:b], self.gain_db, self.eq, self.noise_snr) for a, b in windows]
 
 
@@ -337,7 +392,7 @@ class ViewSampler:
 _FLAT_VIEW_KEYS = {"crop_seconds": "crop_seconds", "n_views": "n_views", "view_gap_seconds": "gap_seconds",
                    "view_gap_max_fraction": "gap_max_fraction", "view_length_jitter": "length_jitter",
                    "view_min_seconds": "min_view_seconds", "view_gain_db": "gain_db", "view_eq": "eq",
-                   "view_noise_snr_db": "noise_snr_db"}
+                   "view_noise_snr_db": "noise_snr_db", "view_gap_strict": "gap_strict"}
 _FLAT_MASK_SPANS = {"frame_mask_ratio": ("frame", None), "frame_span_min": ("frame", 0),
                     "frame_span_max": ("frame", 1), "span_mask_ratio": ("phoneme", None), "span_min": ("phoneme", 0),
                     "span_max": ("phoneme", 1), "word_mask_ratio": ("word", None), "word_span_min": ("word", 0),
@@ -380,6 +435,9 @@ class MGFCollate:
         Dataset key of the waveform.
     random_crop : bool
         Random crop position (training) or the start of the file (validation).
+    speaker_key : str
+        Dataset key of the utterance's speaker number (an int >= 0; the recipe adds it when the
+        manifest has a ``spk_id`` column), into ``MGFBatch.speaker``; items without it: -1.
     peer_masks : dict, optional
         ``{name: {"mask_ratio": r, "span": s}}`` for the peer objectives
         (``bestrq``, ``wav2vec2``; mgf_sb/objectives/bestrq.py, wav2vec2.py):
@@ -397,7 +455,7 @@ class MGFCollate:
     """
 
     def __init__(self, views=None, masks=None, sample_rate=16000, hop_length_ms=10.0, frame_stack=1, mask_copies=1,
-                 sig_key="sig", random_crop=True, peer_masks=None, **flat):
+                 sig_key="sig", random_crop=True, peer_masks=None, speaker_key="speaker", **flat):
         unknown = sorted(set(flat) - set(_FLAT_VIEW_KEYS) - set(_FLAT_MASK_SPANS) - set(_FLAT_MASK_KEYS))
         if unknown:
             raise TypeError(f"MGFCollate got unknown arguments {unknown}")
@@ -429,6 +487,7 @@ class MGFCollate:
             raise ValueError(f"mask_copies must be >= 1, got {mask_copies}")
         self.mask_copies = int(mask_copies)
         self.sig_key = sig_key
+        self.speaker_key = speaker_key
         self.random_crop = random_crop
 
     @staticmethod
@@ -452,8 +511,10 @@ class MGFCollate:
         return masks
 
     def __call__(self, items):
-        ids, views, view_utt, partner_view = [], [], [], []
+        ids, views, view_utt, partner_view, utt_speaker = [], [], [], [], []
         for i, item in enumerate(items):  # a loop over utterances, not frames
+            spk = item.get(self.speaker_key) if hasattr(item, "get") else None
+            utt_speaker.append(-1 if spk is None else int(spk))
             pieces = self.views(item[self.sig_key], random_crop=self.random_crop)
             first = len(views)
             for v, piece in enumerate(pieces):
@@ -488,5 +549,6 @@ class MGFCollate:
             source=source,
             utt=utt,
             peer_mask=peer_mask,
+            speaker=torch.tensor(utt_speaker, dtype=torch.long)[utt],
             **masks,
         )

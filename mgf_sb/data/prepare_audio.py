@@ -1,6 +1,7 @@
 """Pretraining data prep: any folder of wav/flac, or a LibriSpeech root.
 
-Writes ``train.csv`` / ``valid.csv`` (ID, duration, wav), the skip lists, and a
+Writes ``train.csv`` / ``valid.csv`` (ID, duration, wav; + spk_id where every file's path names
+its speaker the LibriSpeech way), the skip lists, and a
 ``converted/`` folder for files that had to be resampled or downmixed.
 The LibriSpeech ASR recipe builds on :func:`collect_audio` (one prep, not two).
 """
@@ -19,6 +20,22 @@ def utterance_id(path, root):
     """Manifest ID: the path under ``root`` without extension (unique in any tree)."""
     rel = os.path.relpath(path, root)
     return os.path.splitext(rel)[0].replace(os.sep, "/")
+
+
+def speaker_from_path(path):
+    """The speaker a LibriSpeech-style path names, else None.
+
+    LibriSpeech names a file ``<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac``: the file
+    name's first ``-`` field is also one of its three parent folders (``<speaker>/<speaker>-<n>``
+    too). Any other naming says nothing about the speaker.
+
+    >>> speaker_from_path("train-clean-100/19/198/19-198-0001.flac"), speaker_from_path("a/b/take-1.wav")
+    ('19', None)
+    """
+    parts = os.path.normpath(path).split(os.sep)
+    name = os.path.splitext(parts[-1])[0]
+    first = name.split("-")[0]
+    return first if "-" in name and first and first in parts[-4:-1] else None
 
 
 def collect_audio(data_folder, splits, save_folder, name, min_duration=0.0, max_duration=None,
@@ -129,6 +146,14 @@ def prepare_pretraining(data_folder, save_folder, train_splits=None, valid_split
     if not valid:
         raise ValueError(f"no usable validation audio in {data_folder!r} (splits {valid_splits})")
     check_disjoint({"train": train, "valid": valid}, key="source")
-    write_manifest(train, os.path.join(save_folder, "train.csv"))
-    write_manifest(valid, os.path.join(save_folder, "valid.csv"))
+    # where the corpus names its speakers (LibriSpeech layout, every file): a spk_id column, which
+    # the recipe only logs (utterance_same_speaker_negatives)
+    speakers = [speaker_from_path(os.path.relpath(r["source"], data_folder)) for r in train + valid]
+    extra = []
+    if all(speakers):
+        extra = ["spk_id"]
+        for r, spk in zip(train + valid, speakers):
+            r["spk_id"] = spk
+    write_manifest(train, os.path.join(save_folder, "train.csv"), extra_columns=extra)
+    write_manifest(valid, os.path.join(save_folder, "valid.csv"), extra_columns=extra)
     mark_prep_done(save_folder, "pretrain", opts)

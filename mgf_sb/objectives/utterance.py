@@ -58,6 +58,45 @@ class AttentivePool(torch.nn.Module):
         return (w[..., None] * h).sum(1)
 
 
+def byol_loss(pred, target):
+    """BYOL's loss (Grill et al., 2020): the normalised MSE ``||p/|p| - t/|t| ||^2 = 2 - 2 cos(p, t)``,
+    mean over rows; ``target`` is detached here (the stop-gradient side).
+
+    >>> x = torch.randn(3, 4)
+    >>> float(byol_loss(x, 2 * x)) < 1e-6, round(float(byol_loss(x, -x)), 4)
+    (True, 4.0)
+    """
+    p = torch.nn.functional.normalize(pred.float(), dim=-1)
+    t = torch.nn.functional.normalize(target.detach().float(), dim=-1)
+    return (2.0 - 2.0 * (p * t).sum(-1)).mean()
+
+
+def same_speaker_share(speaker, negative):
+    """Share of the negative pairs whose two utterances have the same known speaker.
+
+    Arguments
+    ---------
+    speaker : torch.LongTensor
+        (M,) speaker of each row, -1 unknown.
+    negative : torch.BoolTensor
+        (M, M) ``[i, j]``: row ``j`` is a negative of query ``i``.
+
+    Returns
+    -------
+    float or None
+        Over the negative pairs whose two speakers are known; None when there is none.
+
+    >>> neg = ~torch.eye(3, dtype=torch.bool)
+    >>> same_speaker_share(torch.tensor([0, 0, 1]), neg), same_speaker_share(torch.tensor([-1, -1, 2]), neg)
+    (0.3333333333333333, None)
+    """
+    known = (speaker[:, None] >= 0) & (speaker[None, :] >= 0) & negative
+    n = int(known.sum())
+    if n == 0:
+        return None
+    return int((known & (speaker[:, None] == speaker[None, :])).sum()) / n
+
+
 class UtteranceObjective(torch.nn.Module):
     """Discriminative (default) or generative utterance-level objective.
 
@@ -67,7 +106,11 @@ class UtteranceObjective(torch.nn.Module):
     loss : str
         ``infonce`` (NT-Xent between the two views, negatives = the other
         utterances' views) or ``l1`` / ``l2`` (generative: predict a statistic
-        of the *other* view).
+        of the *other* view) or ``cosine`` (with ``teacher``: BYOL's normalised MSE,
+        :func:`byol_loss`). With the ``teacher`` target the form is BYOL's, no negatives:
+        the online predictor (the projection MLP on the student's pooled view) predicts the
+        stop-gradient EMA teacher's pooled output of the *other* view (both directions), so
+        utterances of one speaker in a batch are never pushed apart.
     target : str
         ``other_view`` (with infonce), ``fbank`` (the other view's log-Mel mean
         and std) or ``teacher`` (the other view's pooled target-network output),
@@ -88,11 +131,12 @@ class UtteranceObjective(torch.nn.Module):
     def __init__(self, d_model, feat_dim, loss="infonce", target="other_view", layer=-1, proj_dim=256, temperature=0.1,
                  branch="none", queue_size=0):
         super().__init__()
-        ok = {("infonce", "other_view"), ("l1", "fbank"), ("l2", "fbank"), ("l1", "teacher"), ("l2", "teacher")}
+        ok = {("infonce", "other_view"), ("l1", "fbank"), ("l2", "fbank"), ("l1", "teacher"), ("l2", "teacher"),
+              ("cosine", "teacher")}
         if (loss, target) not in ok:
             raise ValueError(
-                f"UtteranceObjective: loss={loss!r} with target={target!r} is not supported; "
-                f"use one of {sorted(ok)}"
+                f"utterance_loss={loss!r} with utterance_target={target!r} is not supported (hparams/mgf.yaml); "
+                f"use one of " + ", ".join(f"utterance_loss={a} utterance_target={b}" for a, b in sorted(ok))
             )
         if branch not in ("none", "attentive"):
             raise ValueError(f"utterance_branch must be 'none' or 'attentive', got {branch!r}")
@@ -160,12 +204,24 @@ class UtteranceObjective(torch.nn.Module):
             loss, acc = nt_xent(z, partner, self.temperature, group=own_group, keys=all_keys, key_group=all_group,
                                 offset=offset)
             negatives = float((all_group[None, :] != own_group[has][:, None]).sum(1).float().mean())
-            return loss, {"acc": float(acc), "pairs": float(has.sum()), "negatives": negatives}
+            stats = {"acc": float(acc), "pairs": float(has.sum()), "negatives": negatives}
+            # How many negatives are the same voice (the loss pushes them apart): this process's
+            # batch, queries with a partner against the other utterances' rows (the queue's and
+            # other processes' rows carry no speaker here); absent when no speaker is known.
+            speaker, utt = getattr(batch, "speaker", None), batch.utt.to(hidden.device)
+            share = None if speaker is None else same_speaker_share(
+                speaker.to(hidden.device), has[:, None] & (utt[:, None] != utt[None, :]))
+            if share is not None:
+                stats["same_speaker_negatives"] = share
+            return loss, stats
         if not bool(has.any()):
             return z.sum() * 0.0, {"pairs": 0.0}
         if self.target == "fbank":
             tgt = masked_mean_std(inputs.feats, n)
         else:
             tgt = layer_norm_target(masked_mean(teacher_slot(inputs.teacher, *self.teacher_slots), n))
-        loss = regression_loss(z[has], tgt[partner[has]].detach(), self.loss_type)
+        if self.loss_type == "cosine":
+            loss = byol_loss(z[has], tgt[partner[has]])
+        else:
+            loss = regression_loss(z[has], tgt[partner[has]].detach(), self.loss_type)
         return loss, {"pairs": float(has.sum())}

@@ -191,7 +191,8 @@ def dataio_prepare(hparams):
 
     sb.dataio.dataset.add_dynamic_item([datasets["train"]], make_audio_pipeline(random_crop=True))
     sb.dataio.dataset.add_dynamic_item([datasets["valid"]], make_audio_pipeline(random_crop=False))
-    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig"])
+    keys = ["id", "sig"] + add_speaker_numbers(datasets)
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), keys)
 
     collate = MGFCollate(**hparams["collate_args"])
     if hparams["dynamic_batching"]:
@@ -214,6 +215,28 @@ def dataio_prepare(hparams):
     if hparams["valid_shuffle_seed"] is not None:  # batches that mix speakers, the same every epoch
         valid_opts["sampler"] = mixed_valid_order(len(datasets["valid"]), hparams["valid_shuffle_seed"])
     return datasets, train_opts, valid_opts
+
+
+def add_speaker_numbers(datasets, column="spk_id"):
+    """Where the manifests have a speaker column: each item's ``speaker`` number (the collate's
+    ``speaker_key``, logged as ``utterance_same_speaker_negatives``; no loss uses it).
+
+    The numbers index the sorted speakers of every split together, so they are the same in
+    every process and split. Returns the output keys to add (``[]`` without the column, e.g.
+    the pretraining prep's manifests of a plain folder of audio: no speaker is known).
+    """
+    if not all(ds.data and column in next(iter(ds.data.values())) for ds in datasets.values()):
+        return []
+    speakers = sorted({row[column] for ds in datasets.values() for row in ds.data.values()})
+    number = {spk: i for i, spk in enumerate(speakers)}
+
+    @sb.utils.data_pipeline.takes(column)
+    @sb.utils.data_pipeline.provides("speaker")
+    def speaker_pipeline(spk):
+        return number[spk]
+
+    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), speaker_pipeline)
+    return ["speaker"]
 
 
 def uses_shards(hparams):
