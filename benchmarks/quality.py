@@ -22,7 +22,8 @@
 3. **Probes** on frozen features of the held-out voices (``benchmarks/quality_probe.py``): frame
    phone classification (linear; labels at each representation's own frame centres; layer and
    L2 chosen on dev voices, scored on test voices at 100 frames/s) and speaker identification
-   (linear on pooled mean + std; layer and L2 chosen on dev utterances; >= 625 test utterances),
+   (linear on pooled mean + std; layer and L2 chosen on dev utterances, one choice per variant
+   over all its seeds' dev utterances; >= 2,000 test utterances),
    for every variant and for the baselines fbank, fbank with +-5 frames of context and the
    random-init encoder (same architecture and normaliser as full MGF).
 4. **Report** in ``--out`` (default ``results/quality/<budget>``): ``report.md`` (table with
@@ -325,6 +326,49 @@ def aggregate(probes, rows, seeds):
     return table
 
 
+CHOSEN_PER_VARIANT = ("speakers", "emotion", "eer")
+
+
+def at_choice(res, choice, data):
+    """Rewrites one probe result (in memory) at the candidate ``choice[metric]`` (an index into its
+    ``candidates``) for each utterance-level metric: layer, L2, dev and test outcomes."""
+    from quality_probe import emotion_test_scores, eer, speaker_test_scores
+
+    for m, i in choice.items():
+        r = res.get(m)
+        if r is None or not r.get("candidates") or i >= len(r["candidates"]):
+            continue
+        c = r["candidates"][i]
+        r["layer"], r["choice"], r["chosen_on"] = c["layer"], i, "variant"
+        if m == "eer":
+            r["dev_best"], r["test_scores"] = c["dev_eer"], c["test_scores"]
+            r["test"] = eer(np.asarray(c["test_scores"]), np.asarray(r["test_trials"]["target"], dtype=bool))
+        else:
+            r["l2"], r["dev_items"] = c["l2"], c["dev_items"]
+            r["dev_best"] = 100.0 * float(np.mean(c["dev_items"]))
+            r.update(speaker_test_scores(c["test_pred"], data.speakers) if m == "speakers"
+                     else emotion_test_scores(c["test_pred"], data.emotion))
+
+
+def choose_per_variant(probes, data):
+    """For each row and utterance-level metric (SID, emotion, EER): the (layer, L2) with the best dev
+    score over all the row's seeds together (:func:`quality_probe.choose_on_pooled_dev`), applied to
+    every seed's result in ``probes`` (in memory) -> {row: {metric: candidate index}}. Rows whose
+    probes have no candidates (an earlier version) keep each run's own choice."""
+    from quality_probe import choose_on_pooled_dev
+
+    choices = {}
+    for row, by_seed in probes.items():
+        for m in CHOSEN_PER_VARIANT:
+            rs = [r[m] for r in by_seed.values() if r.get(m) is not None]
+            i = choose_on_pooled_dev(rs, "dev_eer" if m == "eer" else "dev_items") if rs else None
+            if i is not None:
+                choices.setdefault(row, {})[m] = i
+        for r in by_seed.values():
+            at_choice(r, choices.get(row, {}), data)
+    return choices
+
+
 def best_on_dev(table, candidates):
     """The candidate with the highest mean of its dev phone and dev speaker accuracies (chosen on
     dev, so the test comparison that follows is not a selection on test)."""
@@ -566,7 +610,9 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         f"encoder {budget.encoder or 'YAML default'}, seeds {budget.seeds}; every variant with the same settings "
         f"(no per-variant tuning).",
         f"Probes (frozen features, linear; layer and L2 chosen on dev, scored on test): phones at each "
-        f"representation's frame centres, scored at 100 frames/s on test voices; speaker ID (SID) on pooled "
+        f"representation's frame centres, scored at 100 frames/s on test voices (layer and L2 chosen per run); "
+        f"for SID, verification and emotion one layer (and L2) per variant, chosen on the dev items of all its "
+        f"seeds together (one run's 288 dev utterances pick a layer with about 3 points of noise); speaker ID (SID) on pooled "
         f"mean + std, {n_sid} test utterances of every speaker-probe voice; zero-shot verification (no trained "
         f"probe): cosine of z-scored pooled statistics, layer chosen on dev voices' trials, {n_tr} trials between "
         f"the other (test) voices, half of them targets (also scored against only the non-target trials whose two "
@@ -671,10 +717,18 @@ def probe_file(out, key):
     return os.path.join(out, "probes", slug(key).replace("/", "__") + ".json")
 
 
-def probe_is_current(res):
-    """A probe file written by this version (every probe, per-utterance dev outcomes)."""
-    return all(m in res for m in METRICS) and all(
-        res[m] is None or (m == "eer" and "test_trials" in res[m]) or "dev_items" in res[m] for m in METRICS)
+def probe_is_current(res, metrics=METRICS):
+    """A probe file written by this version (every probe, per-utterance dev outcomes, and for the
+    utterance-level probes every (layer, L2) candidate, for :func:`choose_per_variant`)."""
+    def current(m):
+        r = res[m]
+        if r is None:
+            return True
+        if m in CHOSEN_PER_VARIANT and "candidates" not in r:
+            return False
+        return (m == "eer" and "test_trials" in r) or "dev_items" in r
+
+    return all(m in res for m in metrics) and all(current(m) for m in metrics)
 
 
 def curve_epochs(budget):
@@ -828,6 +882,18 @@ def main(argv=None):
                 res = json.load(f)
             if probe_is_current(res) or args.report_only:
                 return res
+            if probe_is_current(res, ("phones",)) and "phones" in res:
+                # only the utterance-level probes are older: redo those (minutes less than everything)
+                log(f"  probe {key}: its SID / EER / emotion probes are from an earlier version; probing them again")
+                t, cpu0 = time.time(), time.thread_time()
+                new = run_probes(data, max_iter=budget.max_iter, device=args.device, phones=False, **kw)
+                res.update({m: new[m] for m in CHOSEN_PER_VARIANT})
+                res["utterance_probes_cpu_seconds"] = time.thread_time() - cpu0
+                timing["probes_cpu"] += res["utterance_probes_cpu_seconds"]
+                with open(path + ".tmp", "w") as f:
+                    json.dump(res, f)
+                os.replace(path + ".tmp", path)
+                return res
             log(f"  probe {key}: written by an earlier version of the probes; probing again")
         shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING) and args.baselines_from
         if shared and os.path.isfile(os.path.join(args.baselines_from, "probes", os.path.basename(path))):
@@ -915,7 +981,7 @@ def main(argv=None):
             if rnd is not None:
                 probes.setdefault("random", {})[seed] = rnd
         if seed == seed0 and variant in budget.curve_variants:
-            c = {"steps": [], "cpu_seconds": [], **{m: [] for m in METRICS}}
+            c = {"steps": [], "cpu_seconds": [], "probes": []}
             for e in curve_epochs(budget) + [budget.epochs]:
                 snap = os.path.join(r.folder, "snapshots", f"epoch{e}")
                 rr = res if e == budget.epochs else (
@@ -925,8 +991,7 @@ def main(argv=None):
                     st = run_steps(snap)
                     c["steps"].append(st)
                     c["cpu_seconds"].append(st * (rec["cpu_seconds_per_step"] or float("nan")))
-                    for m in METRICS:
-                        c[m].append(rr[m]["test"])
+                    c["probes"].append(rr)
             curves[variant] = c
     for seed in budget.seeds:
         for kind in ("fbank", "fbank+-5"):
@@ -941,6 +1006,14 @@ def main(argv=None):
             probes.setdefault(row, {})[seed0] = res
     from quality_probe import eer
 
+    # one (layer, L2) per variant, chosen on the dev items of all its seeds (not one per run)
+    choices = choose_per_variant(probes, data)
+    for variant, c in curves.items():  # every point of a curve at its variant's choice
+        rrs = c.pop("probes")
+        for rr in rrs[:-1]:  # the last is the variant's final probe, already at its choice
+            at_choice(rr, choices.get(variant, {}), data)
+        for m in METRICS:
+            c[m] = [rr[m]["test"] for rr in rrs]
     for by_seed in probes.values():  # the verification EER with non-targets of one base voice only
         for res in by_seed.values():
             tr = res["eer"]["test_trials"]

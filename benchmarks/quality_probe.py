@@ -473,10 +473,13 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
 
 def _linear_probe(pooled, y, role, n_classes, l2_grid, max_iter):
     """Linear probe on pooled statistics; layer and L2 chosen on the ``role == "dev"`` items.
-    -> (dev accuracy per layer, layer, l2, dev accuracy, dev 0/1 outcomes, test predictions)."""
+    -> (dev accuracy per layer, layer, l2, dev accuracy, dev 0/1 outcomes, test predictions,
+    candidates). ``candidates``: every (layer, L2) pair with its dev 0/1 outcomes and test
+    predictions, so that the benchmark can choose one pair per variant on the dev items of all its
+    seeds together (:func:`choose_on_pooled_dev`) instead of one per run."""
     tr, dv, te = (torch.from_numpy(role == r) for r in ("train", "dev", "test"))
     y = torch.as_tensor(y)
-    best, dev_per_layer = None, []
+    best, dev_per_layer, candidates = None, [], []
     for li, x in enumerate(pooled):
         layer_best = -1.0
         for l2 in l2_grid:
@@ -484,11 +487,42 @@ def _linear_probe(pooled, y, role, n_classes, l2_grid, max_iter):
             pred = probe.predict(x[dv])
             acc = 100 * accuracy(pred, y[dv])
             layer_best = max(layer_best, acc)
+            test_pred = probe.predict(x[te])
+            candidates.append({"layer": li, "l2": l2, "dev_items": (pred == y[dv]).long().tolist(),
+                               "test_pred": test_pred.tolist()})
             if best is None or acc > best[0]:
-                best = (acc, li, l2, probe, (pred == y[dv]).long())
+                best = (acc, li, l2, test_pred, (pred == y[dv]).long())
         dev_per_layer.append(layer_best)
-    acc, li, l2, probe, dev_correct = best
-    return dev_per_layer, li, l2, acc, dev_correct.tolist(), probe.predict(pooled[li][te])
+    acc, li, l2, test_pred, dev_correct = best
+    return dev_per_layer, li, l2, acc, dev_correct.tolist(), test_pred, candidates
+
+
+def choose_on_pooled_dev(runs, key="dev_items", lower_is_better=False):
+    """The candidate (layer, L2) with the best dev score summed over several runs (seeds) of one
+    variant -> its index in each run's ``candidates``, or None when a run has none.
+
+    One run's dev set (288 utterances for speakers) picks its layer with a standard error of about 3
+    points, and a different layer per seed adds that noise to every seed-to-seed difference;
+    choosing once per variant on all its seeds' dev items (5x the items) removes most of it, and
+    the choice still never looks at test.
+
+    Arguments
+    ---------
+    runs : list of dict
+        One probe result per seed, each with ``candidates`` (same order in every run).
+    key : str
+        ``dev_items`` (0/1 per dev item: accuracy) or ``dev_eer`` (an error rate).
+    """
+    if not runs or any(not r.get("candidates") for r in runs):
+        return None
+    n = len(runs[0]["candidates"])
+    if any(len(r["candidates"]) != n for r in runs):
+        return None
+    if key == "dev_items":
+        score = [sum(sum(r["candidates"][i]["dev_items"]) for r in runs) for i in range(n)]
+    else:
+        score = [-sum(r["candidates"][i][key] for r in runs) for i in range(n)]
+    return int(np.argmax(score))  # the first of equals: the lowest layer, the smallest L2, as per run
 
 
 def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=200):
@@ -505,16 +539,23 @@ def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=20
         share it).
     """
     y = torch.from_numpy(sset.voice)
-    dev, li, l2, acc, dev_items, pred = _linear_probe(pooled, y, sset.role, len(sset.voices), l2_grid, max_iter)
+    dev, li, l2, acc, dev_items, pred, cands = _linear_probe(pooled, y, sset.role, len(sset.voices), l2_grid,
+                                                             max_iter)
     te = sset.role == "test"
-    yt = sset.voice[te]
-    pred = pred.numpy()
+    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items,
+            **speaker_test_scores(pred, sset), "test_ids": [sset.ids[i] for i in np.flatnonzero(te)],
+            "n_test": int(te.sum()), "candidates": cands}
+
+
+def speaker_test_scores(pred, sset: SpeakerSet):
+    """Test predictions (N,) -> ``test`` (%), ``test_items`` (1/0 per test utterance) and
+    ``same_base_errors`` (% of the errors whose predicted voice has the true voice's base voice)."""
+    yt = sset.voice[sset.role == "test"]
+    pred = np.asarray(pred)
     correct = (pred == yt).astype(np.int64)
     wrong = correct == 0
     same = sset.voice_base[pred[wrong]] == sset.voice_base[yt[wrong]]
-    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items,
-            "test": 100.0 * correct.mean(), "test_items": correct.tolist(),
-            "test_ids": [sset.ids[i] for i in np.flatnonzero(te)], "n_test": int(te.sum()),
+    return {"test": 100.0 * correct.mean(), "test_items": correct.tolist(),
             "same_base_errors": float(100.0 * same.mean()) if wrong.any() else None}
 
 
@@ -551,43 +592,50 @@ def verification(pooled, sset: SpeakerSet):
     ``test_scores`` (per test trial, for intervals), ``n_trials``, ``n_voices``.
     """
     dev_utts = np.isin(sset.voice, [i for i, v in enumerate(sset.voices) if sset.verify_role[v] == "dev"])
-    dev, best = [], None
+    dev, best, candidates = [], None, []
+    pairs, tgt = sset.trials["test"]
     for li, x in enumerate(pooled):
         mean, std = x[dev_utts].mean(0), x[dev_utts].std(0).clamp_min(1e-6)
-        pairs, tgt = sset.trials["dev"]
-        e = eer(cosine_scores(x, pairs, mean, std), tgt)
+        e = eer(cosine_scores(x, *sset.trials["dev"][:1], mean, std), sset.trials["dev"][1])
         dev.append(e)
+        scores = np.round(cosine_scores(x, pairs, mean, std), 5)
+        candidates.append({"layer": li, "dev_eer": e, "test_scores": scores.tolist()})
         if best is None or e < best[0]:
-            best = (e, li, mean, std)
-    e, li, mean, std = best
-    pairs, tgt = sset.trials["test"]
-    scores = cosine_scores(pooled[li], pairs, mean, std)
-    return {"dev": dev, "layer": li, "dev_best": e, "test": eer(scores, tgt), "test_scores": np.round(scores, 5).tolist(),
+            best = (e, li, scores)
+    e, li, scores = best
+    return {"dev": dev, "layer": li, "dev_best": e, "test": eer(scores, tgt), "test_scores": scores.tolist(),
             "test_trials": {"voices": sset.voice[pairs].tolist(), "target": tgt.astype(int).tolist()},
-            "n_trials": int(len(tgt)), "n_voices": int(len(set(sset.voice[pairs.reshape(-1)].tolist())))}
+            "n_trials": int(len(tgt)), "n_voices": int(len(set(sset.voice[pairs.reshape(-1)].tolist()))),
+            "candidates": candidates}
 
 
 def emotion_probe(pooled, eset: EmotionSet, l2_grid=SPEAKER_L2_GRID, max_iter=200):
     """Emotion classification on pooled statistics, test voices unseen by the probe; layer and L2
     chosen on the dev voices. Returns the keys of :func:`speaker_probe` but ``same_base_errors``."""
     y = torch.from_numpy(eset.label)
-    dev, li, l2, acc, dev_items, pred = _linear_probe(pooled, y, eset.role, len(eset.classes), l2_grid, max_iter)
+    dev, li, l2, acc, dev_items, pred, cands = _linear_probe(pooled, y, eset.role, len(eset.classes), l2_grid,
+                                                             max_iter)
     te = eset.role == "test"
-    correct = (pred.numpy() == eset.label[te]).astype(np.int64)
     return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items,
-            "test": 100.0 * correct.mean(), "test_items": correct.tolist(),
-            "test_ids": [eset.ids[i] for i in np.flatnonzero(te)], "n_test": int(te.sum()),
-            "chance": 100.0 / len(eset.classes)}
+            **emotion_test_scores(pred, eset), "test_ids": [eset.ids[i] for i in np.flatnonzero(te)],
+            "n_test": int(te.sum()), "chance": 100.0 / len(eset.classes), "candidates": cands}
+
+
+def emotion_test_scores(pred, eset: EmotionSet):
+    """Test predictions (N,) -> ``test`` (%) and ``test_items`` (1/0 per test utterance)."""
+    correct = (np.asarray(pred) == eset.label[eset.role == "test"]).astype(np.int64)
+    return {"test": 100.0 * correct.mean(), "test_items": correct.tolist()}
 
 
 def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames=30000, max_iter=200,
-               device="cpu"):
+               device="cpu", phones=True):
     """Encodes the probe sets with one representation and runs every probe -> dict with
-    ``phones`` (None for a representation without frames), ``speakers`` (identification), ``eer``
-    (zero-shot verification), ``emotion``."""
+    ``phones`` (None for a representation without frames, or with ``phones=False``: the
+    utterance-level probes only), ``speakers`` (identification), ``eer`` (zero-shot verification),
+    ``emotion``."""
     rep = Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
     out = {"phones": None, "n_layers": None, "frame_stack": rep.stack}
-    if rep.frames and kind != "energy":
+    if phones and rep.frames and kind != "energy":
         frames, _ = encode(data, kind, rep=rep)
         out["phones"] = phone_probe(frames, data, seed=seed, max_train_frames=max_train_frames, max_iter=max_iter)
         out["n_layers"] = len(frames)

@@ -227,3 +227,40 @@ def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
     assert res["n_test"] == len(res["test_items"]) == 3 * n_spk
     assert len(res["dev_items"]) == 2 * n_spk
     assert 100.0 * np.mean(res["dev_items"]) == pytest.approx(res["dev_best"])
+
+
+def test_sid_layer_is_chosen_once_per_variant_on_the_dev_items_of_all_its_seeds(tmp_path):
+    """Per run, a small dev set picks different layers for different seeds; per variant, the layer
+    with the most dev items right over all seeds is used for every seed, and test is never looked at."""
+    import quality
+    from quality_probe import choose_on_pooled_dev
+
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3), n_trials=(10, 20))
+    sp = data.speakers
+    n_spk, g = len(sp.voices), torch.Generator().manual_seed(0)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(sp.voice), n_spk).float()
+    runs = {}
+    for seed in range(3):  # layer 1 carries the voice (a little noise), layer 0 noise only
+        runs[seed] = {"speakers": speaker_probe([torch.randn(len(sp.voice), 4, generator=g),
+                                                  onehot + 0.6 * torch.randn(onehot.shape, generator=g)], sp,
+                                                 max_iter=50)}
+        assert len(runs[seed]["speakers"]["candidates"]) == 2 * 3  # layers x L2 grid
+    pooled_dev = [sum(sum(r["speakers"]["candidates"][i]["dev_items"]) for r in runs.values()) for i in range(6)]
+    i = choose_on_pooled_dev([r["speakers"] for r in runs.values()])
+    assert pooled_dev[i] == max(pooled_dev) and runs[0]["speakers"]["candidates"][i]["layer"] == 1
+    # a run whose own dev set preferred another candidate is rewritten at the variant's choice
+    r0 = runs[0]["speakers"]
+    r0["layer"], r0["test"], r0["test_items"] = 0, -1.0, []
+    choices = quality.choose_per_variant({"v": runs}, data)
+    assert choices == {"v": {"speakers": i}}
+    for r in runs.values():
+        c = r["speakers"]["candidates"][i]
+        assert r["speakers"]["layer"] == c["layer"] and r["speakers"]["l2"] == c["l2"]
+        assert r["speakers"]["test"] == pytest.approx(
+            100.0 * np.mean(np.asarray(c["test_pred"]) == sp.voice[sp.role == "test"]))
+        assert len(r["speakers"]["test_items"]) == int((sp.role == "test").sum())
+    # an error rate is chosen low: two layers' dev EER over seeds
+    eer_runs = [{"candidates": [{"dev_eer": 30.0}, {"dev_eer": 20.0}]}, {"candidates": [{"dev_eer": 10.0},
+                                                                                       {"dev_eer": 25.0}]}]
+    assert choose_on_pooled_dev(eer_runs, key="dev_eer") == 0  # 30 + 10 < 20 + 25, though seed 0 alone prefers 1
+    assert choose_on_pooled_dev([{"candidates": []}]) is None  # an earlier probe file: each run keeps its own
