@@ -101,7 +101,7 @@ class FeatureExtractor(torch.nn.Module):
         """
         return encoder_frame_centres(n_samples, self.hop, self.frame_stack)
 
-    def forward(self, wavs, wav_lens, epoch=None):
+    def forward(self, wavs, wav_lens, epoch=None, channel=None):
         """Computes features.
 
         Arguments
@@ -112,6 +112,11 @@ class FeatureExtractor(torch.nn.Module):
             (B,) relative lengths.
         epoch : int, optional
             Current epoch (statistics stop updating after ``update_until_epoch``).
+        channel : callable, optional
+            ``channel(log_mel, n_fbank_frames) -> log_mel`` on the *unnormalised* (B, Tf, n_mels)
+            log-Mel rows before normalisation (each row its own random channel: pretraining's
+            ``view_channel``, :func:`mgf_sb.pretraining.view_channel_fn`). None: none (inference,
+            validation, the default).
 
         Returns
         -------
@@ -126,6 +131,8 @@ class FeatureExtractor(torch.nn.Module):
             Tf = fb.shape[1]
             n_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
             n_fb = (n_samples // self.hop + 1).clamp(max=Tf)
+            if channel is not None:  # before the statistics: they are those of the features the encoder sees
+                fb = channel(fb, n_fb)
             nrm = self.normalizer
             if self.update_until_step is not None:
                 # past the budget of batches, an epoch beyond update_until_epoch tells it to stop

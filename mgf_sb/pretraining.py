@@ -11,8 +11,24 @@ from mgf_sb.distributed import unwrap
 from mgf_sb.objectives.base import ObjectiveInputs
 
 
+def view_channel_fn(n_knots=6, eq_db=3.0, gain_db=3.0, noise_floor_db=(30.0, 50.0), generator=None):
+    """The ``view_channel`` switch's callable for :meth:`FeatureExtractor.forward`: each row of
+    unnormalised log-Mel (each distinct view of the batch) through its own random channel
+    (:func:`mgf_sb.view_channel.random_log_mel_channel`, the level measured on valid frames),
+    so that two views of one utterance cannot be matched by their shared recording channel."""
+    from mgf_sb.view_channel import random_log_mel_channel
+
+    floor = None if noise_floor_db is None else tuple(float(v) for v in noise_floor_db)
+
+    def channel(log_mel, n_fbank_frames):
+        return random_log_mel_channel(log_mel, n_knots=int(n_knots), eq_db=float(eq_db), gain_db=float(gain_db),
+                                      noise_floor_db=floor, generator=generator, n_frames=n_fbank_frames)
+
+    return channel
+
+
 def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, context_baseline=False,
-                alteration=None):
+                alteration=None, channel=None):
     """Features -> masked student encoding (+ teacher encoding of the unmasked views).
 
     Features and the teacher run once per distinct view (U); the student runs on
@@ -38,12 +54,20 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     alteration : mgf_sb.masking.FrameAlteration, optional
         The frame scale's band masking / noise on the student's input
         (``ScaleSet.input_alteration``; None: the features as they are).
+    channel : callable, optional
+        Each distinct view's own random channel on its unnormalised log-Mel (training with
+        ``view_channel: True``; :func:`view_channel_fn`). Applied once per view (row of
+        ``batch.wavs``), before the copies are taken: a view's mask copies, its teacher pass and
+        the frame scale's reconstruction target all see that view's channel.
 
     Returns
     -------
     ObjectiveInputs
     """
-    feats_u, n_u = features(batch.wavs, batch.wav_lens, epoch=epoch)
+    if channel is None:  # the call as before the switch (FeatureExtractor-like callables without it)
+        feats_u, n_u = features(batch.wavs, batch.wav_lens, epoch=epoch)
+    else:
+        feats_u, n_u = features(batch.wavs, batch.wav_lens, epoch=epoch, channel=channel)
     feats, n_frames = feats_u[batch.source], n_u[batch.source]
     student, band = (feats, None) if alteration is None else alteration(feats, n_frames)
     hidden = encoder(student, n_frames, mask=batch.input_mask)
@@ -165,7 +189,7 @@ def mixed_valid_order(n_items, seed):
 
 # Per-batch statistics the recipe logs per epoch (beside each scale's loss), by name ending.
 LOGGED_STATS = ("_acc", "_interp_l1", "_ppl", "_short_runs", "_run_frames", "_negatives", "_grad_norm", "_band_l1",
-                "_pos_ratio")
+                "_pos_ratio", "_prior")
 
 
 class EpochStats:

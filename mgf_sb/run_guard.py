@@ -187,6 +187,10 @@ ADDED_SETTINGS = {
     "conv_pos_norm": "none", "conv_pos_scale_init": None, "frame_layer": -1, "phoneme_layer": -1,
     "frame_target_layers": None, "phoneme_target_layers": None, "word_target_layers": None,
     "utterance_target_layers": None, "frame_freq_mask_bins": 0, "frame_freq_mask_count": 1, "frame_noise_std": 0.0,
+    # utterance views (issue 33 part 4): off = views that share the recording's channel, a gap that
+    # shrinks on short crops (the utterance_loss "cosine" and the spk_id column add no key)
+    "view_channel": False, "view_channel_knots": 6, "view_channel_eq_db": 3.0, "view_channel_gain_db": 3.0,
+    "view_channel_noise_floor_db": [30.0, 50.0], "view_gap_strict": False,
 }
 
 

@@ -205,15 +205,7 @@ class UtteranceObjective(torch.nn.Module):
                                 offset=offset)
             negatives = float((all_group[None, :] != own_group[has][:, None]).sum(1).float().mean())
             stats = {"acc": float(acc), "pairs": float(has.sum()), "negatives": negatives}
-            # How many negatives are the same voice (the loss pushes them apart): this process's
-            # batch, queries with a partner against the other utterances' rows (the queue's and
-            # other processes' rows carry no speaker here); absent when no speaker is known.
-            speaker, utt = getattr(batch, "speaker", None), batch.utt.to(hidden.device)
-            share = None if speaker is None else same_speaker_share(
-                speaker.to(hidden.device), has[:, None] & (utt[:, None] != utt[None, :]))
-            if share is not None:
-                stats["same_speaker_negatives"] = share
-            return loss, stats
+            return loss, self._speaker_stats(batch, has, stats)
         if not bool(has.any()):
             return z.sum() * 0.0, {"pairs": 0.0}
         if self.target == "fbank":
@@ -224,4 +216,20 @@ class UtteranceObjective(torch.nn.Module):
             loss = byol_loss(z[has], tgt[partner[has]])
         else:
             loss = regression_loss(z[has], tgt[partner[has]].detach(), self.loss_type)
-        return loss, {"pairs": float(has.sum())}
+        return loss, self._speaker_stats(batch, has, {"pairs": float(has.sum())})
+
+    @staticmethod
+    def _speaker_stats(batch, has, stats):
+        """Adds ``same_speaker_negatives``: the share of this process's in-batch negative pairs
+        (a view with a partner against another utterance's row) whose two utterances have the same
+        known speaker: NT-Xent pushes those apart; the non-contrastive forms have no negatives and
+        log what the contrastive form would face on the same batches. The queue's and the other
+        processes' rows carry no speaker here. Absent when no speaker is known."""
+        speaker = getattr(batch, "speaker", None)
+        if speaker is None:
+            return stats
+        utt = batch.utt.to(has.device)
+        share = same_speaker_share(speaker.to(has.device), has[:, None] & (utt[:, None] != utt[None, :]))
+        if share is not None:
+            stats["same_speaker_negatives"] = share
+        return stats

@@ -29,7 +29,8 @@ from mgf_sb.data.shards import shard_loaders
 from mgf_sb.distributed import CPUFriendlyDDP, ddp_sum, seed_data_stream, unwrap
 from mgf_sb.distributed import world_size as ddp_world_size
 from mgf_sb.live_curves import attach_tensorboard
-from mgf_sb.pretraining import LOGGED_STATS, EpochStats, mgf_forward, mixed_valid_order, scale_grad_norms
+from mgf_sb.pretraining import (LOGGED_STATS, EpochStats, mgf_forward, mixed_valid_order, scale_grad_norms,
+                                view_channel_fn)
 from mgf_sb.recipe import start_experiment
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,16 @@ class MGFBrain(CPUFriendlyDDP, sb.Brain):
         epoch = self.hparams.epoch_counter.current if stage == sb.Stage.TRAIN else None
         # the context-only baseline: every validation batch, the diagnostic training batches
         context = stage != sb.Stage.TRAIN or self.diagnostics_due()
+        # view_channel: each view its own random channel, in training only (validation compares epochs)
+        channel = None
+        if stage == sb.Stage.TRAIN and getattr(self.hparams, "view_channel", False):
+            hp = self.hparams
+            channel = view_channel_fn(n_knots=hp.view_channel_knots, eq_db=hp.view_channel_eq_db,
+                                      gain_db=hp.view_channel_gain_db, noise_floor_db=hp.view_channel_noise_floor_db)
         return mgf_forward(self.modules.features, self.modules.encoder, self.hparams.target, batch,
                            needs_teacher=self.hparams.objectives.needs_teacher, epoch=epoch,
-                           context_baseline=context, alteration=self.hparams.objectives.input_alteration)
+                           context_baseline=context, alteration=self.hparams.objectives.input_alteration,
+                           channel=channel)
 
     def diagnostics_due(self):
         """Training batches that also measure the diagnostics: every ``diagnostics_every``
