@@ -301,7 +301,9 @@ class Representation:
     phone-probe train voices) | ``encoder`` (a pretrained folder ``source``: input embedding + each
     layer) | ``random`` (architecture and normaliser of ``reference``, weights from ``seed``) |
     ``energy`` (frame log-energy alone: the level a probe could read) | ``resemblyzer`` (GE2E
-    speaker encoder of the PyPI package, one 256-d embedding per utterance: utterance probes only).
+    speaker encoder of the PyPI package, one 256-d embedding per utterance: utterance probes only) |
+    ``speaker_ref`` (the self-supervised TDNN speaker reference trained in run folder ``source``:
+    each TDNN block at 100 frames/s, then its embedding; ``quality_speaker_ref``).
 
     ``__call__(wavs, lens)`` -> (list of (B, T, D) layers, (B,) valid frames); ``stack``: fbank
     frames per native frame; ``frames``: False when the representation has no frames (phones n/a).
@@ -321,6 +323,10 @@ class Representation:
             from resemblyzer import VoiceEncoder  # optional: the caller checks resemblyzer_available()
 
             self.frames, self.ve = False, VoiceEncoder(device=device, verbose=False)
+        elif kind == "speaker_ref":
+            from quality_speaker_ref import SpeakerRefRepresentation
+
+            self.ref = SpeakerRefRepresentation(source, device=device)
         elif kind in ("encoder", "random"):
             if kind == "random":
                 torch.manual_seed(seed)
@@ -339,6 +345,8 @@ class Representation:
             return [h], n
         if self.kind == "energy":
             return log_energy(wavs, lens)
+        if self.kind == "speaker_ref":
+            return self.ref(wavs, lens)
         if self.kind == "resemblyzer":
             n_s = (lens * wavs.shape[1]).round().long()
             emb = [torch.from_numpy(self.ve.embed_utterance(wavs[k, : int(n_s[k])].numpy())) for k in range(len(wavs))]
