@@ -191,6 +191,8 @@ ADDED_SETTINGS = {
     # shrinks on short crops (the utterance_loss "cosine" and the spk_id column add no key)
     "view_channel": False, "view_channel_knots": 6, "view_channel_eq_db": 3.0, "view_channel_gain_db": 3.0,
     "view_channel_noise_floor_db": [30.0, 50.0], "view_gap_strict": False,
+    # phoneme-scale unit targets (HuBERT's form; issue 33 part 3): off = span-vs-span InfoNCE
+    "phoneme_units": "none", "phoneme_n_units": 100, "phoneme_units_source": "teacher", "phoneme_units_decay": 0.99,
 }
 
 
