@@ -59,6 +59,7 @@ from mgf_sb import grid  # noqa: E402
 from mgf_sb.report_plots import PALETTE, _figure, _save  # noqa: E402
 from mgf_sb.pretrained_folder import read_config  # noqa: E402
 from quality_corpus import CorpusSpec, build_corpus  # noqa: E402
+from quality_speaker_ref import REF_ROW, RefSettings, finished_model, settings_args  # noqa: E402
 
 
 _PEER = {"use_frame": False, "use_phoneme": False, "use_utterance": False}
@@ -110,38 +111,49 @@ class Budget:
     n_trials: tuple = (1000, 2000)
     curve_epochs: list = None
     compare_with: str = None  # the budget whose curves the time-to-quality plot shows beside
+    # the speaker reference row (quality_speaker_ref): RefSettings fields (steps, batch_size, model
+    # size...) and "seeds" (those of ``seeds`` it is trained for); None: no reference row
+    speaker_ref: dict = None
 
 
+# the issue's recipe (357 steps reached EER 10.8 % on look-alike voices): 360 steps of 64
+# utterances, ~2.0 CPU s a step on 1 thread (12 CPU min a seed); 3 seeds; the same at the long budget
+SPEAKER_REF = {"steps": 360, "batch_size": 64, "seeds": [0, 1, 2]}
 TINY_CORPUS = CorpusSpec(n_pretrain_speakers=3, pretrain_utts=3, n_probe_speakers=4, probe_utts=4, n_speaker_voices=9,
                          speaker_utts=4, n_emotion_voices=4, emotion_utts=1, two_sentence_prob=0.0)
 BUDGETS = {
     # the test's: a few voices and utterances, two variants, 2 epochs of a 2-layer d=32 encoder
     "tiny": Budget(TINY_CORPUS, TINY_ENCODER, epochs=2, batch_size=4, variants=["full MGF", "frame"],
                    seeds=[0, 1], curve_variants=["full MGF"], max_train_frames=3000, max_iter=50,
-                   overrides={"crop_seconds": 3.0}, speaker_split=(1, 2), n_trials=(20, 40)),
+                   overrides={"crop_seconds": 3.0}, speaker_split=(1, 2), n_trials=(20, 40),
+                   speaker_ref={"steps": 4, "batch_size": 4, "seeds": [0, 1], "channels": (16, 16, 16, 16),
+                                "emb_dim": 16, "proj_dim": 16, "crop_seconds": 1.0}),
     # sized for <= 90 min wall on 2 idle CPU cores (one-time corpus generation apart): see
     # benchmarks/RESULTS.md for the measured CPU seconds per step and per probe
     "default": Budget(CorpusSpec(), SMALL_ENCODER, epochs=3, batch_size=8, variants=list(VARIANTS),
                       seeds=[0, 1, 2, 3, 4], curve_variants=["full MGF", "phoneme", "BEST-RQ"], max_train_frames=15000,
-                      overrides={"crop_seconds": 3.0}),
+                      overrides={"crop_seconds": 3.0}, speaker_ref=SPEAKER_REF),
     # 4x the default's steps on the same corpus and encoder: full MGF, the default's best single
     # scale (phoneme), the peers; the random encoder comes with full MGF; its own flag (--budget=long)
     "long": Budget(CorpusSpec(), SMALL_ENCODER, epochs=12, batch_size=8, variants=["full MGF", "phoneme", "BEST-RQ",
                                                                                "wav2vec 2.0"],
                    seeds=[0, 1, 2], curve_variants=["full MGF", "phoneme", "BEST-RQ", "wav2vec 2.0"],
                    max_train_frames=15000, overrides={"crop_seconds": 3.0}, curve_epochs=[3, 6, 9],
-                   compare_with="default"),
+                   compare_with="default", speaker_ref=SPEAKER_REF),
     # longer runs on a GPU: more audio, the YAML's own encoder size, 5 seeds
     "gpu": Budget(dataclasses.replace(CorpusSpec(), n_pretrain_speakers=96, pretrain_utts=40),
                   {}, epochs=30, batch_size=16, variants=list(VARIANTS), seeds=[0, 1, 2, 3, 4],
-                  curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=60000),
+                  curve_variants=["full MGF", *SINGLE_SCALES, *PEERS], max_train_frames=60000,
+                  speaker_ref={**SPEAKER_REF, "steps": 1440}),
 }
 # measured CPU seconds (1 thread, 2-core VM; benchmarks/RESULTS.md) for --dry_run's estimate when
 # the output folder has no measurement of its own: per pretraining step, per probe of each kind,
 # per generated utterance
 EST_CPU_PER_STEP = {"full MGF": 0.29, "frame": 0.26, "phoneme": 0.28, "utterance": 0.24, "frame+phoneme": 0.29,
                     "frame+utterance": 0.27, "phoneme+utterance": 0.28, "BEST-RQ": 0.38, "wav2vec 2.0": 0.60}
-EST_PROBE_CPU = {"encoder": 53.0, "random": 53.0, "fbank": 13.0, "fbank+-5": 29.0, "energy": 2.0, "resemblyzer": 92.0}
+EST_PROBE_CPU = {"encoder": 53.0, "random": 53.0, "fbank": 13.0, "fbank+-5": 29.0, "energy": 2.0, "resemblyzer": 92.0,
+                 "speaker_ref": 90.0}  # speaker_ref: not yet measured (5 layers of 320 channels)
+EST_CPU_PER_STEP[REF_ROW] = 2.0  # batch 64, 1 thread: 2.04 CPU s / step measured under load (2 cores)
 EST_CPU_PER_UTTERANCE = 0.5  # 1,740 s with 2 processes for 6,780 utterances, under load
 
 
@@ -272,6 +284,51 @@ def run_record(step):
     cpu = mark.get("cpu_seconds")
     return {"variant": step.row, "seed": step.seed, "wall_seconds": mark.get("seconds"), "cpu_seconds": cpu,
             "steps": steps, "cpu_seconds_per_step": None if cpu is None else round(cpu / max(1, steps), 4)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The speaker reference row (benchmarks/quality_speaker_ref.py), trained as a grid step
+# ----------------------------------------------------------------------------------------------
+REF_KEY = "speaker_ref"  # its run folders (runs/speaker_ref/seed<k>) and probe keys
+
+
+def ref_seeds(budget):
+    """Seeds the reference is trained for: its own, those of the budget's seeds (at least the first)."""
+    if not budget.speaker_ref:
+        return []
+    return [s for s in budget.speaker_ref.get("seeds", budget.seeds) if s in budget.seeds] or budget.seeds[:1]
+
+
+def ref_settings(budget, seed):
+    """The reference's :class:`quality_speaker_ref.RefSettings` for one seed."""
+    return RefSettings(**{k: v for k, v in budget.speaker_ref.items() if k != "seeds"}, seed=seed)
+
+
+def ref_step(budget, corpus, seed, run_dir, device):
+    """One reference training run as a grid step (its command holds every setting, so a changed
+    setting is a changed step; threads come from OMP_NUM_THREADS)."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality_speaker_ref.py"),
+           "--pretrain_folder", corpus["pretrain_folder"], "--out", run_dir,
+           *settings_args(ref_settings(budget, seed)), *(["--device", device] if device != "cpu" else [])]
+    return grid.Step(name=f"{REF_KEY} / seed {seed}", kind="pretrain", folder=run_dir, command=cmd, row=REF_ROW,
+                     seed=seed, result_path=run_dir)
+
+
+def ref_output(step):
+    """A reference step's result: its run folder once the finished model is there (raises before)."""
+    finished_model(step.result_path)
+    return step.result_path
+
+
+def ref_record(step):
+    """CPU seconds of a finished reference run: its process's (the grid mark) when this benchmark ran
+    it, else its training loop's own count; its steps."""
+    res = finished_model(step.result_path)
+    mark = grid.read_mark(step) or {}
+    cpu = mark.get("cpu_seconds") or res["cpu_seconds"]
+    return {"variant": REF_ROW, "seed": step.seed, "wall_seconds": mark.get("seconds"), "cpu_seconds": cpu,
+            "steps": res["steps"], "cpu_seconds_per_step": round(cpu / max(1, res["steps"]), 4),
+            "final_nt_xent": res["loss"], "final_partner_acc": res["acc"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +571,8 @@ def bars_png(path, table, title=""):
     for ax, m in zip(axes, METRICS):
         vals = [table[r][m] if table[r][m] is not None else np.nan for r in rows]
         errs = [table[r][m + "_std"] or 0.0 if table[r][m] is not None else 0.0 for r in rows]
-        colors = [PALETTE[0] if r in VARIANTS else PALETTE[3] if r in SEEDLESS else PALETTE[1] for r in rows]
+        colors = [PALETTE[0] if r in VARIANTS else PALETTE[3] if r in SEEDLESS else PALETTE[2] if r == REF_ROW
+                  else PALETTE[1] for r in rows]
         ax.barh(y, vals, xerr=errs, color=colors, alpha=0.85)
         for yi, v in zip(y, vals):
             if not np.isnan(v):
@@ -560,7 +618,8 @@ def _half_width_summary(comparisons, rows):
 
 
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
-                 spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None):
+                 spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None,
+                 vs_ref=None):
     rows = list(table)
     lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | EER, same-base non-targets only % "
              "| SID errors inside one base voice % "
@@ -584,6 +643,13 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         rnd = ["| variant minus random-init " + head, "|---|" + "---|" * len(METRICS)]
         for v, c in vs_random.items():
             rnd.append(f"| {v} | " + " | ".join(verdict(c.get(m), v, "random", m in LOWER_IS_BETTER) for m in METRICS) + " |")
+    ref = []
+    if vs_ref:  # the speaker axis against its existence proof (the self-supervised TDNN)
+        ref = ["| variant minus the speaker reference " + head, "|---|" + "---|" * len(METRICS)]
+        for v, c in vs_ref.items():
+            ref.append(f"| {v} | " + " | ".join(verdict(c.get(m), v, "reference", m in LOWER_IS_BETTER)
+                                                for m in METRICS) + " |")
+        ref.append("")
     pretrained = [r for r in comparisons if r in VARIANTS]
     hw = _half_width_summary(comparisons, pretrained)
     hw_line = "; ".join(f"{LABELS[m]}: {hw[m]:.2f}" + (f" (target <= {HALF_WIDTH_TARGETS[m]}: "
@@ -641,6 +707,7 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         "",
         *rnd,
         "",
+        *ref,
         f"Pretraining CPU seconds full MGF needs to pass fbank +-5 on phones (first seed's curve): **{ttp_line}**"
         + (f"; at the other budget: **{other_ttp}**." if other_ttp else "."),
         "",
@@ -761,7 +828,14 @@ def plan(budget, out, corpus_ready, resemblyzer):
     if resemblyzer:
         probes.append((f"{CEILING}/seed{seed0}", "resemblyzer"))
     probes = [(k, kind, os.path.isfile(probe_file(out, k))) for k, kind in probes]
-    return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready}
+    ref_runs, ref_probes = [], []  # the speaker reference row: its training runs and their probes
+    for seed in ref_seeds(budget):
+        done = os.path.isfile(os.path.join(out, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt"))
+        ref_runs.append((REF_ROW, seed, budget.speaker_ref["steps"], done))
+        key = f"{REF_KEY}/seed{seed}"
+        ref_probes.append((key, "speaker_ref", os.path.isfile(probe_file(out, key))))
+    return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready,
+            "ref_runs": ref_runs, "ref_probes": ref_probes}
 
 
 def measured_cpu_per_step(out):
@@ -786,8 +860,11 @@ def print_plan(budget_name, budget, pl, out, jobs, cache_folder):
     probe_cpu = sum(EST_PROBE_CPU[kind] for _, kind, done in pl["probes"] if not done)
     todo_runs = sum(not d for *_, d in pl["runs"])
     todo_probes = sum(not d for *_, d in pl["probes"])
+    ref_runs, ref_probes = pl.get("ref_runs", []), pl.get("ref_probes", [])
+    ref_cpu = sum(cps.get(REF_ROW, 2.0) * st for *_, st, done in ref_runs if not done)
+    ref_cpu += sum(EST_PROBE_CPU["speaker_ref"] for *_, done in ref_probes if not done)
     cores = max(1, min(jobs, os.cpu_count() or 1))
-    wall = corpus_cpu / 2 + (run_cpu + probe_cpu) / cores
+    wall = corpus_cpu / 2 + (run_cpu + probe_cpu + ref_cpu) / cores
     print(f"budget {budget_name}: {len(budget.variants)} variants x {len(budget.seeds)} seeds {budget.seeds} = "
           f"{len(pl['runs'])} pretraining runs of {pl['steps']} steps ({budget.epochs} epochs x {pl['steps_per_epoch']})")
     print(f"corpus: {'cached' if pl['corpus_ready'] else 'to generate'} ({cache_folder}, {n_utts} utterances)")
@@ -798,13 +875,22 @@ def print_plan(budget_name, budget, pl, out, jobs, cache_folder):
         done = [s for vv, s, _, d in pl["runs"] if vv == v and d]
         todo = [s for vv, s, _, d in pl["runs"] if vv == v and not d]
         print(f"| {v} | {done or '-'} | {todo or '-'} | {cps.get(v, 0.3) * pl['steps']:.0f} |")
+    if ref_runs:
+        st = ref_runs[0][2]
+        print(f"| {REF_ROW}: {st} steps x {budget.speaker_ref['batch_size']} utterances (2 crops each) | "
+              f"{[s for _, s, _, d in ref_runs if d] or '-'} | {[s for _, s, _, d in ref_runs if not d] or '-'} | "
+              f"{cps.get(REF_ROW, 2.0) * st:.0f} |")
     print(f"probes: {len(pl['probes'])} ({len(pl['probes']) - todo_probes} cached, {todo_probes} to run)")
     print(f"estimate: corpus {corpus_cpu:.0f} CPU s, pretraining {run_cpu:.0f} CPU s ({todo_runs} runs), probes "
-          f"{probe_cpu:.0f} CPU s ({todo_probes}); wall ~{wall / 60:.0f} min with {cores} run(s) side by side on an "
+          f"{probe_cpu:.0f} CPU s ({todo_probes}), speaker reference {ref_cpu:.0f} CPU s "
+          f"({sum(not d for *_, d in ref_runs)} runs, {sum(not d for *_, d in ref_probes)} probes); "
+          f"wall ~{wall / 60:.0f} min with {cores} run(s) side by side on an "
           f"idle machine (CPU s per step: measured in {out} where an earlier invocation ran, else "
           f"benchmarks/RESULTS.md's)")
     return {"corpus_cpu": corpus_cpu, "pretrain_cpu": run_cpu, "probe_cpu": probe_cpu, "wall_seconds": wall,
-            "runs_to_train": todo_runs, "probes_to_run": todo_probes}
+            "runs_to_train": todo_runs, "probes_to_run": todo_probes, "ref_cpu": ref_cpu,
+            "ref_runs_to_train": sum(not d for *_, d in ref_runs),
+            "ref_probes_to_run": sum(not d for *_, d in ref_probes)}
 
 
 def other_budget_curves(budget, out):
@@ -895,7 +981,7 @@ def main(argv=None):
                 os.replace(path + ".tmp", path)
                 return res
             log(f"  probe {key}: written by an earlier version of the probes; probing again")
-        shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING) and args.baselines_from
+        shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING, REF_KEY) and args.baselines_from
         if shared and os.path.isfile(os.path.join(args.baselines_from, "probes", os.path.basename(path))):
             # fbank, the level and the ceiling need no pretraining; the random encoder is drawn from the
             # seed and the encoder shape alone: all the same in every folder made with the same budget.
@@ -925,6 +1011,14 @@ def main(argv=None):
             run_dir = os.path.join(out, "runs", slug(variant), f"seed{seed}")
             ov = recipe_overrides(budget, corpus, variant, seed, run_dir, threads, args.device, extra, steps)
             runs[(variant, seed)] = pretrain_step(variant, seed, run_dir, ov, budget.epochs)
+    ref_runs = {}  # seed -> the speaker reference's training step
+    for seed in ref_seeds(budget):
+        ref_runs[seed] = ref_step(budget, corpus, seed, os.path.join(out, "runs", REF_KEY, f"seed{seed}"), args.device)
+        if args.baselines_from:  # it depends on the corpus and its own settings only: reuse a finished one
+            other = ref_step(budget, corpus, seed, os.path.join(args.baselines_from, "runs", REF_KEY, f"seed{seed}"),
+                             args.device)
+            if grid.step_status(other, ref_output) == "done":
+                ref_runs[seed] = other
     queue = ProbeQueue(probe)
     if not args.report_only:
         queue.add([(f"{ENERGY}/seed{seed0}", {"kind": "energy", "seed": seed0})])
@@ -935,6 +1029,9 @@ def main(argv=None):
 
     def probes_of_run(step, _out=None):
         variant, seed = step.row, step.seed
+        if variant == REF_ROW:
+            queue.add([(f"{REF_KEY}/seed{seed}", {"kind": "speaker_ref", "source": step.result_path, "seed": seed})])
+            return
         final = step.result_path
         jobs_ = [(_probe_key(variant, seed, budget.epochs), {"kind": "encoder", "source": final, "seed": seed})]
         if variant == "full MGF":
@@ -946,19 +1043,28 @@ def main(argv=None):
         queue.add(jobs_)
 
     t_grid = time.time()
-    status = {s.name: grid.step_status(s, run_output) for s in runs.values()}
-    log(f"{sum(v == 'done' for v in status.values())} pretraining run(s) already done, "
-        f"{sum(v != 'done' for v in status.values())} to train")
+    all_steps = list(runs.values()) + list(ref_runs.values())
+
+    def step_output(s):
+        return ref_output(s) if s.row == REF_ROW else run_output(s)
+
+    status = {s.name: grid.step_status(s, step_output) for s in all_steps}
+    log(f"{sum(status[s.name] == 'done' for s in runs.values())} pretraining run(s) already done, "
+        f"{sum(status[s.name] != 'done' for s in runs.values())} to train")
+    if ref_runs:
+        log(f"{REF_ROW}: {sum(status[s.name] == 'done' for s in ref_runs.values())} run(s) already done, "
+            f"{sum(status[s.name] != 'done' for s in ref_runs.values())} to train "
+            f"({budget.speaker_ref['steps']} steps of {budget.speaker_ref['batch_size']} utterances each)")
     if args.report_only:
         status = {k: v if v == "done" else "not run" for k, v in status.items()}
     else:
-        for s in runs.values():
+        for s in all_steps:
             if status[s.name] == "done":
                 probes_of_run(s)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        status = grid.execute(list(runs.values()), run_output, jobs=jobs, on_change=args.on_change, env=env,
+        status = grid.execute(all_steps, step_output, jobs=jobs, on_change=args.on_change, env=env,
                               log=log, on_poll=snapshot_run, on_done=probes_of_run, background=queue, name="quality")
     timing["grid"] = time.time() - t_grid
     failed = [k for k, s in runs.items() if status[s.name] in ("failed", "blocked")]
@@ -998,6 +1104,15 @@ def main(argv=None):
             res = probe(f"{kind}/seed{seed}", kind=kind, seed=seed)
             if res is not None:
                 probes.setdefault(kind, {})[seed] = res
+    for seed, r in ref_runs.items():
+        if status[r.name] not in ("done", "ran"):
+            continue
+        res = probe(f"{REF_KEY}/seed{seed}", kind="speaker_ref", source=r.result_path, seed=seed)
+        if res is not None:
+            probes.setdefault(REF_ROW, {})[seed] = res
+            rec = ref_record(r)
+            timing["pretrain_cpu"] += rec["cpu_seconds"] if status[r.name] == "ran" else 0.0
+            run_records.setdefault(REF_ROW, []).append(rec)
     for row, kind in ((ENERGY, "energy"), (CEILING, "resemblyzer")):
         if kind == "resemblyzer" and not resemblyzer and not os.path.isfile(probe_file(out, f"{row}/seed{seed0}")):
             continue
@@ -1037,7 +1152,7 @@ def main(argv=None):
         steps, spe = recs[0]["steps"], recs[0]["steps"] // budget.epochs
 
     # -- report ------------------------------------------------------------------------------------
-    rows = list(budget.variants) + list(BASELINES) + [ENERGY, CEILING]
+    rows = list(budget.variants) + list(BASELINES) + [REF_ROW, ENERGY, CEILING]
     table = aggregate(probes, rows, budget.seeds)
     runs_summary = {v: {"cpu_seconds_per_step": float(np.mean([x["cpu_seconds_per_step"] for x in recs_]))}
                     for v, recs_ in run_records.items() if recs_ and all(x["cpu_seconds_per_step"] for x in recs_)}
@@ -1045,13 +1160,18 @@ def main(argv=None):
     log("comparing (paired bootstrap intervals)")
     comparisons, vs_random = {}, {}
     if "full MGF" in table:
-        others = [v for v in (*SINGLE_SCALES, *PAIRS, *PEERS, "fbank+-5", "random", CEILING) if v in table]
+        others = [v for v in (*SINGLE_SCALES, *PAIRS, *PEERS, "fbank+-5", "random", REF_ROW, CEILING) if v in table]
         for o in others:
             comparisons[o] = compare(probes, "full MGF", o, budget.seeds)
     if "random" in table:
         for v in budget.variants:
             if v in table:
                 vs_random[v] = compare(probes, v, "random", budget.seeds)
+    vs_ref = {}  # full MGF and the utterance scale against the speaker reference (the issue's goal)
+    if REF_ROW in table:
+        for v in ("full MGF", "utterance"):
+            if v in table:
+                vs_ref[v] = compare(probes, v, REF_ROW, budget.seeds)
     ttp = None
     if "full MGF" in curves and "fbank+-5" in table:
         pts = list(zip(curves["full MGF"]["cpu_seconds"], curves["full MGF"]["phones"]))
@@ -1059,7 +1179,7 @@ def main(argv=None):
     other_curves, other_ttp = other_budget_curves(budget, out)
     single = picks["single"] if picks["single"] in curves else next((v for v in SINGLE_SCALES if v in curves), None)
     shown = {k: v for k, v in curves.items() if k in ("full MGF", single, *PEERS)}
-    hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random", CEILING) if b in table}
+    hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random", REF_ROW, CEILING) if b in table}
     what = "the best single scale (chosen on dev)" if single == picks["single"] else "a single scale"
     curve_png(os.path.join(out, "quality_curve.png"), shown, hlines,
               title=f"{args.budget} budget: full MGF vs {what} ({single}) and the peers; seed {seed0}"
@@ -1080,7 +1200,7 @@ def main(argv=None):
                                           "installed).")
     text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
                         steps, spe, runs_summary, before=before, before_folder=args.before, vs_random=vs_random,
-                        other_ttp=other_ttp, ceiling_note=note)
+                        other_ttp=other_ttp, ceiling_note=note, vs_ref=vs_ref)
 
     def slim(res_m):
         drop = ("test_items", "test_ids", "dev_items", "test_scores", "test_trials")
@@ -1088,7 +1208,8 @@ def main(argv=None):
 
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
-              "table": table, "comparisons": comparisons, "vs_random": vs_random, "picks": picks, "curves": curves,
+              "table": table, "comparisons": comparisons, "vs_random": vs_random, "vs_speaker_ref": vs_ref,
+              "picks": picks, "curves": curves,
               "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
               "before": {"folder": args.before, "comparisons": before} if args.before else None,
               "runs": {v: recs_ for v, recs_ in run_records.items()}, "failed_runs": [list(k) for k in failed],
