@@ -145,6 +145,11 @@ RULES = {
     "view_length_jitter": FRACTION,
     "view_gain_db": NON_NEGATIVE,
     "view_eq": FRACTION,
+    "view_gap_strict": SWITCH,
+    "view_channel": SWITCH,
+    "view_channel_knots": Want("whole", lo=2),
+    "view_channel_eq_db": NON_NEGATIVE,
+    "view_channel_gain_db": NON_NEGATIVE,
     "mask_copies": COUNT,
     "sorting": Want("choice", choices=("random", "ascending", "descending")),
     "test_session": Want("whole", lo=1, hi=5),
@@ -162,7 +167,8 @@ RULES = {
     "utterance_layer": Want("whole"),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},
-    **{f"{s}_loss": SCALE_LOSS for s in ("frame", "phoneme", "word", "utterance")},
+    **{f"{s}_loss": SCALE_LOSS for s in ("frame", "phoneme", "word")},
+    "utterance_loss": Want("choice", choices=("l1", "l2", "infonce", "cosine")),  # cosine: BYOL's, teacher target
     **{f"{s}_temperature": POSITIVE for s in ("frame", "phoneme", "word", "utterance")},
     **{f"{s}_mask_ratio": FRACTION for s in ("frame", "phoneme", "word")},
     **{f"{s}_span_{m}_ms": POSITIVE for s in ("frame", "phoneme", "word") for m in ("min", "max")},
