@@ -375,6 +375,10 @@ def aggregate(probes, rows, seeds):
         entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
         entry["emotion_n_test"] = got[0]["emotion"].get("n_test")
         entry["eer_n_trials"] = got[0]["eer"].get("n_trials")
+        heads = [g.get("eer_head") for g in got]  # the utterance head's own embedding (variants with one)
+        if all(h is not None for h in heads):
+            entry["eer_head"], entry["eer_head_std"] = float(np.mean([h["test"] for h in heads])), \
+                sample_std([h["test"] for h in heads])
         hard = [g["eer"].get("same_base_test") for g in got]
         entry["eer_same_base"] = float(np.mean(hard)) if all(x is not None for x in hard) else None
         sb = [g["speakers"].get("same_base_errors") for g in got]
@@ -622,9 +626,9 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
                  vs_ref=None):
     rows = list(table)
     lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | EER, same-base non-targets only % "
-             "| SID errors inside one base voice % "
+             "| EER of the utterance head's embedding % | SID errors inside one base voice % "
              "| dev phones / SID / emotion (EER) | layers chosen (phones; SID; EER; emotion) | CPU s / step |",
-             "|---|" + "---|" * (len(METRICS) + 5)]
+             "|---|" + "---|" * (len(METRICS) + 6)]
     for r in rows:
         t = table[r]
         cps = runs.get(r, {}).get("cpu_seconds_per_step")
@@ -632,7 +636,8 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         devs += f" ({'—' if t['eer_dev'] is None else format(t['eer_dev'], '.1f')})"
         layers = "; ".join(str(t.get(m + "_layers", "—")) for m in METRICS)
         lines.append(f"| {r} | " + " | ".join(_fmt(t[m], t[m + "_std"]) for m in METRICS) + f" | "
-                     f"{_fmt(t.get('eer_same_base'))} | {_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
+                     f"{_fmt(t.get('eer_same_base'))} | {_fmt(t.get('eer_head'), t.get('eer_head_std'))} | "
+                     f"{_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
     head = "| " + " | ".join(f"{LABELS[m]} (points, 95 % interval, ±half-width)" for m in METRICS) + " |"
     comp = ["| full MGF minus " + head, "|---|" + "---|" * len(METRICS)]
     for other, c in comparisons.items():
@@ -1078,6 +1083,14 @@ def main(argv=None):
                     seed=seed) if status[r.name] in ("done", "ran") else None
         if res is None:
             continue
+        if "eer_head" not in res and not args.report_only:  # the utterance head's own embedding, once
+            from quality_probe import head_verification
+
+            res["eer_head"] = head_verification(r.folder, r.result_path, data, device=args.device)
+            path = probe_file(out, _probe_key(variant, seed, budget.epochs))
+            with open(path + ".tmp", "w") as f:
+                json.dump(res, f)
+            os.replace(path + ".tmp", path)
         probes.setdefault(variant, {})[seed] = res
         rec = run_record(r)
         timing["pretrain_cpu"] += rec["cpu_seconds"] if status[r.name] == "ran" else 0.0
@@ -1131,12 +1144,15 @@ def main(argv=None):
             c[m] = [rr[m]["test"] for rr in rrs]
     for by_seed in probes.values():  # the verification EER with non-targets of one base voice only
         for res in by_seed.values():
-            tr = res["eer"]["test_trials"]
-            base = data.speakers.voice_base[np.asarray(tr["voices"])]
-            t = np.asarray(tr["target"], dtype=bool)
-            keep = t | (base[:, 0] == base[:, 1])
-            res["eer"]["same_base_test"] = eer(np.asarray(res["eer"]["test_scores"])[keep], t[keep])
-            res["eer"]["same_base_nontargets"] = int((keep & ~t).sum())
+            for r_ in (res["eer"], res.get("eer_head")):
+                if r_ is None:
+                    continue
+                tr = r_["test_trials"]
+                base = data.speakers.voice_base[np.asarray(tr["voices"])]
+                t = np.asarray(tr["target"], dtype=bool)
+                keep = t | (base[:, 0] == base[:, 1])
+                r_["same_base_test"] = eer(np.asarray(r_["test_scores"])[keep], t[keep])
+                r_["same_base_nontargets"] = int((keep & ~t).sum())
     start = probes.get("random", {}).get(seed0)
     for c in curves.values():  # step 0: the random-init encoder (full MGF's shape, seed0's draw)
         if start is not None:

@@ -24,6 +24,7 @@ context), and any MGF-format encoder given as a pretrained folder or ``random`` 
 architecture and normaliser as a reference folder, weights drawn with the seed).
 """
 
+import json
 import os
 
 import numpy as np
@@ -750,3 +751,64 @@ def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, leve
     lo, hi = np.nanpercentile(out, [50 * (1 - level), 50 * (1 + level)])
     return {"diff": float(diff), "low": float(lo), "high": float(hi), "resolved": bool(lo > 0 or hi < 0),
             "n_items": int(len(voices)), "n_trials": int(len(tgt)), "n_boot": int(n_boot)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The utterance scale's own embedding (its head, from the run's last checkpoint)
+# ----------------------------------------------------------------------------------------------
+def utterance_head(run_folder):
+    """The utterance scale's head of a finished pretraining run -> (head, layer) or None.
+
+    The export holds the encoder only; the head (optional attentive branch + projection MLP) is in
+    the run's last checkpoint (``save/CKPT+*/objectives.ckpt``), built back from the settings the
+    run recorded (``run_config.json``). None when the run has no utterance scale (or no checkpoint).
+    """
+    from mgf_sb.objectives import UtteranceObjective
+
+    try:
+        with open(os.path.join(run_folder, "run_config.json")) as f:
+            cfg = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not cfg.get("use_utterance"):
+        return None
+    save = os.path.join(run_folder, "save")
+    ckpts = sorted(d for d in (os.listdir(save) if os.path.isdir(save) else [])
+                   if d.startswith("CKPT+") and os.path.isfile(os.path.join(save, d, "COMPLETE")))
+    if not ckpts:
+        return None
+    head = UtteranceObjective(
+        cfg["d_model"], cfg["n_mels"] * cfg["frame_stack"], loss=cfg["utterance_loss"],
+        target=cfg["utterance_target"], layer=cfg["utterance_layer"], proj_dim=cfg["proj_dim"],
+        temperature=cfg["utterance_temperature"], branch=cfg.get("utterance_branch", "none"))
+    state = torch.load(os.path.join(save, ckpts[-1], "objectives.ckpt"), map_location="cpu")
+    own = {k[len("utterance."):]: v for k, v in state.items() if k.startswith("utterance.") and "queue" not in k}
+    head.load_state_dict(own, strict=False)
+    missing = [k for k in head.state_dict() if k not in own and "queue" not in k]
+    if missing:
+        raise RuntimeError(f"{save}/{ckpts[-1]}/objectives.ckpt has no utterance head weights {missing}")
+    return head.eval(), cfg["utterance_layer"]
+
+
+@torch.no_grad()
+def head_embeddings(rep, head, layer, wavs, batch_size=16):
+    """The utterance head's embedding (after its projection, what its loss compares) of each
+    utterance: (U, proj_dim). ``rep``: the run's encoder (:class:`Representation`, kind encoder)."""
+    out = []
+    for _, w, lens in batches(wavs, batch_size):
+        layers, n = rep(w, lens)
+        out.append(head.proj(head.pooled(layers[layer], n)))
+    return torch.cat(out)
+
+
+def head_verification(run_folder, snapshot, data, device="cpu"):
+    """Zero-shot verification (as :func:`verification`) of the utterance head's embedding of the
+    run in ``run_folder`` (encoder: its export ``snapshot``) -> dict, or None without a head."""
+    got = utterance_head(run_folder)
+    if got is None:
+        return None
+    head, layer = got
+    rep = Representation(data, "encoder", source=snapshot, device=device)
+    res = verification([head_embeddings(rep, head, layer, data.speakers.wavs)], data.speakers)
+    res.pop("candidates", None)  # one embedding: nothing to choose
+    return res

@@ -32,7 +32,7 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.load(open(out / "results.json"))
-    assert set(res["table"]) == {"full MGF", "frame", "fbank", "fbank+-5", "random", quality.ENERGY,
+    assert set(res["table"]) == {"full MGF", "frame", "fbank", "fbank+-5", "random", quality.REF_ROW, quality.ENERGY,
                                  quality.CEILING}
     for name, row in res["table"].items():
         for m in ("speakers", "eer", "emotion"):
@@ -48,7 +48,9 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     assert res["curves"]["full MGF"]["eer"][0] == res["probes"]["random"]["0"]["eer"]["test"]
     assert set(res["curves"]) == {"full MGF"} and res["picks"]["single"] == "frame"
     # every stated difference has an interval over 2 seeds x the test utterances
-    assert set(res["comparisons"]) == {"frame", "fbank+-5", "random", quality.CEILING}
+    assert set(res["comparisons"]) == {"frame", "fbank+-5", "random", quality.REF_ROW, quality.CEILING}
+    assert set(res["vs_speaker_ref"]) == {"full MGF"}  # (the tiny budget has no utterance-scale variant)
+    assert all(x["steps"] == quality.BUDGETS["tiny"].speaker_ref["steps"] for x in res["runs"][quality.REF_ROW])
     assert set(res["vs_random"]) == {"full MGF", "frame"}
     for name, c in res["comparisons"].items():
         assert set(c) == ({"speakers", "eer", "emotion"} if name == quality.CEILING else set(quality.METRICS))
@@ -57,6 +59,12 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
             assert m == "eer" or c[m]["low"] <= c[m]["diff"] <= c[m]["high"]
             assert c[m]["half_width"] == pytest.approx((c[m]["high"] - c[m]["low"]) / 2)
     assert all(r["n_seeds"] == (1 if name in quality.SEEDLESS else 2) for name, r in res["table"].items())
+    # one SID / EER / emotion layer per variant (chosen on all its seeds' dev items), the same for every seed
+    for name in ("full MGF", "frame", "random"):
+        for m in quality.CHOSEN_PER_VARIANT:
+            assert len(set(res["table"][name][m + "_layers"])) == 1, (name, m)
+    # the utterance head's own embedding is verified where the variant has one (full MGF), not elsewhere
+    assert 0 <= res["table"]["full MGF"]["eer_head"] <= 100 and "eer_head" not in res["table"]["frame"]
     for v in ("full MGF", "frame"):  # each run's own CPU seconds were measured
         assert all(x["cpu_seconds"] > 0 and x["steps"] == res["steps"] for x in res["runs"][v])
     for png in ("quality_bars.png", "quality_curve.png"):
