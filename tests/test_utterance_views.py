@@ -304,3 +304,17 @@ def test_tiny_run_with_view_channel_and_byol_trains_and_logs_the_share(recipe, s
     assert 0.0 <= share <= 1.0
     text = open(os.path.join(out, "train_log.txt")).read()
     assert "valid utterance_same_speaker_negatives" in text
+
+
+def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
+    """Each new key is in run_guard.ADDED_SETTINGS at the YAML's default (an older run folder resumes)."""
+    from mgf_sb.recipe import command_settings
+    from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
+
+    keys = ("view_channel", "view_channel_knots", "view_channel_eq_db", "view_channel_gain_db",
+            "view_channel_noise_floor_db", "view_gap_strict")
+    now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
+    assert all(k in ADDED_SETTINGS and ADDED_SETTINGS[k] == now[k] for k in keys)
+    before = {k: v for k, v in now.items() if k not in keys}
+    assert settings_changes(before, now) == {}
+    assert set(settings_changes(before, {**now, "view_channel": True})) == {"view_channel"}
