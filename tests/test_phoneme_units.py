@@ -380,3 +380,31 @@ def test_visible_frames_exclude_the_masks_and_the_padding():
     vis = visible_frames(batch, T)
     assert not (vis & batch.input_mask[:, :T]).any()
     assert (vis.sum(1) == batch.n_frames - batch.input_mask[:, :T].sum(1)).all()
+
+
+def test_kmeans_of_the_fbank_needs_no_teacher():
+    batch = span_batch()
+    feats, _ = FeatureExtractor(frame_stack=2).train()(batch.wavs, batch.wav_lens, epoch=1)
+    feats = feats[batch.source]
+    hp = load_hparams(phoneme_units="kmeans", phoneme_units_source="fbank", phoneme_n_units=8, use_frame=False,
+                      use_utterance=False)
+    obj = hp["objectives"]["phoneme"]
+    assert not hp["objectives"].needs_teacher and obj.kmeans.dim == feats.shape[-1]
+    hidden = [torch.randn(feats.shape[0], feats.shape[1], 32)]
+    loss, stats = obj.train()(ObjectiveInputs(hidden, feats, None, batch, diagnostics=True))
+    assert torch.isfinite(loss) and "context_acc" not in stats and 0 <= stats["interp_acc"] <= 1
+    tgt, _ = pool_spans(feats, batch.span_start, batch.span_len, batch.span_valid)
+    assert stats["unit_ppl"] > 2 and obj.kmeans.ready and obj.kmeans(tgt).unique().numel() > 2
+
+
+def test_old_run_folders_resume_with_the_units_off():
+    """A run recorded before the switch (no phoneme_units* keys) is unchanged at the defaults, changed with units."""
+    from mgf_sb.recipe import command_settings
+    from mgf_sb.run_guard import settings_changes
+
+    yaml = os.path.join(REPO, "hparams", "mgf.yaml")
+    now = command_settings([yaml])
+    old = {k: v for k, v in now.items() if not k.startswith(("phoneme_units", "phoneme_n_units"))}
+    assert len(old) == len(now) - 4
+    assert settings_changes(old, now) == {}
+    assert "phoneme_units" in settings_changes(old, command_settings([yaml, "--phoneme_units=kmeans"]))

@@ -1,7 +1,8 @@
 """One objective per time scale, and the set the Brain sums.
 
 - :class:`FrameObjective` - frame scale, generative (L1 on log-Mel) by default;
-- :class:`PhonemeObjective` - phoneme scale, span InfoNCE against the teacher;
+- :class:`PhonemeObjective` - phoneme scale, span InfoNCE against the teacher (or, with
+  ``phoneme_units``, HuBERT-style discrete unit targets: :mod:`mgf_sb.objectives.units`);
 - :class:`UtteranceObjective` - utterance scale, NT-Xent between two views;
 - :class:`WordObjective` - optional word scale (0.3-0.6 s spans), span InfoNCE.
 

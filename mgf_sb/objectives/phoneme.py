@@ -175,7 +175,8 @@ class PhonemeObjective(MaskedPrediction):
                 # targets come from the centroids before this step's update (never in eval mode)
                 self.kmeans.update(tgt, targets)
         if targets is None or tgt.shape[0] == 0:
-            return hidden.sum() * 0.0 + self.unit_embedding.sum() * 0.0, {"units": 0.0}
+            # a zero that reaches every parameter (DDP expects a gradient for each)
+            return hidden.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0, {"units": 0.0}
         pred, _ = self.units(hidden, batch)
         logits = unit_logits(self.head(pred), self.unit_embedding, self.temperature)
         loss = F.cross_entropy(logits, targets)
