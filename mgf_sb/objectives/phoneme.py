@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mgf_sb.masking import span_membership
 from mgf_sb.objectives.base import MaskedPrediction
 from mgf_sb.objectives.bestrq import RandomProjectionQuantizer, nearest_codes
-from mgf_sb.objectives.units import OnlineKMeans, assign, unit_logits, unit_stats
+from mgf_sb.objectives.units import OnlineKMeans, unit_logits, unit_stats
 
 UNITS = ("none", "kmeans", "random_projection")
 UNITS_SOURCES = ("teacher", "fbank")
