@@ -23,10 +23,14 @@ unit the span's content is.
 import torch
 import torch.nn.functional as F
 
+from mgf_sb.distributed import rank
 from mgf_sb.objectives.bestrq import code_perplexity
 
 
 def _ddp():
+    """Under DDP: the tensors to all-reduce / broadcast are K x D on the module's device (nccl: CUDA,
+    gloo: either), so they go to torch.distributed as they are, not through the float lists of
+    :func:`mgf_sb.distributed.ddp_sum`."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -281,7 +285,7 @@ class OnlineKMeans(torch.nn.Module):
                     torch.distributed.broadcast(have, src=0)
                 if float(have) == 0:
                     return 0
-                if not _ddp() or torch.distributed.get_rank() == 0:
+                if rank() == 0:
                     self.initialise(x)
                 self._broadcast()
                 return self.n_units
@@ -291,7 +295,7 @@ class OnlineKMeans(torch.nn.Module):
             # update would first drag the few live units onto the means of several clusters each).
             # The dead set comes from all-reduced counts: every process agrees on whether to re-seed.
             if bool((self.count < self.dead_fraction * self.count.mean()).any()):
-                reseeded = self.reseed(x, units) if not _ddp() or torch.distributed.get_rank() == 0 else 0
+                reseeded = self.reseed(x, units) if rank() == 0 else 0
                 self._broadcast()
                 units = assign(x, self.centroids)
             n, s = self._stats(x, units)
