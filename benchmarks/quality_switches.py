@@ -66,6 +66,12 @@ HIERARCHY = {
     "depth_reversed": ["phoneme_layer=1"],  # phoneme low, frame and utterance top: which way it runs
     "band_masking": ["frame_freq_mask_bins=16", "frame_noise_std=0.2"],  # TERA's alterations
 }
+# the same issue's targets and views (phoneme units, views that differ in channel, no negatives)
+HIERARCHY.update({
+    "phoneme_units": ["phoneme_units=kmeans"],  # HuBERT-style: the distractors are the other units
+    "view_channel": ["view_channel=True", "view_gap_seconds=1.0", "view_gap_strict=True"],
+    "byol_views": ["view_channel=True", "utterance_loss=cosine", "utterance_target=teacher"],
+})
 SWITCHES.update(HIERARCHY)
 
 # last-epoch train diagnostics shown beside each group (those its switches should move)
@@ -141,12 +147,19 @@ def main(argv=None):
     if base is None:
         raise SystemExit(f"no baseline in {baseline}")
     epochs, steps = base["epochs"], base["steps"]
+    from quality_corpus import build_corpus
+    from quality_probe import ProbeData
+
+    corpus = build_corpus(args.cache or os.path.join("~", ".cache", "mgf_sb", "quality"), budget.corpus, log=quality.log)
+    data = ProbeData(corpus, speaker_split=budget.speaker_split, n_trials=budget.n_trials)
     probes_base = quality.load_probes(baseline, args.variant, seeds, epochs)
+    quality.choose_per_variant(probes_base, data)  # SID / EER / emotion: one layer per variant, as the report
     rows = []
     for group in args.groups:
         folder = os.path.join(out, group)
         quality.main(common + ["--out", folder, "--baselines_from", baseline, "--set", *SWITCHES[group]])
         probes = quality.load_probes(folder, args.variant, seeds, epochs)
+        quality.choose_per_variant(probes, data)
         done = sorted(set(probes[args.variant]) & set(probes_base[args.variant]))
         if not done:
             quality.log(f"{group}: no finished seed; left out")
