@@ -803,6 +803,15 @@ def probe_is_current(res, metrics=METRICS):
     return all(m in res for m in metrics) and all(current(m) for m in metrics)
 
 
+def probe_done(out, key):
+    """A probe file of this version is there (an older one is probed again: not done)."""
+    try:
+        with open(probe_file(out, key)) as f:
+            return probe_is_current(json.load(f))
+    except (OSError, ValueError):
+        return False
+
+
 def curve_epochs(budget):
     """Epochs (before the last) whose snapshots the curve probes."""
     eps = budget.curve_epochs if budget.curve_epochs is not None else range(1, budget.epochs)
@@ -832,13 +841,13 @@ def plan(budget, out, corpus_ready, resemblyzer):
     probes.append((f"{ENERGY}/seed{seed0}", "energy"))
     if resemblyzer:
         probes.append((f"{CEILING}/seed{seed0}", "resemblyzer"))
-    probes = [(k, kind, os.path.isfile(probe_file(out, k))) for k, kind in probes]
+    probes = [(k, kind, probe_done(out, k)) for k, kind in probes]
     ref_runs, ref_probes = [], []  # the speaker reference row: its training runs and their probes
     for seed in ref_seeds(budget):
         done = os.path.isfile(os.path.join(out, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt"))
         ref_runs.append((REF_ROW, seed, budget.speaker_ref["steps"], done))
         key = f"{REF_KEY}/seed{seed}"
-        ref_probes.append((key, "speaker_ref", os.path.isfile(probe_file(out, key))))
+        ref_probes.append((key, "speaker_ref", probe_done(out, key)))
     return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready,
             "ref_runs": ref_runs, "ref_probes": ref_probes}
 
