@@ -623,7 +623,7 @@ def _half_width_summary(comparisons, rows):
 
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
                  spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None,
-                 vs_ref=None):
+                 vs_ref=None, goals=None):
     rows = list(table)
     lines = ["| representation | " + " | ".join(LABELS[m] for m in METRICS) + " | EER, same-base non-targets only % "
              "| EER of the utterance head's embedding % | SID errors inside one base voice % "
@@ -717,6 +717,10 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         + (f"; at the other budget: **{other_ttp}**." if other_ttp else "."),
         "",
     ]
+    if goals:
+        from quality_goals import goals_markdown
+
+        text += goals_markdown(goals)
     if before:
         text += [f"This folder minus `{before_folder}` (the same variant there; paired bootstrap over utterances "
                  "and seeds, 95 %; ▲/▼ resolved; dev is the split defaults are chosen on):", "",
@@ -1197,6 +1201,9 @@ def main(argv=None):
         for v in ("full MGF", "utterance"):
             if v in table:
                 vs_ref[v] = compare(probes, v, REF_ROW, budget.seeds)
+    from quality_goals import design_goals
+
+    goals = design_goals(out, table, comparisons, vs_random, picks, budget.seeds, slug, ref_row=REF_ROW)
     ttp = None
     if "full MGF" in curves and "fbank+-5" in table:
         pts = list(zip(curves["full MGF"]["cpu_seconds"], curves["full MGF"]["phones"]))
@@ -1225,7 +1232,7 @@ def main(argv=None):
                                           "installed).")
     text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
                         steps, spe, runs_summary, before=before, before_folder=args.before, vs_random=vs_random,
-                        other_ttp=other_ttp, ceiling_note=note, vs_ref=vs_ref)
+                        other_ttp=other_ttp, ceiling_note=note, vs_ref=vs_ref, goals=goals)
 
     def slim(res_m):
         drop = ("test_items", "test_ids", "dev_items", "test_scores", "test_trials")
@@ -1234,6 +1241,7 @@ def main(argv=None):
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
               "seeds": budget.seeds, "encoder": budget.encoder, "overrides": {**budget.overrides, **extra},
               "table": table, "comparisons": comparisons, "vs_random": vs_random, "vs_speaker_ref": vs_ref,
+              "goals": goals,
               "picks": picks, "curves": curves,
               "cpu_seconds_to_pass_fbank_pm5_phones": ttp, "machine": info, "timing": timing,
               "before": {"folder": args.before, "comparisons": before} if args.before else None,

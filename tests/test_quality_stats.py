@@ -264,3 +264,46 @@ def test_sid_layer_is_chosen_once_per_variant_on_the_dev_items_of_all_its_seeds(
                                                                                        {"dev_eer": 25.0}]}]
     assert choose_on_pooled_dev(eer_runs, key="dev_eer") == 0  # 30 + 10 < 20 + 25, though seed 0 alone prefers 1
     assert choose_on_pooled_dev([{"candidates": []}]) is None  # an earlier probe file: each run keeps its own
+
+
+def test_design_goals_read_the_intervals_and_the_runs_validation_diagnostics(tmp_path):
+    """Each goal of the design issue is met / NOT met / not measured from the report's intervals and
+    the runs' last-epoch valid statistics (mean over seeds), with the numbers it rests on."""
+    import quality
+    from quality_goals import design_goals, goals_markdown
+
+    def log_line(acc, ctx, frame, interp):
+        return (f"epoch: 3, lr: 1.00e-03, step: 540 - train loss: 1.0 - valid loss: 0.9, valid phoneme_acc: {acc}, "
+                f"valid phoneme_context_acc: {ctx}, valid frame: {frame}, valid frame_interp_l1: {interp}\n")
+
+    for seed, (acc, ctx) in enumerate([(0.95, 0.70), (0.93, 0.86)]):  # mean gap 0.16: met
+        run = tmp_path / "runs" / quality.slug("full MGF") / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "train_log.txt").write_text(log_line(0.5, 0.5, 0.6, 0.5) + log_line(acc, ctx, 0.40, 0.55))
+    iv = lambda d, lo, hi: {"diff": d, "low": lo, "high": hi, "resolved": lo > 0 or hi < 0}  # noqa: E731
+    up, level, down = iv(2.0, 1.0, 3.0), iv(0.1, -0.5, 0.7), iv(-2.0, -3.0, -1.0)
+    vs_random = {"full MGF": {"phones": up, "speakers": down, "eer": down, "emotion": level},
+                 "utterance": {"speakers": level, "emotion": up}}
+    comparisons = {"phoneme": {"phones": level, "speakers": up, "eer": level, "emotion": level},
+                   "fbank+-5": {"phones": level}}
+    table = {"utterance": {"eer": 30.0}, "full MGF": {"eer": 24.0}, "ref": {"eer": 12.0}}
+    goals = {g["goal"]: g for g in design_goals(str(tmp_path), table, comparisons, vs_random,
+                                                {"single": "phoneme", "pair": None}, [0, 1], quality.slug,
+                                                ref_row="ref")}
+    status = {k: g["status"] for k, g in goals.items()}
+    assert status["full MGF: phoneme student >= its context-only baseline + 0.15 (valid)"] == "met"
+    assert "+0.160" in goals["full MGF: phoneme student >= its context-only baseline + 0.15 (valid)"]["evidence"]
+    assert status["full MGF: frame L1 <= 0.8 x its interpolation baseline (valid)"] == "met"  # 0.40/0.55 = 0.73
+    assert status["utterance scale alone above random-init on speakers (resolved)"] == "NOT met"
+    assert status["utterance scale alone above random-init on emotion (resolved)"] == "met"
+    assert status["utterance: zero-shot EER within 10 points of the speaker reference's"] == "NOT met"  # 18 points
+    assert status["full MGF: zero-shot EER within 15 points of the speaker reference's"] == "met"  # 12 points
+    assert status["full MGF: zero-shot EER resolved below random-init's"] == "met"  # EER down = better
+    assert status["full MGF above random-init on every axis (resolved)"] == "NOT met"  # speakers down
+    single = next(k for k in goals if k.startswith("full MGF at or above the best single"))
+    assert status[single] == "met"  # level everywhere, above on speakers
+    assert goals[next(k for k in goals if "best pair" in k)]["status"] == "not measured"
+    assert status["full MGF above fbank +-5 on phones (resolved)"] == "NOT met"
+    assert not any(k.startswith("phoneme:") for k in goals)  # no runs of that variant here: no row
+    text = "\n".join(goals_markdown(list(goals.values())))
+    assert "of 11 met" in text and "| NOT met |" in text
