@@ -49,6 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from mgf_sb.grid import move_aside  # noqa: E402
 from mgf_sb.view_channel import random_log_mel_channel  # noqa: E402
 
 REF_ROW = "speaker reference (self-supervised TDNN)"
@@ -281,16 +282,6 @@ class CropSampler:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def _move_aside(folder):
-    dest = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    k = 2
-    while os.path.exists(dest):
-        dest = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{k}"
-        k += 1
-    os.replace(folder, dest)
-    return dest
-
-
 def _save(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -352,7 +343,7 @@ def train(pretrain_folder, out, settings=None, threads=None, device="cpu", on_ch
                 f"{out} holds a speaker-reference run with other settings ({name}: "
                 + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in ch.items())
                 + "). Pass --on_change=rerun to move it aside and train again, or another --out.")
-        log(f"[speaker ref] settings changed ({', '.join(ch)}): moved {out} to {_move_aside(out)}")
+        log(f"[speaker ref] settings changed ({', '.join(ch)}): moved {out} to {move_aside(out)}")
         old = None
     model_path, ckpt_path = os.path.join(out, MODEL_FILE), os.path.join(out, CHECKPOINT_FILE)
     if old is not None and name == MODEL_FILE:

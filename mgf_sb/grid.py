@@ -191,7 +191,7 @@ def fmt_seconds(s):
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _move_aside(folder):
+def move_aside(folder):
     """A changed step's folder -> ``<folder>.replaced-<time>`` (kept, never deleted)."""
     dest = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     k = 2
@@ -235,7 +235,7 @@ def execute(steps, output, runner=run_step, jobs=1, on_change="error", keep_goin
                 + ". Pass --on_change=rerun to move those step folders aside and run them again, "
                   "or another --output_folder to keep both.")
         for s in changed:
-            log(f"[{name}] {s.name}: settings changed, moved {s.folder} to {_move_aside(s.folder)}; running it again")
+            log(f"[{name}] {s.name}: settings changed, moved {s.folder} to {move_aside(s.folder)}; running it again")
             status[s.name] = "todo"
     todo = [s for s in steps if status[s.name] == "todo"]
     log(f"[{name}] plan: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run")
