@@ -483,13 +483,16 @@ def load_probes(folder, variant, seeds, epochs):
     return {variant: out}
 
 
-def compare_with_before(probes, before, variants, seeds, epochs):
+def compare_with_before(probes, before, variants, seeds, epochs, data=None):
     """Each variant here minus the same variant in the folder ``before`` (e.g. the previous defaults),
     on dev and test -> {variant: {"dev": {...}, "test": {...}, "seeds": [...]}}; variants or seeds
-    missing on either side are left out."""
+    missing on either side are left out. With ``data`` (the probe sets), the variant there gets its
+    own per-variant layer choice (:func:`choose_per_variant`), as it does here."""
     out = {}
     for v in variants:
         old = load_probes(before, v, seeds, epochs)
+        if data is not None:
+            choose_per_variant(old, data)
         done = sorted(set(probes.get(v, {})) & set(old[v]))
         if done:
             # a probe without per-utterance outcomes of a split (an earlier version) is left out of it
@@ -1227,7 +1230,7 @@ def main(argv=None):
     before = None
     if args.before:
         before = compare_with_before(probes, os.path.abspath(args.before), [v for v in budget.variants if v in probes],
-                                     budget.seeds, budget.epochs)
+                                     budget.seeds, budget.epochs, data=data)
     note = None if CEILING in table else (f"'{CEILING}' row: not measured (the optional package resemblyzer is not "
                                           "installed).")
     text = write_report(out, args.budget, budget, corpus, table, comparisons, picks, curves, ttp, info, timing,
