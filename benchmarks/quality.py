@@ -776,7 +776,8 @@ def parse_args(argv):
     p.add_argument("--baselines_from", default=None,
                    help="a finished output folder of the same budget whose fbank, fbank +-5 and random-encoder "
                         "probes are reused (they do not depend on the pretraining settings); used by "
-                        "benchmarks/quality_switches.py")
+                        "benchmarks/quality_switches.py; the speaker reference too, where it has finished there (it is "
+                        "never trained in a folder given --baselines_from)")
     p.add_argument("--before", default=None,
                    help="an output folder of the same budget (e.g. made with the previous defaults): the report "
                         "adds each variant here minus the same variant there, on dev and test")
@@ -825,7 +826,7 @@ def curve_epochs(budget):
     return [e for e in eps if 0 < e < budget.epochs]
 
 
-def plan(budget, out, corpus_ready, resemblyzer):
+def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None):
     """The work of one invocation -> dict: pretraining runs [(variant, seed, steps, done)], probes
     [(key, kind, done)], steps per run (from the corpus spec)."""
     spec = budget.corpus
@@ -848,12 +849,18 @@ def plan(budget, out, corpus_ready, resemblyzer):
     probes.append((f"{ENERGY}/seed{seed0}", "energy"))
     if resemblyzer:
         probes.append((f"{CEILING}/seed{seed0}", "resemblyzer"))
-    probes = [(k, kind, probe_done(out, k)) for k, kind in probes]
+    shared = ("fbank", "fbank+-5", "random", ENERGY, CEILING)  # reused from --baselines_from (main())
+    probes = [(k, kind, probe_done(out, k) or bool(baselines_from and k.split("/")[0] in shared
+                                                   and probe_done(baselines_from, k))) for k, kind in probes]
     ref_runs, ref_probes = [], []  # the speaker reference row: its training runs and their probes
     for seed in ref_seeds(budget):
+        key = f"{REF_KEY}/seed{seed}"
+        if baselines_from:  # reused from there where finished, else left out (main())
+            if os.path.isfile(os.path.join(baselines_from, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt")):
+                ref_probes.append((key, "speaker_ref", probe_done(out, key) or probe_done(baselines_from, key)))
+            continue
         done = os.path.isfile(os.path.join(out, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt"))
         ref_runs.append((REF_ROW, seed, budget.speaker_ref["steps"], done))
-        key = f"{REF_KEY}/seed{seed}"
         ref_probes.append((key, "speaker_ref", probe_done(out, key)))
     return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready,
             "ref_runs": ref_runs, "ref_probes": ref_probes}
@@ -954,7 +961,8 @@ def main(argv=None):
     resemblyzer = resemblyzer_available()
     if args.dry_run:
         cf = corpus_folder(args.cache, budget.corpus)
-        pl = plan(budget, out, os.path.isfile(os.path.join(cf, "corpus.json")), resemblyzer)
+        pl = plan(budget, out, os.path.isfile(os.path.join(cf, "corpus.json")), resemblyzer,
+                  baselines_from=args.baselines_from and os.path.abspath(args.baselines_from))
         return print_plan(args.budget, budget, pl, out, jobs, cf)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, threads or torch.get_num_threads()))
@@ -1040,6 +1048,9 @@ def main(argv=None):
                              args.device)
             if grid.step_status(other, ref_output) == "done":
                 ref_runs[seed] = other
+            else:  # a baseline like the others: never trained here (quality_switches' folders need none)
+                del ref_runs[seed]
+                log(f"{REF_ROW} / seed {seed}: not finished in {args.baselines_from}; left out of this folder")
     queue = ProbeQueue(probe)
     if not args.report_only:
         queue.add([(f"{ENERGY}/seed{seed0}", {"kind": "energy", "seed": seed0})])

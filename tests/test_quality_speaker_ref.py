@@ -187,3 +187,17 @@ def test_dry_run_lists_the_reference_row(tmp_path, capsys):
     # the default budget states the reference's cost: 64-utterance batches, its steps, its seeds
     d = quality.BUDGETS["default"].speaker_ref
     assert d["batch_size"] == 64 and d["steps"] >= 300 and len(quality.ref_seeds(quality.BUDGETS["default"])) >= 3
+
+
+def test_a_folder_with_baselines_from_never_trains_the_reference(tmp_path):
+    """quality_switches' folders (--baselines_from) reuse the reference where it finished there and
+    plan no training of their own for it; the shared baselines' probes count as cached."""
+    budget = dataclasses.replace(quality.BUDGETS["tiny"], variants=["full MGF"])
+    base, out = tmp_path / "base", tmp_path / "switch"
+    (base / "runs" / quality.REF_KEY / "seed0").mkdir(parents=True)
+    (base / "runs" / quality.REF_KEY / "seed0" / ref.MODEL_FILE).write_bytes(b"finished")
+    pl = quality.plan(budget, str(out), True, False, baselines_from=str(base))
+    assert pl["ref_runs"] == []  # seed 0 reused from base, seed 1 not finished there: left out
+    assert [k for k, _, _ in pl["ref_probes"]] == [f"{quality.REF_KEY}/seed0"]
+    own = quality.plan(budget, str(out), True, False)
+    assert [s for _, s, _, done in own["ref_runs"] if not done] == budget.speaker_ref["seeds"]
