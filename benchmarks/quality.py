@@ -783,6 +783,9 @@ def parse_args(argv):
                         "adds each variant here minus the same variant there, on dev and test")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
+    p.add_argument("--no_write", action="store_true",
+                   help="train and probe what is missing, write no report, plots or results.json (the folder's own "
+                        "report stays as it was; benchmarks/quality_switches.py's use of the baseline folder)")
     p.add_argument("--dry_run", action="store_true",
                    help="print the plan (variants x seeds x budget), what is cached, and the estimated CPU and wall "
                         "time; run nothing")
@@ -1227,6 +1230,9 @@ def main(argv=None):
     shown = {k: v for k, v in curves.items() if k in ("full MGF", single, *PEERS)}
     hlines = {b: {m: table[b][m] for m in METRICS} for b in ("fbank+-5", "random", REF_ROW, CEILING) if b in table}
     what = "the best single scale (chosen on dev)" if single == picks["single"] else "a single scale"
+    if args.no_write:  # a caller's baseline folder (quality_switches): its own full report stays as it was
+        return {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,
+                "seeds": budget.seeds, "table": table, "goals": goals}
     curve_png(os.path.join(out, "quality_curve.png"), shown, hlines,
               title=f"{args.budget} budget: full MGF vs {what} ({single}) and the peers; seed {seed0}"
                     + (f"; dotted: the {budget.compare_with} budget" if other_curves else ""),
@@ -1249,7 +1255,7 @@ def main(argv=None):
                         other_ttp=other_ttp, ceiling_note=note, vs_ref=vs_ref, goals=goals)
 
     def slim(res_m):
-        drop = ("test_items", "test_ids", "dev_items", "test_scores", "test_trials")
+        drop = ("test_items", "test_ids", "dev_items", "test_scores", "test_trials", "candidates")
         return None if res_m is None else {k: v for k, v in res_m.items() if k not in drop}
 
     result = {"budget": args.budget, "steps": steps, "steps_per_epoch": spe, "epochs": budget.epochs,

@@ -143,7 +143,8 @@ def main(argv=None):
     common = ["--budget", args.budget, "--variants", args.variant, "--curve_variants", "--seeds",
               *map(str, seeds), *(["--cache", args.cache] if args.cache else []),
               *(["--report_only"] if args.report_only else []), *rest]
-    base = quality.main(common + ["--out", baseline])  # reuses what is there; probes dev outcomes if missing
+    # reuses what is there (probes what is missing); --no_write: the baseline folder's own full report stays
+    base = quality.main(common + ["--out", baseline, "--no_write"])
     if base is None:
         raise SystemExit(f"no baseline in {baseline}")
     epochs, steps = base["epochs"], base["steps"]

@@ -93,3 +93,9 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
         for split in ("dev", "test"):
             assert v[split]["phones"]["diff"] == 0 and v[split]["speakers"]["diff"] == 0
     assert "This folder minus" in (out / "report.md").read_text()
+    # --no_write (quality_switches' baseline): one variant asked for, the folder's own report untouched
+    kept = {f: (out / f).read_bytes() for f in ("report.md", "results.json", "quality_bars.png")}
+    proc = subprocess.run(cmd + ["--no_write", "--variants", "full MGF"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all((out / f).read_bytes() == b for f, b in kept.items())
