@@ -70,7 +70,7 @@ HIERARCHY = {
 HIERARCHY.update({
     "phoneme_units": ["phoneme_units=kmeans"],  # HuBERT-style: the distractors are the other units
     "view_channel": ["view_channel=True", "view_gap_seconds=1.0", "view_gap_strict=True"],
-    "byol_views": ["view_channel=True", "utterance_loss=cosine", "utterance_target=teacher"],
+    "byol_views": ["view_channel=True", "utterance_loss=cosine", "utterance_target=teacher", "utterance_target_layers=[-1]"],
 })
 SWITCHES.update(HIERARCHY)
 

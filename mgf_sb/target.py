@@ -241,6 +241,15 @@ class TargetNetwork(torch.nn.Module):
         layers = self.scale_layers.get(str(scale))
         return 0 if layers is None else 1 + self.layer_sets.index(layers)
 
+    def normalised_over_time(self, scale):
+        """True when ``scale``'s target is instance-normalised over time (each channel's mean over a
+        sequence removed): then its mean over a sequence is 0 for every sequence, which a scale that
+        pools the target over time (the utterance scale's ``teacher`` target) cannot learn from."""
+        layers = self.scale_layers.get(str(scale))
+        k = self.top_k_layers if layers is None else len(layers)
+        per_layer = self.layer_norm if self.layer_norm != "auto" else ("instance" if k > 1 else "none")
+        return per_layer == "instance" or self.final_norm == "instance"
+
     def combine(self, hidden, n_frames, layers=None):
         """Teacher outputs -> one target: the chosen layers normalised and averaged.
 

@@ -297,7 +297,7 @@ def test_librispeech_layout_writes_the_speaker_column(small_corpus, tmp_path):
 def test_tiny_run_with_view_channel_and_byol_trains_and_logs_the_share(recipe, small_corpus, tmp_path):  # noqa: F811
     out = str(tmp_path / "byol")
     log = run(recipe, out, small_corpus, number_of_epochs=1, view_channel=True, utterance_loss="cosine",
-              utterance_target="teacher", view_gap_seconds=1.0, view_gap_strict=True)
+              utterance_target="teacher", utterance_target_layers=[-1], view_gap_seconds=1.0, view_gap_strict=True)
     for row in log:
         assert np.isfinite(row["train"]["utterance"]) and row["train"]["utterance"] >= 0
     share = log[0]["train"]["utterance_same_speaker_negatives"]
@@ -318,3 +318,34 @@ def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
     before = {k: v for k, v in now.items() if k not in keys}
     assert settings_changes(before, now) == {}
     assert set(settings_changes(before, {**now, "view_channel": True})) == {"view_channel"}
+
+
+def test_the_shared_instance_normalised_teacher_pools_to_zero_and_is_refused_for_the_utterance_scale():
+    """The default teacher target (top 2 layers, each instance-normalised over time) has mean 0 over
+    every sequence: pooled, as the utterance scale's teacher target, it is 0 for every view and the
+    BYOL loss sits at 2 for a whole run. The ScaleSet refuses that setting at start-up, naming the
+    fix; the utterance scale's own single layer is not normalised and carries the utterance."""
+    from mgf_sb.objectives import ScaleSet
+    from mgf_sb.objectives.utterance import masked_mean
+    from mgf_sb.target import TargetNetwork
+
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(4, 30, 8, generator=g) + torch.randn(4, 1, 8, generator=g) * 3 for _ in range(3)]
+    n = torch.tensor([30, 25, 20, 30])
+    shared = TargetNetwork(top_k_layers=2)
+    assert shared.normalised_over_time("utterance")
+    assert masked_mean(shared.combine(hidden, n), n).abs().max() < 1e-5  # every pooled target is 0
+    own = TargetNetwork(top_k_layers=2, scale_layers={"utterance": [-1]})
+    assert not own.normalised_over_time("utterance")
+    pooled = masked_mean(own.combine(hidden, n, layers=(-1,)), n)
+    assert pooled.norm(dim=1).min() > 1.0  # each utterance's own offset survives
+    assert TargetNetwork(top_k_layers=1, final_norm="instance").normalised_over_time("utterance")
+
+    def scales(target):
+        return ScaleSet({"utterance": UtteranceObjective(8, 80, loss="cosine", target="teacher")},
+                        {"utterance": True}, {"utterance": 1.0}, target=target)
+
+    with pytest.raises(ValueError, match=r"utterance_target_layers=\[-1\]"):
+        scales(shared)
+    scales(own)  # accepted
+    ScaleSet({"utterance": UtteranceObjective(8, 80)}, {"utterance": True}, {"utterance": 1.0}, target=shared)

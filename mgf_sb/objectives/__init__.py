@@ -69,6 +69,16 @@ class ScaleSet(torch.nn.ModuleDict):
                              "use_utterance, or a peer: use_bestrq / use_wav2vec2)")
         super().__init__(active)
         self.weights = {k: float(weights[k]) for k in active}
+        utt = active.get("utterance")
+        if (utt is not None and getattr(utt, "needs_teacher", False) and target is not None
+                and hasattr(target, "normalised_over_time") and target.normalised_over_time("utterance")):
+            # Its mean over time is 0 for every view: the loss would sit at its chance value for the whole run.
+            raise ValueError(
+                "utterance_target: teacher pools the teacher's frames over time, but that target is "
+                "instance-normalised over time (target_top_k_layers > 1 with target_layer_norm auto/instance, or "
+                "target_final_norm: instance), so every pooled target is 0 and the utterance loss cannot learn. "
+                "Give the utterance scale its own single teacher layer: --utterance_target_layers=[-1] "
+                "(with target_layer_norm auto or none and target_final_norm none or layer)")
         if target is not None and getattr(target, "n_slots", 1) > 1:
             for name, objective in active.items():
                 if hasattr(objective, "teacher_slots"):
