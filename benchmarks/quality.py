@@ -153,7 +153,7 @@ EST_CPU_PER_STEP = {"full MGF": 0.29, "frame": 0.26, "phoneme": 0.28, "utterance
                     "frame+utterance": 0.27, "phoneme+utterance": 0.28, "BEST-RQ": 0.38, "wav2vec 2.0": 0.60}
 EST_PROBE_CPU = {"encoder": 53.0, "random": 53.0, "fbank": 13.0, "fbank+-5": 29.0, "energy": 2.0, "resemblyzer": 92.0,
                  "speaker_ref": 90.0}  # speaker_ref: not yet measured (5 layers of 320 channels)
-EST_CPU_PER_STEP[REF_ROW] = 2.0  # batch 64, 1 thread: 2.04 CPU s / step measured under load (2 cores)
+EST_CPU_PER_STEP[REF_ROW] = 1.64  # batch 64, 1 thread: 1.63-1.65 CPU s / step measured (3 seeds, default budget)
 EST_CPU_PER_UTTERANCE = 0.5  # 1,740 s with 2 processes for 6,780 utterances, under load
 
 
@@ -783,6 +783,9 @@ def parse_args(argv):
                         "adds each variant here minus the same variant there, on dev and test")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
+    p.add_argument("--speaker_ref", action="store_true",
+                   help="also train the speaker reference row (a self-supervised TDNN, benchmarks/quality_speaker_ref.py;"
+                        " ~10 CPU-min per seed at the default budget); a finished one is reported without the flag")
     p.add_argument("--no_write", action="store_true",
                    help="train and probe what is missing, write no report, plots or results.json (the folder's own "
                         "report stays as it was; benchmarks/quality_switches.py's use of the baseline folder)")
@@ -829,7 +832,7 @@ def curve_epochs(budget):
     return [e for e in eps if 0 < e < budget.epochs]
 
 
-def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None):
+def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None, train_ref=True):
     """The work of one invocation -> dict: pretraining runs [(variant, seed, steps, done)], probes
     [(key, kind, done)], steps per run (from the corpus spec)."""
     spec = budget.corpus
@@ -863,6 +866,8 @@ def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None):
                 ref_probes.append((key, "speaker_ref", probe_done(out, key) or probe_done(baselines_from, key)))
             continue
         done = os.path.isfile(os.path.join(out, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt"))
+        if not done and not train_ref:  # trained only with --speaker_ref; a finished one is always reported
+            continue
         ref_runs.append((REF_ROW, seed, budget.speaker_ref["steps"], done))
         ref_probes.append((key, "speaker_ref", probe_done(out, key)))
     return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready,
@@ -892,7 +897,7 @@ def print_plan(budget_name, budget, pl, out, jobs, cache_folder):
     todo_runs = sum(not d for *_, d in pl["runs"])
     todo_probes = sum(not d for *_, d in pl["probes"])
     ref_runs, ref_probes = pl.get("ref_runs", []), pl.get("ref_probes", [])
-    ref_cpu = sum(cps.get(REF_ROW, 2.0) * st for *_, st, done in ref_runs if not done)
+    ref_cpu = sum(cps.get(REF_ROW, EST_CPU_PER_STEP[REF_ROW]) * st for *_, st, done in ref_runs if not done)
     ref_cpu += sum(EST_PROBE_CPU["speaker_ref"] for *_, done in ref_probes if not done)
     cores = max(1, min(jobs, os.cpu_count() or 1))
     wall = corpus_cpu / 2 + (run_cpu + probe_cpu + ref_cpu) / cores
@@ -910,7 +915,7 @@ def print_plan(budget_name, budget, pl, out, jobs, cache_folder):
         st = ref_runs[0][2]
         print(f"| {REF_ROW}: {st} steps x {budget.speaker_ref['batch_size']} utterances (2 crops each) | "
               f"{[s for _, s, _, d in ref_runs if d] or '-'} | {[s for _, s, _, d in ref_runs if not d] or '-'} | "
-              f"{cps.get(REF_ROW, 2.0) * st:.0f} |")
+              f"{cps.get(REF_ROW, EST_CPU_PER_STEP[REF_ROW]) * st:.0f} |")
     print(f"probes: {len(pl['probes'])} ({len(pl['probes']) - todo_probes} cached, {todo_probes} to run)")
     print(f"estimate: corpus {corpus_cpu:.0f} CPU s, pretraining {run_cpu:.0f} CPU s ({todo_runs} runs), probes "
           f"{probe_cpu:.0f} CPU s ({todo_probes}), speaker reference {ref_cpu:.0f} CPU s "
@@ -965,7 +970,8 @@ def main(argv=None):
     if args.dry_run:
         cf = corpus_folder(args.cache, budget.corpus)
         pl = plan(budget, out, os.path.isfile(os.path.join(cf, "corpus.json")), resemblyzer,
-                  baselines_from=args.baselines_from and os.path.abspath(args.baselines_from))
+                  baselines_from=args.baselines_from and os.path.abspath(args.baselines_from),
+                  train_ref=args.speaker_ref)
         return print_plan(args.budget, budget, pl, out, jobs, cf)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, threads or torch.get_num_threads()))
@@ -1054,6 +1060,11 @@ def main(argv=None):
             else:  # a baseline like the others: never trained here (quality_switches' folders need none)
                 del ref_runs[seed]
                 log(f"{REF_ROW} / seed {seed}: not finished in {args.baselines_from}; left out of this folder")
+        elif not args.speaker_ref and grid.step_status(ref_runs[seed], ref_output) != "done":
+            del ref_runs[seed]  # its own flag: it would take the default invocation past its 90 min
+            log(f"{REF_ROW} / seed {seed}: not trained (add --speaker_ref: "
+                f"~{EST_CPU_PER_STEP[REF_ROW] * budget.speaker_ref['steps'] / 60:.0f} CPU-min per seed); "
+                "a finished one is always reported")
     queue = ProbeQueue(probe)
     if not args.report_only:
         queue.add([(f"{ENERGY}/seed{seed0}", {"kind": "energy", "seed": seed0})])

@@ -27,7 +27,7 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     """Corpus (TTS) -> 2 pretraining runs (the recipe) -> probes -> report, table, plots."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality.py"), "--budget=tiny", f"--cache={cache}",
-           f"--out={out}", "--threads=2"]
+           f"--out={out}", "--threads=2", "--speaker_ref"]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -171,7 +171,7 @@ def test_grid_step_trains_reuses_and_flags_a_changed_setting(tmp_path):
 
 def test_dry_run_lists_the_reference_row(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    est = quality.main(["--budget=tiny", f"--cache={cache}", f"--out={out}", "--dry_run"])
+    est = quality.main(["--budget=tiny", f"--cache={cache}", f"--out={out}", "--dry_run", "--speaker_ref"])
     text = capsys.readouterr().out
     assert not cache.exists() and not out.exists()
     assert quality.REF_ROW in text and "speaker reference" in text.split("estimate:")[1]
@@ -182,8 +182,12 @@ def test_dry_run_lists_the_reference_row(tmp_path, capsys):
     d = out / "runs" / quality.REF_KEY / "seed0"
     os.makedirs(d)
     (d / ref.MODEL_FILE).write_bytes(b"")
-    est2 = quality.main(["--budget=tiny", f"--cache={cache}", f"--out={out}", "--dry_run"])
+    est2 = quality.main(["--budget=tiny", f"--cache={cache}", f"--out={out}", "--dry_run", "--speaker_ref"])
     assert est2["ref_runs_to_train"] == 1 and est2["ref_cpu"] < est["ref_cpu"]
+    # without --speaker_ref nothing of it is trained (the default invocation's time); the finished one is kept
+    est3 = quality.main(["--budget=tiny", f"--cache={cache}", f"--out={out}", "--dry_run"])
+    assert est3["ref_runs_to_train"] == 0 and est3["ref_probes_to_run"] == 1
+    assert est3["ref_cpu"] == quality.EST_PROBE_CPU["speaker_ref"]  # its probe only
     # the default budget states the reference's cost: 64-utterance batches, its steps, its seeds
     d = quality.BUDGETS["default"].speaker_ref
     assert d["batch_size"] == 64 and d["steps"] >= 300 and len(quality.ref_seeds(quality.BUDGETS["default"])) >= 3
