@@ -817,6 +817,13 @@ def probe_is_current(res, metrics=METRICS):
     return all(m in res for m in metrics) and all(current(m) for m in metrics)
 
 
+def write_probe(path, res):
+    """Writes a probe file whole or not at all (a killed run never leaves half a file to reuse)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f)
+    os.replace(path + ".tmp", path)
+
+
 def probe_done(out, key):
     """A probe file of this version is there (an older one is probed again: not done)."""
     try:
@@ -1014,9 +1021,7 @@ def main(argv=None):
                 res.update({m: new[m] for m in CHOSEN_PER_VARIANT})
                 res["utterance_probes_cpu_seconds"] = time.thread_time() - cpu0
                 timing["probes_cpu"] += res["utterance_probes_cpu_seconds"]
-                with open(path + ".tmp", "w") as f:
-                    json.dump(res, f)
-                os.replace(path + ".tmp", path)
+                write_probe(path, res)
                 return res
             log(f"  probe {key}: written by an earlier version of the probes; probing again")
         shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING, REF_KEY) and args.baselines_from
@@ -1034,9 +1039,7 @@ def main(argv=None):
                          device=args.device, **kw)
         res["seconds"], res["cpu_seconds"] = time.time() - t, time.thread_time() - cpu0
         timing["probes_cpu"] += res["cpu_seconds"]
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f)
-        os.replace(path + ".tmp", path)
+        write_probe(path, res)
         ph = "—" if res["phones"] is None else f"{res['phones']['test']:.1f} (layer {res['phones']['layer']})"
         log(f"  probe {key}: phones {ph}, SID {res['speakers']['test']:.1f}, EER {res['eer']['test']:.1f}, "
             f"emotion {res['emotion']['test']:.1f} [{res['seconds']:.0f} s, {res['cpu_seconds']:.0f} CPU s]")
@@ -1129,9 +1132,7 @@ def main(argv=None):
 
             res["eer_head"] = head_verification(r.folder, r.result_path, data, device=args.device)
             path = probe_file(out, _probe_key(variant, seed, budget.epochs))
-            with open(path + ".tmp", "w") as f:
-                json.dump(res, f)
-            os.replace(path + ".tmp", path)
+            write_probe(path, res)
         probes.setdefault(variant, {})[seed] = res
         rec = run_record(r)
         timing["pretrain_cpu"] += rec["cpu_seconds"] if status[r.name] == "ran" else 0.0

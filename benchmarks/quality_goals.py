@@ -21,15 +21,16 @@ UTTERANCE_EER_GAP = 10.0  # the utterance scale's zero-shot EER within this many
 FULL_EER_GAP = 15.0  # full MGF's zero-shot EER within this many points of the reference's
 
 
-def last_valid(folder, variant, seeds, slug):
-    """Mean over seeds of the last epoch's validation statistics of ``variant``'s runs -> dict."""
+def last_epoch_stats(folder, variant, seeds, slug, split="valid"):
+    """Mean over seeds of the last epoch's ``split`` (train / valid) statistics of ``variant``'s runs
+    in ``folder`` (``runs/<slug>/seed<k>/train_log.txt``) -> dict."""
     vals = {}
     for seed in seeds:
         path = os.path.join(folder, "runs", slug(variant), f"seed{seed}", "train_log.txt")
         if not os.path.isfile(path):
             continue
         rows = parse_train_log(path)
-        for k, v in (rows[-1]["valid"] if rows else {}).items():
+        for k, v in (rows[-1][split] if rows else {}).items():
             vals.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in vals.items()}
 
@@ -65,14 +66,14 @@ def design_goals(folder, table, comparisons, vs_random, picks, seeds, slug, ref_
     lower = {"eer"}
     goals = []
     for v in ("full MGF", "phoneme"):
-        d = last_valid(folder, v, seeds, slug)
+        d = last_epoch_stats(folder, v, seeds, slug)
         if "phoneme_acc" in d and "phoneme_context_acc" in d:
             gap = d["phoneme_acc"] - d["phoneme_context_acc"]
             goals.append(_goal(f"{v}: phoneme student >= its context-only baseline + {PHONEME_MARGIN} (valid)",
                                gap >= PHONEME_MARGIN, f"student {d['phoneme_acc']:.3f} - context "
                                f"{d['phoneme_context_acc']:.3f} = {gap:+.3f}"))
     for v in ("full MGF", "frame"):
-        d = last_valid(folder, v, seeds, slug)
+        d = last_epoch_stats(folder, v, seeds, slug)
         if "frame" in d and "frame_interp_l1" in d:
             ratio = d["frame"] / d["frame_interp_l1"]
             goals.append(_goal(f"{v}: frame L1 <= {FRAME_RATIO} x its interpolation baseline (valid)",

@@ -28,14 +28,13 @@ import json
 import os
 import sys
 
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quality  # noqa: E402
-from mgf_sb.report import parse_train_log  # noqa: E402
+from quality_goals import last_epoch_stats  # noqa: E402
 
 # group -> overrides of hparams/mgf.yaml (README "Objectives" table describes each switch). Each
 # must differ from the YAML's default (tests/test_quality_stats.py): a group that sets a default
@@ -91,17 +90,8 @@ def decide(dev):
 
 def diagnostics(folder, variant, seeds):
     """Mean over seeds of each ``DIAGNOSTICS`` value in the runs' last train-log entry."""
-    vals = {}
-    for seed in seeds:
-        path = os.path.join(folder, "runs", quality.slug(variant), f"seed{seed}", "train_log.txt")
-        if not os.path.isfile(path):
-            continue
-        rows = parse_train_log(path)
-        if rows:
-            for k in DIAGNOSTICS:
-                if k in rows[-1]["train"]:
-                    vals.setdefault(k, []).append(rows[-1]["train"][k])
-    return {k: float(np.mean(v)) for k, v in vals.items()}
+    stats = last_epoch_stats(folder, variant, seeds, quality.slug, split="train")
+    return {k: stats[k] for k in DIAGNOSTICS if k in stats}
 
 
 def report(rows, variant, seeds, baseline, steps):
