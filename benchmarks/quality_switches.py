@@ -3,6 +3,7 @@
 
     python benchmarks/quality_switches.py                       # every group on full MGF, 3 seeds
     python benchmarks/quality_switches.py --groups teacher views --variant phoneme
+    python benchmarks/quality_switches.py --groups pos_gate --dry_run     # the plan and its time; runs nothing
 
 Each group of ``SWITCHES`` (the objectives issue's switches, grouped where they only make sense
 together) is ``benchmarks/quality.py --variants <variant> --set <switches>`` in its own folder
@@ -135,6 +136,12 @@ def main(argv=None):
               *(["--report_only"] if args.report_only else []), *rest]
     # reuses what is there (probes what is missing); --no_write: the baseline folder's own full report stays
     base = quality.main(common + ["--out", baseline, "--no_write"])
+    if "--dry_run" in rest:  # the plan of the baseline and of each group; nothing runs, nothing to compare
+        for group in args.groups:
+            quality.log(f"group {group}: --set {' '.join(SWITCHES[group])}")
+            quality.main(common + ["--out", os.path.join(out, group), "--baselines_from", baseline,
+                                   "--set", *SWITCHES[group]])
+        return []
     if base is None:
         raise SystemExit(f"no baseline in {baseline}")
     epochs, steps = base["epochs"], base["steps"]
