@@ -370,6 +370,7 @@ def aggregate(probes, rows, seeds):
             entry[m], entry[m + "_std"] = float(np.mean(vals)), sample_std(vals)
             entry[m + "_dev"] = float(np.mean([g[m]["dev_best"] for g in got]))
             entry[m + "_layers"] = [g[m]["layer"] for g in got]
+            entry[m + "_per_variant"] = all(g[m].get("chosen_on") == "variant" for g in got)
             entry[m + "_l2"] = [g[m].get("l2") for g in got]
             entry[m + "_per_seed"] = vals
         entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
@@ -388,6 +389,9 @@ def aggregate(probes, rows, seeds):
 
 
 CHOSEN_PER_VARIANT = ("speakers", "emotion", "eer")
+# phones too, where every seed's probe file keeps its candidates (files written before that keep
+# each run's own choice unless --phone_candidates probes their phones again)
+CHOSEN_PER_VARIANT_IF_ALL = ("phones",)
 
 
 def at_choice(res, choice, data):
@@ -401,7 +405,12 @@ def at_choice(res, choice, data):
             continue
         c = r["candidates"][i]
         r["layer"], r["choice"], r["chosen_on"] = c["layer"], i, "variant"
-        if m == "eer":
+        if m == "phones":
+            dev, test = np.asarray(c["dev_items"]).reshape(-1, 2), np.asarray(c["test_items"]).reshape(-1, 2)
+            r["l2"], r["dev_items"], r["test_items"] = c["l2"], c["dev_items"], c["test_items"]
+            r["dev_best"] = 100.0 * dev[:, 0].sum() / dev[:, 1].sum()
+            r["test"] = 100.0 * test[:, 0].sum() / test[:, 1].sum()
+        elif m == "eer":
             r["dev_best"], r["test_scores"] = c["dev_eer"], c["test_scores"]
             r["test"] = eer(np.asarray(c["test_scores"]), np.asarray(r["test_trials"]["target"], dtype=bool))
         else:
@@ -411,16 +420,16 @@ def at_choice(res, choice, data):
                      else emotion_test_scores(c["test_pred"], data.emotion))
 
 
-def choose_per_variant(probes, data):
-    """For each row and utterance-level metric (SID, emotion, EER): the (layer, L2) with the best dev
-    score over all the row's seeds together (:func:`quality_probe.choose_on_pooled_dev`), applied to
-    every seed's result in ``probes`` (in memory) -> {row: {metric: candidate index}}. Rows whose
-    probes have no candidates (an earlier version) keep each run's own choice."""
+def choose_per_variant(probes, data, metrics=CHOSEN_PER_VARIANT + CHOSEN_PER_VARIANT_IF_ALL):
+    """For each row and metric (SID, emotion, EER; phones): the (layer, L2) with the best dev score
+    over all the row's seeds together (:func:`quality_probe.choose_on_pooled_dev`), applied to every
+    seed's result in ``probes`` (in memory) -> {row: {metric: candidate index}}. Rows where a seed's
+    probe has no candidates (an earlier version) keep each run's own choice."""
     from quality_probe import choose_on_pooled_dev
 
     choices = {}
     for row, by_seed in probes.items():
-        for m in CHOSEN_PER_VARIANT:
+        for m in metrics:
             rs = [r[m] for r in by_seed.values() if r.get(m) is not None]
             i = choose_on_pooled_dev(rs, "dev_eer" if m == "eer" else "dev_items") if rs else None
             if i is not None:
@@ -637,7 +646,9 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         cps = runs.get(r, {}).get("cpu_seconds_per_step")
         devs = " / ".join("—" if t[m + "_dev"] is None else f"{t[m + '_dev']:.1f}" for m in ("phones", "speakers", "emotion"))
         devs += f" ({'—' if t['eer_dev'] is None else format(t['eer_dev'], '.1f')})"
-        layers = "; ".join(str(t.get(m + "_layers", "—")) for m in METRICS)
+        layers = "; ".join(str(t.get(m + "_layers", "—")) + ("" if t.get(m + "_per_variant", True) or
+                                                             len(t.get(m + "_layers") or []) < 2 else " (per run)")
+                           for m in METRICS)
         lines.append(f"| {r} | " + " | ".join(_fmt(t[m], t[m + "_std"]) for m in METRICS) + f" | "
                      f"{_fmt(t.get('eer_same_base'))} | {_fmt(t.get('eer_head'), t.get('eer_head_std'))} | "
                      f"{_fmt(t['same_base_errors'])} | {devs} | {layers} | {'—' if cps is None else f'{cps:.2f}'} |")
@@ -684,7 +695,9 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         f"encoder {budget.encoder or 'YAML default'}, seeds {budget.seeds}; every variant with the same settings "
         f"(no per-variant tuning).",
         f"Probes (frozen features, linear; layer and L2 chosen on dev, scored on test): phones at each "
-        f"representation's frame centres, scored at 100 frames/s on test voices (layer and L2 chosen per run); "
+        f"representation's frame centres, scored at 100 frames/s on test voices (layer and L2 chosen per variant "
+        f"as below where every seed's probe keeps its candidates, else per run: 'per run' in the layers column; "
+        f"`--phone_candidates` probes those again); "
         f"for SID, verification and emotion one layer (and L2) per variant, chosen on the dev items of all its "
         f"seeds together (one run's 288 dev utterances pick a layer with about 3 points of noise); speaker ID (SID) on pooled "
         f"mean + std, {n_sid} test utterances of every speaker-probe voice; zero-shot verification (no trained "
@@ -781,6 +794,9 @@ def parse_args(argv):
     p.add_argument("--before", default=None,
                    help="an output folder of the same budget (e.g. made with the previous defaults): the report "
                         "adds each variant here minus the same variant there, on dev and test")
+    p.add_argument("--phone_candidates", action="store_true",
+                   help="probe phones again where a probe file keeps no (layer, L2) candidates, so that the phone "
+                        "layer is chosen once per variant on all its seeds' dev utterances (~1 CPU-min a probe)")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     p.add_argument("--speaker_ref", action="store_true",
@@ -803,14 +819,16 @@ def probe_file(out, key):
     return os.path.join(out, "probes", slug(key).replace("/", "__") + ".json")
 
 
-def probe_is_current(res, metrics=METRICS):
+def probe_is_current(res, metrics=METRICS, phone_candidates=False):
     """A probe file written by this version (every probe, per-utterance dev outcomes, and for the
-    utterance-level probes every (layer, L2) candidate, for :func:`choose_per_variant`)."""
+    utterance-level probes every (layer, L2) candidate, for :func:`choose_per_variant`; with
+    ``phone_candidates`` the phone probe's candidates too)."""
     def current(m):
         r = res[m]
         if r is None:
             return True
-        if m in CHOSEN_PER_VARIANT and "candidates" not in r:
+        if (m in CHOSEN_PER_VARIANT or (phone_candidates and m in CHOSEN_PER_VARIANT_IF_ALL)) \
+                and "candidates" not in r:
             return False
         return (m == "eer" and "test_trials" in r) or "dev_items" in r
 
@@ -824,11 +842,11 @@ def write_probe(path, res):
     os.replace(path + ".tmp", path)
 
 
-def probe_done(out, key):
+def probe_done(out, key, phone_candidates=False):
     """A probe file of this version is there (an older one is probed again: not done)."""
     try:
         with open(probe_file(out, key)) as f:
-            return probe_is_current(json.load(f))
+            return probe_is_current(json.load(f), phone_candidates=phone_candidates)
     except (OSError, ValueError):
         return False
 
@@ -839,7 +857,7 @@ def curve_epochs(budget):
     return [e for e in eps if 0 < e < budget.epochs]
 
 
-def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None, train_ref=True):
+def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None, train_ref=True, phone_candidates=False):
     """The work of one invocation -> dict: pretraining runs [(variant, seed, steps, done)], probes
     [(key, kind, done)], steps per run (from the corpus spec)."""
     spec = budget.corpus
@@ -863,20 +881,22 @@ def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None, train_ref=
     if resemblyzer:
         probes.append((f"{CEILING}/seed{seed0}", "resemblyzer"))
     shared = ("fbank", "fbank+-5", "random", ENERGY, CEILING)  # reused from --baselines_from (main())
-    probes = [(k, kind, probe_done(out, k) or bool(baselines_from and k.split("/")[0] in shared
-                                                   and probe_done(baselines_from, k))) for k, kind in probes]
+    probes = [(k, kind, probe_done(out, k, phone_candidates) or bool(
+        baselines_from and k.split("/")[0] in shared and probe_done(baselines_from, k, phone_candidates)))
+        for k, kind in probes]
     ref_runs, ref_probes = [], []  # the speaker reference row: its training runs and their probes
     for seed in ref_seeds(budget):
         key = f"{REF_KEY}/seed{seed}"
         if baselines_from:  # reused from there where finished, else left out (main())
             if os.path.isfile(os.path.join(baselines_from, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt")):
-                ref_probes.append((key, "speaker_ref", probe_done(out, key) or probe_done(baselines_from, key)))
+                ref_probes.append((key, "speaker_ref", probe_done(out, key, phone_candidates)
+                                   or probe_done(baselines_from, key, phone_candidates)))
             continue
         done = os.path.isfile(os.path.join(out, "runs", REF_KEY, f"seed{seed}", "speaker_ref.pt"))
         if not done and not train_ref:  # trained only with --speaker_ref; a finished one is always reported
             continue
         ref_runs.append((REF_ROW, seed, budget.speaker_ref["steps"], done))
-        ref_probes.append((key, "speaker_ref", probe_done(out, key)))
+        ref_probes.append((key, "speaker_ref", probe_done(out, key, phone_candidates)))
     return {"runs": runs, "probes": probes, "steps": steps, "steps_per_epoch": spe, "corpus_ready": corpus_ready,
             "ref_runs": ref_runs, "ref_probes": ref_probes}
 
@@ -978,7 +998,7 @@ def main(argv=None):
         cf = corpus_folder(args.cache, budget.corpus)
         pl = plan(budget, out, os.path.isfile(os.path.join(cf, "corpus.json")), resemblyzer,
                   baselines_from=args.baselines_from and os.path.abspath(args.baselines_from),
-                  train_ref=args.speaker_ref)
+                  train_ref=args.speaker_ref, phone_candidates=args.phone_candidates)
         return print_plan(args.budget, budget, pl, out, jobs, cf)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, threads or torch.get_num_threads()))
@@ -1011,7 +1031,17 @@ def main(argv=None):
         if os.path.isfile(path):
             with open(path) as f:
                 res = json.load(f)
-            if probe_is_current(res) or args.report_only:
+            if probe_is_current(res, phone_candidates=args.phone_candidates) or args.report_only:
+                return res
+            if probe_is_current(res) and res.get("phones") is not None:
+                # --phone_candidates: only the phone probe predates its candidates: redo it alone
+                log(f"  probe {key}: its phone probe keeps no candidates (per-variant choice); probing phones again")
+                cpu0 = time.thread_time()
+                res["phones"] = run_probes(data, max_train_frames=budget.max_train_frames, max_iter=budget.max_iter,
+                                           device=args.device, utterance=False, **kw)["phones"]
+                res["phone_probe_cpu_seconds"] = time.thread_time() - cpu0
+                timing["probes_cpu"] += res["phone_probe_cpu_seconds"]
+                write_probe(path, res)
                 return res
             if probe_is_current(res, ("phones",)) and "phones" in res:
                 # only the utterance-level probes are older: redo those (minutes less than everything)
@@ -1030,7 +1060,7 @@ def main(argv=None):
             # seed and the encoder shape alone: all the same in every folder made with the same budget.
             with open(os.path.join(args.baselines_from, "probes", os.path.basename(path))) as f:
                 res = json.load(f)
-            if probe_is_current(res):
+            if probe_is_current(res, phone_candidates=args.phone_candidates):
                 return res
         if args.report_only:
             return None

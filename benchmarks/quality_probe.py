@@ -458,10 +458,12 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
         ``dev``: best dev accuracy of each layer over the L2 grid (%), ``layer`` and ``l2``: the
         chosen pair, ``dev_best``: its dev accuracy (%), ``dev_items``: [[correct, frames]] per dev
         utterance at that pair (for comparing two encoders on dev), ``test``: its test accuracy
-        (%, frames at 100 fps), ``test_items``: [[correct, frames]] per test utterance, ``test_ids``.
+        (%, frames at 100 fps), ``test_items``: [[correct, frames]] per test utterance, ``test_ids``,
+        ``candidates``: every (layer, L2) with its dev and test items, so that one choice can be
+        made per variant over all its seeds (:func:`choose_on_pooled_dev`).
     """
     n_classes = len(data.phones)
-    dev, best = [], None
+    dev, best, candidates = [], None, []
     for li, layer in enumerate(frames):
         x, y = _train_frames(layer, data, max_train_frames, seed)
         layer_best = -1.0
@@ -469,15 +471,19 @@ def phone_probe(frames, data: ProbeData, seed=0, max_train_frames=30000, l2_grid
             probe = fit_logistic_regression(x, y, n_classes, l2=l2, class_balanced=False, max_iter=max_iter)
             c = _score_100fps(probe, layer, data, "dev")
             acc = 100.0 * c[:, 0].sum() / c[:, 1].sum()
+            candidates.append({"layer": li, "l2": l2, "dev_items": c.tolist(),
+                               "test_items": _score_100fps(probe, layer, data, "test").tolist()})
             layer_best = max(layer_best, acc)
             if best is None or acc > best[0]:
-                best = (acc, li, l2, probe, c)
+                best = (acc, len(candidates) - 1)
         dev.append(layer_best)
-    acc, li, l2, probe, dev_items = best
-    items = _score_100fps(probe, frames[li], data, "test")
-    return {"dev": dev, "layer": li, "l2": l2, "dev_best": acc, "dev_items": dev_items.tolist(),
+    acc, i = best
+    items = np.asarray(candidates[i]["test_items"]).reshape(-1, 2)
+    return {"dev": dev, "layer": candidates[i]["layer"], "l2": candidates[i]["l2"], "dev_best": acc,
+            "dev_items": candidates[i]["dev_items"], "choice": i,
             "test": 100.0 * items[:, 0].sum() / items[:, 1].sum(), "test_items": items.tolist(),
-            "test_ids": [data.ids[i] for i in np.flatnonzero(data.phone_role == "test")]}
+            "test_ids": [data.ids[i] for i in np.flatnonzero(data.phone_role == "test")],
+            "candidates": candidates}
 
 
 def _linear_probe(pooled, y, role, n_classes, l2_grid, max_iter):
@@ -520,7 +526,8 @@ def choose_on_pooled_dev(runs, key="dev_items", lower_is_better=False):
     runs : list of dict
         One probe result per seed, each with ``candidates`` (same order in every run).
     key : str
-        ``dev_items`` (0/1 per dev item: accuracy) or ``dev_eer`` (an error rate).
+        ``dev_items`` (0/1 per dev item, or [correct, frames] per dev utterance: accuracy) or
+        ``dev_eer`` (an error rate).
     """
     if not runs or any(not r.get("candidates") for r in runs):
         return None
@@ -528,7 +535,9 @@ def choose_on_pooled_dev(runs, key="dev_items", lower_is_better=False):
     if any(len(r["candidates"]) != n for r in runs):
         return None
     if key == "dev_items":
-        score = [sum(sum(r["candidates"][i]["dev_items"]) for r in runs) for i in range(n)]
+        # 0/1 items, or [correct, frames] per utterance (phones: every candidate scores the same frames)
+        score = [sum(sum(c[0] if isinstance(c, list) else c for c in r["candidates"][i]["dev_items"])
+                     for r in runs) for i in range(n)]
     else:
         score = [-sum(r["candidates"][i][key] for r in runs) for i in range(n)]
     return int(np.argmax(score))  # the first of equals: the lowest layer, the smallest L2, as per run
@@ -637,11 +646,11 @@ def emotion_test_scores(pred, eset: EmotionSet):
 
 
 def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames=30000, max_iter=200,
-               device="cpu", phones=True):
+               device="cpu", phones=True, utterance=True):
     """Encodes the probe sets with one representation and runs every probe -> dict with
     ``phones`` (None for a representation without frames, or with ``phones=False``: the
     utterance-level probes only), ``speakers`` (identification), ``eer`` (zero-shot verification),
-    ``emotion``."""
+    ``emotion`` (the three None with ``utterance=False``: the phone probe only)."""
     rep = Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
     out = {"phones": None, "n_layers": None, "frame_stack": rep.stack}
     if phones and rep.frames and kind != "energy":
@@ -649,6 +658,9 @@ def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames
         out["phones"] = phone_probe(frames, data, seed=seed, max_train_frames=max_train_frames, max_iter=max_iter)
         out["n_layers"] = len(frames)
         del frames
+    if not utterance:
+        out.update(speakers=None, eer=None, emotion=None)
+        return out
     spk = pool(rep, data.speakers.wavs)
     out["speakers"] = speaker_probe(spk, data.speakers, max_iter=max_iter)
     out["eer"] = verification(spk, data.speakers)

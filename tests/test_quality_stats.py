@@ -13,6 +13,7 @@ from conftest import use_benchmarks
 use_benchmarks()
 
 import quality  # noqa: E402
+import quality_probe  # noqa: E402
 from quality_probe import Layer, ProbeData, _score_100fps, paired_bootstrap, phone_probe, speaker_probe  # noqa: E402
 
 
@@ -214,6 +215,52 @@ def test_phone_probe_chooses_layer_and_l2_on_dev(tmp_path):
     dev = np.asarray(res["dev_items"])
     assert len(dev) == int((data.phone_role == "dev").sum())
     assert 100.0 * dev[:, 0].sum() / dev[:, 1].sum() == pytest.approx(res["dev_best"]) == pytest.approx(res["dev"][1])
+
+
+def test_phone_layer_is_chosen_once_per_variant_where_every_seed_keeps_candidates(tmp_path):
+    """The phone probe keeps every (layer, L2) with its dev and test items; per variant, the one with
+    the most dev frames right over all seeds is applied to every seed (frame-weighted), and a variant
+    with one seed's older file (no candidates) keeps each run's own choice, flagged in the table."""
+    import quality
+
+    data = ProbeData(_corpus(tmp_path), speaker_split=(2, 3), n_trials=(10, 20))
+    rng = torch.Generator().manual_seed(1)
+    runs = {}
+    for seed in range(2):
+        good = [torch.nn.functional.one_hot(torch.from_numpy(data.native_labels(i, 1)), 3).float()
+                + 0.8 * torch.randn(101, 3, generator=rng) for i in range(len(data))]
+        runs[seed] = {"phones": phone_probe([Layer([torch.randn(101, 3, generator=rng) for _ in range(len(data))]),
+                                             Layer(good)], data, max_iter=50)}
+    cands = runs[0]["phones"]["candidates"]
+    assert len(cands) == 2 * len(quality_probe.PHONE_L2_GRID) and [c["layer"] for c in cands][::len(cands) // 2] == [0, 1]
+    for r in runs.values():  # the run's own choice is one of its candidates, test items included
+        p = r["phones"]
+        assert p["candidates"][p["choice"]]["test_items"] == p["test_items"]
+    pooled = [sum(c[0] for r in runs.values() for c in r["phones"]["candidates"][i]["dev_items"])
+              for i in range(len(cands))]
+    r1 = runs[1]["phones"]
+    r1["layer"], r1["test"] = 0, -1.0  # as if seed 1's own dev set had chosen otherwise
+    choices = quality.choose_per_variant({"v": runs}, data)
+    i = choices["v"]["phones"]
+    assert pooled[i] == max(pooled) and cands[i]["layer"] == 1
+    for r in runs.values():
+        items = np.asarray(r["phones"]["candidates"][i]["test_items"])
+        assert r["phones"]["layer"] == 1 and r["phones"]["chosen_on"] == "variant"
+        assert r["phones"]["test"] == pytest.approx(100.0 * items[:, 0].sum() / items[:, 1].sum())
+    utt = {"test": 50.0, "dev_best": 50.0, "layer": 0}  # utterance-level probes: not under test here
+    for r in runs.values():
+        r.update(speakers=dict(utt), eer=dict(utt), emotion=dict(utt))
+    table = quality.aggregate({"v": runs}, ["v"], [0, 1])
+    assert table["v"]["phones_per_variant"] and table["v"]["phones_layers"] == [1, 1]
+    # an older file (no phone candidates) in one seed: every seed keeps its own choice
+    old = {s: {**r, "phones": {k: v for k, v in r["phones"].items() if k not in ("candidates", "chosen_on")}}
+           for s, r in runs.items()}
+    old[0]["phones"]["candidates"] = cands
+    assert "phones" not in quality.choose_per_variant({"v": old}, data).get("v", {})
+    assert not quality.aggregate({"v": old}, ["v"], [0, 1])["v"]["phones_per_variant"]
+    # and --phone_candidates counts such a file as not current
+    res = {"phones": old[1]["phones"], "speakers": None, "eer": None, "emotion": None}
+    assert quality.probe_is_current(res) and not quality.probe_is_current(res, phone_candidates=True)
 
 
 def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
