@@ -91,6 +91,32 @@ def test_a_switch_moves_a_default_only_on_a_resolved_dev_gain_without_a_resolved
     assert quality_switches.decide({"phones": down, "speakers": flat}) == "keep"
 
 
+def test_switch_diagnostics_read_valid_margins_and_train_gradients_of_every_seed(tmp_path):
+    """Each group's diagnostics: the valid split's student and baselines (and their margins) and the
+    train split's gradient norms, averaged over the seeds' last epochs; the report shows a column
+    where any row has it."""
+    import quality
+    import quality_switches
+
+    for seed, (acc, ctx, frame, interp, grad) in enumerate(((0.90, 0.80, 0.40, 0.50, 1.0), (0.92, 0.84, 0.46, 0.50, 3.0))):
+        run = tmp_path / "runs" / quality.slug("full MGF") / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "train_log.txt").write_text(
+            "epoch: 1, lr: 1.00e-03 - train loss: 2.0, train phoneme_acc: 0.10, train phoneme_grad_norm: 9.0 - "
+            "valid loss: 2.0, valid phoneme_acc: 0.10\n"
+            f"epoch: 2, lr: 1.00e-03 - train loss: 1.0, train phoneme_acc: 0.99, train phoneme_grad_norm: {grad} - "
+            f"valid loss: 1.0, valid phoneme_acc: {acc}, valid phoneme_context_acc: {ctx}, valid frame: {frame}, "
+            f"valid frame_interp_l1: {interp}\n")
+    d = quality_switches.diagnostics(str(tmp_path), "full MGF", [0, 1])
+    assert d["phoneme_acc"] == pytest.approx(0.91)  # valid, last epoch, mean of the two seeds
+    assert d["phoneme_acc - context"] == pytest.approx(0.09) and d["frame / interp"] == pytest.approx(0.86)
+    assert d["phoneme_grad_norm"] == pytest.approx(2.0)  # train: valid has no gradients
+    text = quality_switches.report([{"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
+                                     "diagnostics": d}], "full MGF", [0, 1], str(tmp_path), 10)
+    assert "phoneme_acc - context" in text
+    assert "utterance_grad_norm" not in text  # no row has it: no column
+
+
 def test_every_switch_group_names_settings_of_the_pretraining_yaml():
     import quality_switches
     from conftest import REPO
