@@ -370,7 +370,7 @@ def aggregate(probes, rows, seeds):
             entry[m], entry[m + "_std"] = float(np.mean(vals)), sample_std(vals)
             entry[m + "_dev"] = float(np.mean([g[m]["dev_best"] for g in got]))
             entry[m + "_layers"] = [g[m]["layer"] for g in got]
-            entry[m + "_per_variant"] = all(g[m].get("chosen_on") == "variant" for g in got)
+            entry[m + "_per_variant"] = all(g[m].get("chosen_on") == "variant" or g.get("n_layers") == 1 for g in got)
             entry[m + "_l2"] = [g[m].get("l2") for g in got]
             entry[m + "_per_seed"] = vals
         entry["speakers_n_test"] = got[0]["speakers"].get("n_test")
@@ -827,9 +827,9 @@ def probe_is_current(res, metrics=METRICS, phone_candidates=False):
         r = res[m]
         if r is None:
             return True
-        if (m in CHOSEN_PER_VARIANT or (phone_candidates and m in CHOSEN_PER_VARIANT_IF_ALL)) \
-                and "candidates" not in r:
-            return False
+        if (m in CHOSEN_PER_VARIANT or (phone_candidates and m in CHOSEN_PER_VARIANT_IF_ALL
+                                        and res.get("n_layers", 2) > 1)) and "candidates" not in r:
+            return False  # (one layer, as fbank: only an L2 to choose; not worth a minute's probe)
         return (m == "eer" and "test_trials" in r) or "dev_items" in r
 
     return all(m in res for m in metrics) and all(current(m) for m in metrics)

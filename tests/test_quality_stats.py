@@ -287,6 +287,8 @@ def test_phone_layer_is_chosen_once_per_variant_where_every_seed_keeps_candidate
     # and --phone_candidates counts such a file as not current
     res = {"phones": old[1]["phones"], "speakers": None, "eer": None, "emotion": None}
     assert quality.probe_is_current(res) and not quality.probe_is_current(res, phone_candidates=True)
+    res["n_layers"] = 1  # one layer (fbank): only an L2 to choose, not probed again
+    assert quality.probe_is_current(res, phone_candidates=True)
 
 
 def test_speaker_probe_reports_per_utterance_outcomes(tmp_path):
