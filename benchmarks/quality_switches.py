@@ -72,6 +72,8 @@ HIERARCHY.update({
     "view_channel": ["view_channel=True", "view_gap_seconds=1.0", "view_gap_strict=True"],
     "byol_views": ["view_channel=True", "utterance_loss=cosine", "utterance_target=teacher", "utterance_target_layers=[-1]"],
 })
+# together: the depth assignment and the views that helped zero-shot EER one at a time (RESULTS.md)
+HIERARCHY["hierarchy_views"] = HIERARCHY["depth_hierarchy"] + HIERARCHY["view_channel"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,
