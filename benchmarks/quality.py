@@ -382,6 +382,10 @@ def aggregate(probes, rows, seeds):
                 sample_std([h["test"] for h in heads])
         hard = [g["eer"].get("same_base_test") for g in got]
         entry["eer_same_base"] = float(np.mean(hard)) if all(x is not None for x in hard) else None
+        ib = [g.get("speakers_input_proj") for g in got]  # the input block's diagnostic (MGF encoders)
+        if ib and all(x is not None for x in ib):
+            entry["sid_input_proj"] = float(np.mean([x["input_proj"] for x in ib]))
+            entry["sid_layer0"] = float(np.mean([x["layer0"] for x in ib]))
         sb = [g["speakers"].get("same_base_errors") for g in got]
         entry["same_base_errors"] = float(np.mean(sb)) if all(x is not None for x in sb) else None
         table[row] = entry
@@ -633,6 +637,23 @@ def _half_width_summary(comparisons, rows):
     return out
 
 
+def input_block_markdown(table):
+    """The input block's speaker diagnostic, for the rows whose every probe has it (else nothing)."""
+    rows = [r for r, t in table.items() if "sid_input_proj" in t]
+    if not rows:
+        return []
+    lines = ["Where the speaker goes (diagnostic): speaker ID from the pooled input projection (before the "
+             "positional term) and from layer 0 (the input block's output, after it), each its own linear probe "
+             "with L2 chosen on dev, mean over seeds:", "",
+             "| representation | SID, input projection % | SID, layer 0 % | lost in the positional term (points) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        t = table[r]
+        lines.append(f"| {r} | {t['sid_input_proj']:.2f} | {t['sid_layer0']:.2f} | "
+                     f"{t['sid_input_proj'] - t['sid_layer0']:+.2f} |")
+    return lines + [""]
+
+
 def write_report(out, budget_name, budget, corpus, table, comparisons, picks, curves, ttp, info, timing, steps,
                  spe, runs, before=None, before_folder=None, vs_random=None, other_ttp=None, ceiling_note=None,
                  vs_ref=None, goals=None):
@@ -737,6 +758,7 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         from quality_goals import goals_markdown
 
         text += goals_markdown(goals)
+    text += input_block_markdown(table)
     if before:
         text += [f"This folder minus `{before_folder}` (the same variant there; paired bootstrap over utterances "
                  "and seeds, 95 %; ▲/▼ resolved; dev is the split defaults are chosen on):", "",

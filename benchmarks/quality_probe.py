@@ -307,11 +307,14 @@ class Representation:
     each TDNN block at 100 frames/s, then its embedding; ``quality_speaker_ref``).
 
     ``__call__(wavs, lens)`` -> (list of (B, T, D) layers, (B,) valid frames); ``stack``: fbank
-    frames per native frame; ``frames``: False when the representation has no frames (phones n/a).
+    frames per native frame; ``frames``: False when the representation has no frames (phones n/a);
+    ``has_input_proj``: an MGF encoder, whose input projection *before* the positional term
+    ``__call__(..., input_proj=True)`` puts first (the diagnostic of where the speaker is lost).
     """
 
     def __init__(self, data, kind, source=None, reference=None, seed=0, device="cpu"):
         self.kind, self.device, self.stack, self.frames, self.up = kind, device, 1, True, None
+        self.has_input_proj = False
         if kind in ("fbank", "fbank+-5"):
             self.fe = FeatureExtractor(n_mels=80, frame_stack=1)
             self.fe.train()  # global statistics from the phone-probe train utterances only
@@ -336,11 +339,17 @@ class Representation:
                 up = Upstream(source)
             self.up = up.to(device).eval()
             self.stack = self.up.features.frame_stack
+            self.has_input_proj = hasattr(self.up.encoder, "_embed")
         else:
             raise ValueError(f"unknown representation kind {kind!r}")
 
     @torch.no_grad()
-    def __call__(self, wavs, lens):
+    def __call__(self, wavs, lens, input_proj=False):
+        if input_proj:  # the input projection (no mask, no positional term), then every layer
+            feats, n = self.up.features(wavs.to(self.device), lens.to(self.device), epoch=10**9)
+            x, _ = self.up.encoder._embed(feats, n)
+            layers, n = self(wavs, lens)
+            return [x.float().cpu()] + layers, n
         if self.kind in ("fbank", "fbank+-5"):
             h, n = self.fe(wavs, lens, epoch=10**9)
             return [h], n
@@ -374,12 +383,13 @@ def resemblyzer_available():
     return True
 
 
-def pool(rep, wavs, batch_size=16):
+def pool(rep, wavs, batch_size=16, input_proj=False):
     """Pooled mean + std of every layer over each utterance -> list of (U, 2 D) (per layer; a
-    representation with one vector per utterance, ``rep.frames`` False: that vector, (U, D))."""
+    representation with one vector per utterance, ``rep.frames`` False: that vector, (U, D));
+    ``input_proj``: the input projection's first (``rep.has_input_proj`` only)."""
     out = None
     for idx, w, lens in batches(wavs, batch_size):
-        layers, n = rep(w, lens)
+        layers, n = rep(w, lens, input_proj=True) if input_proj else rep(w, lens)
         if out is None:
             out = [[] for _ in layers]
         for li, h in enumerate(layers):
@@ -565,6 +575,13 @@ def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=20
             "n_test": int(te.sum()), "candidates": cands}
 
 
+def input_block_speakers(proj, layer0, sset: SpeakerSet, max_iter=200):
+    """SID (%) on test from the pooled input projection and from the pooled layer 0 (the input block's
+    output), each with its L2 chosen on dev -> {"input_proj": %, "layer0": %}."""
+    return {name: speaker_probe([x], sset, max_iter=max_iter)["test"]
+            for name, x in (("input_proj", proj), ("layer0", layer0))}
+
+
 def speaker_test_scores(pred, sset: SpeakerSet):
     """Test predictions (N,) -> ``test`` (%), ``test_items`` (1/0 per test utterance) and
     ``same_base_errors`` (% of the errors whose predicted voice has the true voice's base voice)."""
@@ -661,7 +678,12 @@ def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames
     if not utterance:
         out.update(speakers=None, eer=None, emotion=None)
         return out
-    spk = pool(rep, data.speakers.wavs)
+    spk = pool(rep, data.speakers.wavs, input_proj=rep.has_input_proj)
+    if rep.has_input_proj:
+        # diagnostic (issue "Hierarchy in the network", part 5): SID from the input projection, before
+        # the positional term, beside layer 0 (after it): how much speaker the input block loses
+        proj, spk = spk[0], spk[1:]
+        out["speakers_input_proj"] = input_block_speakers(proj, spk[0], data.speakers, max_iter)
     out["speakers"] = speaker_probe(spk, data.speakers, max_iter=max_iter)
     out["eer"] = verification(spk, data.speakers)
     out["emotion"] = emotion_probe(pool(rep, data.emotion.wavs), data.emotion, max_iter=max_iter)

@@ -63,6 +63,13 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     for name in ("full MGF", "frame", "random"):
         for m in quality.CHOSEN_PER_VARIANT:
             assert len(set(res["table"][name][m + "_layers"])) == 1, (name, m)
+    # phones too: one layer per variant (every probe here keeps its candidates)
+    for name in ("full MGF", "frame", "random"):
+        assert res["table"][name]["phones_per_variant"] and len(set(res["table"][name]["phones_layers"])) == 1
+    # the input block's speaker diagnostic: MGF encoders (pretrained and random), not fbank
+    for name in ("full MGF", "frame", "random"):
+        assert 0 <= res["table"][name]["sid_input_proj"] <= 100 and 0 <= res["table"][name]["sid_layer0"] <= 100
+    assert "sid_input_proj" not in res["table"]["fbank"]
     # the utterance head's own embedding is verified where the variant has one (full MGF), not elsewhere
     assert 0 <= res["table"]["full MGF"]["eer_head"] <= 100 and "eer_head" not in res["table"]["frame"]
     # the design issue's goals, each decided from this folder's intervals and runs (none left unjudged
@@ -79,6 +86,7 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     text = (out / "report.md").read_text()
     assert "| full MGF |" in text and "optimiser steps" in text and "95 % interval" in text
     assert "±" in text and "zero-shot" in text and "Largest interval half-width" in text and "Design goals" in text
+    assert "Where the speaker goes" in text
     # a rerun reuses every finished step
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0 and "4 pretraining run(s) already done, 0 to train" in proc.stdout
