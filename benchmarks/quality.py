@@ -1054,6 +1054,14 @@ def main(argv=None):
             with open(path) as f:
                 res = json.load(f)
             if probe_is_current(res, phone_candidates=args.phone_candidates) or args.report_only:
+                if "speakers_input_proj" not in res and kw.get("kind") in ("encoder", "random") \
+                        and not args.report_only:
+                    # written before the input block's diagnostic: add it alone (one pooling pass)
+                    from quality_probe import input_block_probe
+
+                    res["speakers_input_proj"] = input_block_probe(data, max_iter=budget.max_iter,
+                                                                   device=args.device, **kw)
+                    write_probe(path, res)
                 return res
             if probe_is_current(res) and res.get("phones") is not None:
                 # --phone_candidates: only the phone probe predates its candidates: redo it alone

@@ -575,6 +575,15 @@ def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=20
             "n_test": int(te.sum()), "candidates": cands}
 
 
+def input_block_probe(data, kind, source=None, reference=None, seed=0, max_iter=200, device="cpu"):
+    """:func:`input_block_speakers` alone, for a probe file written before it (None: not an MGF encoder)."""
+    rep = Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
+    if not rep.has_input_proj:
+        return None
+    pooled = pool(rep, data.speakers.wavs, input_proj=True)
+    return input_block_speakers(pooled[0], pooled[1], data.speakers, max_iter)
+
+
 def input_block_speakers(proj, layer0, sset: SpeakerSet, max_iter=200):
     """SID (%) on test from the pooled input projection and from the pooled layer 0 (the input block's
     output), each with its L2 chosen on dev -> {"input_proj": %, "layer0": %}."""

@@ -87,8 +87,14 @@ def test_benchmark_pipeline_end_to_end_on_the_tiny_budget(tmp_path):
     assert "| full MGF |" in text and "optimiser steps" in text and "95 % interval" in text
     assert "±" in text and "zero-shot" in text and "Largest interval half-width" in text and "Design goals" in text
     assert "Where the speaker goes" in text
-    # a rerun reuses every finished step
+    # a rerun reuses every finished step (a probe file written before the input block's diagnostic
+    # gets that diagnostic alone)
+    pf = out / "probes" / "full_MGF__seed0__epoch1.json"
+    older = json.load(open(pf))
+    kept = older.pop("speakers_input_proj")
+    pf.write_text(json.dumps(older))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert json.load(open(pf))["speakers_input_proj"] == pytest.approx(kept)
     assert proc.returncode == 0 and "4 pretraining run(s) already done, 0 to train" in proc.stdout
     assert "generating" not in proc.stdout and not re.search(r"\]\s+probe \S+: phones", proc.stdout)
     # --before: each variant minus the same variant of another folder (here itself: exactly 0)
