@@ -1059,7 +1059,7 @@ def main(argv=None):
                     # written before the input block's diagnostic: add it alone (one pooling pass)
                     from quality_probe import input_block_probe
 
-                    res["speakers_input_proj"] = input_block_probe(data, max_iter=budget.max_iter,
+                    res["speakers_input_proj"] = input_block_probe(data, res["speakers"], max_iter=budget.max_iter,
                                                                    device=args.device, **kw)
                     write_probe(path, res)
                 return res

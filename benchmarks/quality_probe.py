@@ -348,8 +348,7 @@ class Representation:
         if input_proj:  # the input projection (no mask, no positional term), then every layer
             feats, n = self.up.features(wavs.to(self.device), lens.to(self.device), epoch=10**9)
             x, _ = self.up.encoder._embed(feats, n)
-            layers, n = self(wavs, lens)
-            return [x.float().cpu()] + layers, n
+            return [h.float().cpu() for h in [x] + self.up.encoder(feats, n)], n.cpu()
         if self.kind in ("fbank", "fbank+-5"):
             h, n = self.fe(wavs, lens, epoch=10**9)
             return [h], n
@@ -575,20 +574,23 @@ def speaker_probe(pooled, sset: SpeakerSet, l2_grid=SPEAKER_L2_GRID, max_iter=20
             "n_test": int(te.sum()), "candidates": cands}
 
 
-def input_block_probe(data, kind, source=None, reference=None, seed=0, max_iter=200, device="cpu"):
-    """:func:`input_block_speakers` alone, for a probe file written before it (None: not an MGF encoder)."""
+def input_block_probe(data, speakers, kind, source=None, reference=None, seed=0, max_iter=200, device="cpu"):
+    """:func:`input_block_speakers` alone, for a probe file written before it (``speakers``: its
+    speaker probe; None: not an MGF encoder)."""
     rep = Representation(data, kind, source=source, reference=reference, seed=seed, device=device)
     if not rep.has_input_proj:
         return None
-    pooled = pool(rep, data.speakers.wavs, input_proj=True)
-    return input_block_speakers(pooled[0], pooled[1], data.speakers, max_iter)
+    return input_block_speakers(pool(rep, data.speakers.wavs, input_proj=True)[0], speakers, data.speakers, max_iter)
 
 
-def input_block_speakers(proj, layer0, sset: SpeakerSet, max_iter=200):
-    """SID (%) on test from the pooled input projection and from the pooled layer 0 (the input block's
-    output), each with its L2 chosen on dev -> {"input_proj": %, "layer0": %}."""
-    return {name: speaker_probe([x], sset, max_iter=max_iter)["test"]
-            for name, x in (("input_proj", proj), ("layer0", layer0))}
+def input_block_speakers(proj, speakers, sset: SpeakerSet, max_iter=200):
+    """SID (%) on test from the pooled input projection and from layer 0 (the input block's output),
+    each with its L2 chosen on dev -> {"input_proj": %, "layer0": %}. Layer 0's is read from the
+    :func:`speaker_probe` result ``speakers`` of the same representation (its layer-0 candidates:
+    the same fits), not fitted again."""
+    layer0 = max((c for c in speakers["candidates"] if c["layer"] == 0), key=lambda c: sum(c["dev_items"]))
+    return {"input_proj": speaker_probe([proj], sset, max_iter=max_iter)["test"],
+            "layer0": speaker_test_scores(layer0["test_pred"], sset)["test"]}
 
 
 def speaker_test_scores(pred, sset: SpeakerSet):
@@ -692,8 +694,9 @@ def run_probes(data, kind, source=None, reference=None, seed=0, max_train_frames
         # diagnostic (issue "Hierarchy in the network", part 5): SID from the input projection, before
         # the positional term, beside layer 0 (after it): how much speaker the input block loses
         proj, spk = spk[0], spk[1:]
-        out["speakers_input_proj"] = input_block_speakers(proj, spk[0], data.speakers, max_iter)
     out["speakers"] = speaker_probe(spk, data.speakers, max_iter=max_iter)
+    if rep.has_input_proj:
+        out["speakers_input_proj"] = input_block_speakers(proj, out["speakers"], data.speakers, max_iter)
     out["eer"] = verification(spk, data.speakers)
     out["emotion"] = emotion_probe(pool(rep, data.emotion.wavs), data.emotion, max_iter=max_iter)
     return out

@@ -169,18 +169,17 @@ def main(argv=None):
 
     corpus = build_corpus(args.cache or os.path.join("~", ".cache", "mgf_sb", "quality"), budget.corpus, log=quality.log)
     data = ProbeData(corpus, speaker_split=budget.speaker_split, n_trials=budget.n_trials)
-    probes_base = quality.load_probes(baseline, args.variant, seeds, epochs)
     rows = []
     for group in args.groups:
         folder = os.path.join(out, group)
         quality.main(common + ["--out", folder, "--baselines_from", baseline, "--set", *SWITCHES[group]])
         probes = quality.load_probes(folder, args.variant, seeds, epochs)
+        probes_base = quality.load_probes(baseline, args.variant, seeds, epochs)  # fresh: chosen per group
         # one layer per variant, as the report: SID / EER / emotion always, phones only where both
         # folders' phone probes keep their candidates (else both keep each run's choice: like with like)
         metrics = quality.CHOSEN_PER_VARIANT + (quality.CHOSEN_PER_VARIANT_IF_ALL if all(
             (r.get("phones") or {}).get("candidates") for p in (probes, probes_base)
             for r in p.get(args.variant, {}).values()) else ())
-        probes_base = quality.load_probes(baseline, args.variant, seeds, epochs)  # fresh: chosen per group
         quality.choose_per_variant(probes_base, data, metrics)
         quality.choose_per_variant(probes, data, metrics)
         done = sorted(set(probes[args.variant]) & set(probes_base[args.variant]))
