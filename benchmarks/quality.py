@@ -818,7 +818,7 @@ def parse_args(argv):
                         "adds each variant here minus the same variant there, on dev and test")
     p.add_argument("--phone_candidates", action="store_true",
                    help="probe phones again where a probe file keeps no (layer, L2) candidates, so that the phone "
-                        "layer is chosen once per variant on all its seeds' dev utterances (~1 CPU-min a probe)")
+                        "layer is chosen once per variant on all its seeds' dev utterances (about 25 CPU s a probe on a 2-core VM)")
     p.add_argument("--report_only", action="store_true",
                    help="train and probe nothing: write the report from the finished runs and probes")
     p.add_argument("--speaker_ref", action="store_true",
