@@ -74,6 +74,11 @@ HIERARCHY.update({
 })
 # together: the depth assignment and the views that helped zero-shot EER one at a time (RESULTS.md)
 HIERARCHY["hierarchy_views"] = HIERARCHY["depth_hierarchy"] + HIERARCHY["view_channel"]
+# views with their own channel helped the utterance scale alone (EER -4.5) but not full MGF at weight
+# 0.05: the same views at a weight that reaches the shared trunk, and read where the speaker is lost
+# (layer 0, right after the positional term: RESULTS.md "Where the speaker goes")
+HIERARCHY["views_weight"] = HIERARCHY["view_channel"] + ["utterance_weight=0.2"]
+HIERARCHY["views_input"] = HIERARCHY["view_channel"] + ["utterance_weight=0.2", "utterance_layer=0"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,
