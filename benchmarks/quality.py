@@ -452,8 +452,12 @@ def best_on_dev(table, candidates):
     return max(cands, key=lambda c: (table[c]["phones_dev"] + table[c]["speakers_dev"], table[c]["phones_dev"]))
 
 
-def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None, metrics=METRICS):
+def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None, metrics=METRICS, parts=False):
     """Paired bootstrap A - B on every probe -> {metric: interval dict} (``half_width`` added).
+
+    ``parts``: for the metrics of ``HALF_WIDTH_TARGETS`` also the half-width from the test items alone
+    (``half_width_items``) and from the seeds alone (``half_width_seeds``), and the seeds per row that
+    would meet the target (``seeds_needed``, :func:`quality_probe.seeds_for_half_width`).
 
     Accuracies: :func:`quality_probe.paired_bootstrap` over the test utterances and the seeds;
     EER: :func:`quality_probe.paired_bootstrap_eer` over the test voices and the seeds (1,000
@@ -461,7 +465,7 @@ def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None, metri
     chosen layer and L2): the split on which defaults are chosen. ``probes_b`` holds B when it
     comes from another folder.
     """
-    from quality_probe import paired_bootstrap, paired_bootstrap_eer
+    from quality_probe import paired_bootstrap, paired_bootstrap_eer, seeds_for_half_width
 
     probes_b = probes if probes_b is None else probes_b
     out = {}
@@ -473,14 +477,22 @@ def compare(probes, a, b, seeds, n_boot=4000, split="test", probes_b=None, metri
         if m == "eer":
             if split != "test":
                 continue
-            c = paired_bootstrap_eer([g["test_scores"] for g in ga], [g["test_scores"] for g in gb],
-                                     ga[0]["test_trials"], n_boot=min(n_boot, 1000))
+            args = ([g["test_scores"] for g in ga], [g["test_scores"] for g in gb], ga[0]["test_trials"])
+            boot, nb = paired_bootstrap_eer, min(n_boot, 1000)
         else:
             key = split + "_items"
             if not all(key in g for g in ga + gb):
                 continue
-            c = paired_bootstrap([g[key] for g in ga], [g[key] for g in gb], n_boot=n_boot)
+            args = ([g[key] for g in ga], [g[key] for g in gb])
+            boot, nb = paired_bootstrap, n_boot
+        c = boot(*args, n_boot=nb)
         c["half_width"] = (c["high"] - c["low"]) / 2
+        if parts and m in HALF_WIDTH_TARGETS:
+            for part in ("items", "seeds"):
+                p = boot(*args, n_boot=max(nb // 4, 200), resample=part)
+                c["half_width_" + part] = (p["high"] - p["low"]) / 2
+            c["seeds_needed"] = seeds_for_half_width(c["half_width_items"], c["half_width_seeds"],
+                                                     min(len(ga), len(gb)), HALF_WIDTH_TARGETS[m])
         out[m] = c
     return out
 
@@ -628,13 +640,32 @@ def _fmt(v, std=None):
 
 
 def _half_width_summary(comparisons, rows):
-    """{metric: (largest half-width, rows)} over the comparisons with ``rows``."""
+    """{metric: largest half-width} over the comparisons with ``rows``."""
     out = {}
     for m in METRICS:
         hws = [c[m]["half_width"] for o, c in comparisons.items() if o in rows and m in c]
         if hws:
             out[m] = max(hws)
     return out
+
+
+def _seeds_needed_line(comparisons, rows):
+    """Where the largest half-width of each targeted metric comes from (test items or seeds), and
+    the seeds per row that would meet the target, or "" where no comparison has the parts."""
+    parts = []
+    for m in HALF_WIDTH_TARGETS:
+        cs = [(o, c[m]) for o, c in comparisons.items() if o in rows and m in c and "seeds_needed" in c[m]]
+        if not cs:
+            continue
+        o, c = max(cs, key=lambda oc: oc[1]["half_width"])
+        need = ("more test items, not seeds (the items' part alone is over the target)"
+                if c["seeds_needed"] == float("inf") else f"~{c['seeds_needed']} seeds per row")
+        parts.append(f"{LABELS[m]} (full MGF minus {o}): ±{c['half_width_items']:.2f} from the test items, "
+                     f"±{c['half_width_seeds']:.2f} from the seeds; target {HALF_WIDTH_TARGETS[m]} needs {need}")
+    if not parts:
+        return ""
+    return ("Where the largest half-width comes from (each part bootstrapped alone; the two add about in "
+            "quadrature, so the seeds needed are an estimate): " + "; ".join(parts) + ".")
 
 
 def input_block_markdown(table):
@@ -747,6 +778,7 @@ def write_report(out, budget_name, budget, corpus, table, comparisons, picks, cu
         "",
         f"Largest interval half-width of a pretrained-vs-pretrained difference above: {hw_line or 'n/a'}.",
         "",
+        *([sn, ""] if (sn := _seeds_needed_line(comparisons, pretrained)) else []),
         *rnd,
         "",
         *ref,
@@ -1280,7 +1312,7 @@ def main(argv=None):
     if "full MGF" in table:
         others = [v for v in (*SINGLE_SCALES, *PAIRS, *PEERS, "fbank+-5", "random", REF_ROW, CEILING) if v in table]
         for o in others:
-            comparisons[o] = compare(probes, "full MGF", o, budget.seeds)
+            comparisons[o] = compare(probes, "full MGF", o, budget.seeds, parts=o in VARIANTS)
     if "random" in table:
         for v in budget.variants:
             if v in table:

@@ -711,14 +711,15 @@ def _as_counts(items):
     return a if a.ndim == 2 else np.stack([a, np.ones_like(a)], axis=1)
 
 
-def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95):
+def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95, resample="both"):
     """Difference of accuracies A - B (points) with a bootstrap interval.
 
     Each replicate resamples the test utterances with replacement (the same draw for A and B:
     paired, as both were scored on the same utterances) and, independently for A and for B, the
     pretraining seeds with replacement; an accuracy is the mean over the drawn seeds of
     ``sum(correct) / sum(frames)`` over the drawn utterances. The interval therefore covers both
-    the test-set sampling and the seed-to-seed spread.
+    the test-set sampling and the seed-to-seed spread. ``resample`` "items" or "seeds" draws only
+    that one (the other kept whole): the two parts of the interval, for :func:`seeds_for_half_width`.
 
     Arguments
     ---------
@@ -736,6 +737,8 @@ def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95):
     B = np.stack([_as_counts(s) for s in b_seeds])
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"the two rows were scored on different test sets ({A.shape[1]} vs {B.shape[1]} items)")
+    if resample not in ("both", "items", "seeds"):
+        raise ValueError(f"resample must be both, items or seeds, got {resample!r}")
     n = A.shape[1]
     rng = np.random.default_rng(rng_seed)
     diff = 100.0 * (np.mean(A[:, :, 0].sum(1) / A[:, :, 1].sum(1)) - np.mean(B[:, :, 0].sum(1) / B[:, :, 1].sum(1)))
@@ -743,10 +746,15 @@ def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95):
     chunk = 500
     for c0 in range(0, n_boot, chunk):
         m = min(chunk, n_boot - c0)
-        w = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(m)]).astype(np.float64)  # (m, N)
+        if resample == "seeds":
+            w = np.ones((m, n))
+        else:
+            w = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(m)]).astype(np.float64)  # (m, N)
 
         def acc(X):
             per_seed = (w @ X[:, :, 0].T) / (w @ X[:, :, 1].T)  # (m, S)
+            if resample == "items":
+                return per_seed.mean(1)
             pick = rng.integers(0, X.shape[0], (m, X.shape[0]))
             return np.take_along_axis(per_seed, pick, axis=1).mean(1)
 
@@ -756,14 +764,29 @@ def paired_bootstrap(a_seeds, b_seeds, n_boot=4000, rng_seed=0, level=0.95):
             "n_items": int(n), "n_boot": int(n_boot)}
 
 
-def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, level=0.95):
+def seeds_for_half_width(hw_items, hw_seeds, n_seeds, target):
+    """Seeds per row that would bring a difference's half-width to ``target``, from its two parts.
+
+    The seeds' part shrinks as 1/sqrt(seeds) and the test items' part does not (the same test set),
+    and the two add about in quadrature (hw^2 ~ hw_items^2 + hw_seeds^2), so
+    ``n_seeds * hw_seeds^2 / (target^2 - hw_items^2)``, rounded up, at least ``n_seeds``; ``inf``
+    where the items' part alone is already ``>= target`` (more test items are needed, not seeds).
+    An estimate from one bootstrap, not a promise: the report says so.
+    """
+    if hw_items >= target:
+        return float("inf")
+    return max(int(n_seeds), int(np.ceil(n_seeds * hw_seeds ** 2 / (target ** 2 - hw_items ** 2))))
+
+
+def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, level=0.95, resample="both"):
     """Difference of EERs A - B (points) with a bootstrap interval over voices and seeds.
 
     Each replicate draws the test voices with replacement (the same draw for A and B: both scored
     the same trials) and weighs each trial by how often its voices were drawn (a target trial by
     its voice's count, a non-target trial by the product of its two voices' counts), and draws
     the seeds of A and of B independently with replacement; an EER is the mean over the drawn
-    seeds of the weighted EER (:func:`eer`).
+    seeds of the weighted EER (:func:`eer`). ``resample`` "items" (voices only) or "seeds" (seeds
+    only), as in :func:`paired_bootstrap`.
 
     Arguments
     ---------
@@ -778,6 +801,8 @@ def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, leve
         ``diff`` (mean EER of A minus that of B), ``low``, ``high``, ``resolved``, ``n_items``
         (voices), ``n_trials``, ``n_boot``.
     """
+    if resample not in ("both", "items", "seeds"):
+        raise ValueError(f"resample must be both, items or seeds, got {resample!r}")
     A, B = np.asarray(a_seeds, dtype=np.float64), np.asarray(b_seeds, dtype=np.float64)
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"the two rows were scored on different trials ({A.shape[1]} vs {B.shape[1]})")
@@ -789,10 +814,15 @@ def paired_bootstrap_eer(a_seeds, b_seeds, trials, n_boot=1000, rng_seed=0, leve
     diff = np.mean([eer(x, tgt) for x in A]) - np.mean([eer(x, tgt) for x in B])
     out = np.empty(n_boot)
     for r in range(n_boot):
-        c = np.bincount(rng.integers(0, len(voices), len(voices)), minlength=len(voices)).astype(np.float64)
+        if resample == "seeds":
+            c = np.ones(len(voices))
+        else:
+            c = np.bincount(rng.integers(0, len(voices), len(voices)), minlength=len(voices)).astype(np.float64)
         w = np.where(tgt, c[inv[:, 0]], c[inv[:, 0]] * c[inv[:, 1]])
-        ea = np.mean([eer(A[k], tgt, w) for k in rng.integers(0, len(A), len(A))])
-        eb = np.mean([eer(B[k], tgt, w) for k in rng.integers(0, len(B), len(B))])
+        ka, kb = ((range(len(A)), range(len(B))) if resample == "items" else
+                  (rng.integers(0, len(A), len(A)), rng.integers(0, len(B), len(B))))
+        ea = np.mean([eer(A[k], tgt, w) for k in ka])
+        eb = np.mean([eer(B[k], tgt, w) for k in kb])
         out[r] = ea - eb
     lo, hi = np.nanpercentile(out, [50 * (1 - level), 50 * (1 + level)])
     return {"diff": float(diff), "low": float(lo), "high": float(hi), "resolved": bool(lo > 0 or hi < 0),

@@ -80,11 +80,13 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
             teacher = target(unwrap(encoder), feats, n_frames, mask=valid & ~hidden_from_student)
         else:
             teacher = target(unwrap(encoder), feats_u, n_u)[batch.source]
-    teacher_masked = None
+    teacher_masked = student_masked = None
     if needs_teacher and context_baseline:
         teacher_masked = target(unwrap(encoder), student, n_frames, mask=batch.input_mask)
+        student_masked = target.read([h.detach() for h in hidden], n_frames)
     return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch, encoder=unwrap(encoder),
-                          teacher_masked=teacher_masked, input_feats=None if alteration is None else student,
+                          teacher_masked=teacher_masked, student_masked=student_masked,
+                          input_feats=None if alteration is None else student,
                           band_mask=band, diagnostics=context_baseline)
 
 

@@ -318,6 +318,13 @@ class TargetNetwork(torch.nn.Module):
             hidden = net(feats, n_frames, mask=mask)
         finally:
             net.train(was_training)
+        return self.read(hidden, n_frames)
+
+    @torch.no_grad()
+    def read(self, hidden, n_frames):
+        """Any encoder's outputs read as the targets are (the shared target, then each scale's own
+        layer set): :meth:`forward` on the teacher's; on the student's, the ``self_context_acc``
+        diagnostic. (B, T, D * n_slots), detached."""
         target = self.combine(hidden, n_frames)
         if self.layer_sets:
             target = torch.cat([target] + [self.combine(hidden, n_frames, layers) for layers in self.layer_sets], -1)

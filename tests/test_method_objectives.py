@@ -176,6 +176,19 @@ def test_phoneme_objective_draws_local_distractors_and_reports_the_context_basel
     _, stats = obj(ObjectiveInputs(hidden, feats, teacher, batch, teacher_masked=torch.randn_like(teacher)))
     per_unit = 1.0 / (1 + valid.sum(1).float())  # chance for each unit
     assert abs(stats["context_acc"] - float(per_unit.mean())) < 0.2, (stats["context_acc"], float(per_unit.mean()))
+    # the student's own layers read the same way: the same number when they are the teacher's
+    masked = torch.randn_like(teacher)
+    _, stats = obj(ObjectiveInputs(hidden, feats, teacher, batch, teacher_masked=masked, student_masked=masked))
+    assert stats["self_context_acc"] == stats["context_acc"]
+    # no network: the visible neighbours' mean finds a span of a smooth target, not of white noise
+    assert "interp_acc" not in stats  # a diagnostic batch's statistic only
+    t = torch.arange(feats.shape[1], dtype=torch.float32)
+    smooth = torch.stack([torch.sin(t / 7.0 + k) + 0.3 * torch.cos(t / 3.0 * (1 + k % 3)) for k in range(32)], -1)
+    smooth = smooth.expand(feats.shape[0], -1, -1).contiguous() + 0.01 * torch.randn_like(teacher)
+    _, stats_smooth = obj(ObjectiveInputs(hidden, feats, smooth, batch, diagnostics=True))
+    _, stats_noise = obj(ObjectiveInputs(hidden, feats, teacher, batch, diagnostics=True))
+    assert stats_smooth["interp_acc"] > 0.8, stats_smooth
+    assert stats_noise["interp_acc"] < float(per_unit.mean()) + 0.2, stats_noise
 
 
 def test_half_life_schedule_leaves_little_of_the_initial_teacher():
@@ -287,7 +300,7 @@ V2 = {"ema_schedule": "half_life", "ema_half_life_fraction": 0.05, "ema_scope": 
 def test_train_log_shows_every_diagnostic_with_the_v2_objectives(recipe, small_corpus, tmp_path):
     log = run(recipe, str(tmp_path / "v2"), small_corpus, number_of_epochs=1, diagnostics_every=2, **V2)
     train = log[0]["train"]
-    for key in ("phoneme_acc", "phoneme_context_acc", "frame_grad_norm", "phoneme_grad_norm", "utterance_grad_norm",
+    for key in ("phoneme_acc", "phoneme_context_acc", "phoneme_self_context_acc", "phoneme_interp_acc", "frame_grad_norm", "phoneme_grad_norm", "utterance_grad_norm",
                 "teacher_init_share", "teacher_init_dist", "encoder_init_dist", "frame_short_runs",
                 "utterance_negatives", "norm_updates", "frame_balance"):
         assert key in train and np.isfinite(train[key]), key

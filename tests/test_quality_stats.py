@@ -61,6 +61,41 @@ def test_bootstrap_width_includes_the_seed_spread():
     assert w_spread["high"] - w_spread["low"] > 5
 
 
+def test_bootstrap_parts_separate_the_seed_spread_from_the_test_items():
+    """Seeds that disagree by a fixed offset on one test set: resampling the seeds alone gives the
+    width, resampling the items alone almost none; with 4x the seeds the seeds' part about halves."""
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.3, 0.8, 400)
+    base = [[int(rng.binomial(40, pi)), 40] for pi in p]
+
+    def seeds(offsets):
+        return [[[int(np.clip(c + d, 0, f)), f] for c, f in base] for d in offsets]
+
+    b = seeds([0, 0, 0])
+    a5 = seeds([-4, -2, 0, 2, 4])
+    items = paired_bootstrap(a5, b, n_boot=800, resample="items")
+    only_seeds = paired_bootstrap(a5, b, n_boot=800, resample="seeds")
+    both = paired_bootstrap(a5, b, n_boot=800)
+    hw = {k: (c["high"] - c["low"]) / 2 for k, c in (("items", items), ("seeds", only_seeds), ("both", both))}
+    assert hw["items"] < 0.25 * hw["seeds"]  # a shift shared by every item: the items barely matter
+    assert hw["seeds"] <= hw["both"] * 1.15
+    a20 = seeds([-4, -2, 0, 2, 4] * 4)
+    hw20 = paired_bootstrap(a20, b, n_boot=800, resample="seeds")
+    ratio = ((hw20["high"] - hw20["low"]) / 2) / hw["seeds"]
+    assert 0.35 < ratio < 0.7  # 1/sqrt(4) = 0.5
+    with pytest.raises(ValueError, match="resample"):
+        paired_bootstrap(a5, b, resample="voices")
+
+
+def test_seeds_for_half_width_follows_the_square_root_and_refuses_an_item_bound_target():
+    from quality_probe import seeds_for_half_width
+
+    # seeds' part 2.0 at 5 seeds, items' part 1.0, target 1.5: 5 * 4 / (2.25 - 1) = 16
+    assert seeds_for_half_width(1.0, 2.0, 5, 1.5) == 16
+    assert seeds_for_half_width(0.2, 0.5, 5, 1.5) == 5  # already met: never fewer than run
+    assert seeds_for_half_width(1.6, 0.5, 5, 1.5) == float("inf")  # more items, not seeds
+
+
 def test_bootstrap_speaker_items_and_mismatched_test_sets():
     a = [[1, 1, 0, 1] * 50 for _ in range(3)]
     b = [[0, 1, 0, 1] * 50 for _ in range(3)]

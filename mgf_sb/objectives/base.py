@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from mgf_sb.batch import MGFBatch
-from mgf_sb.objectives.losses import contrast_accuracy, info_nce, regression_loss, sample_negatives
+from mgf_sb.objectives.losses import contrast_accuracy, contrast_logits, info_nce, regression_loss, sample_negatives
 from mgf_sb.target import layer_norm_target, teacher_slot
 
 LOSSES = ("l1", "l2", "infonce")
@@ -43,6 +43,12 @@ class ObjectiveInputs:
         (M, T, D) the same target network fed the student's *masked* input:
         the context-only baseline (``<scale>_context_acc``); computed on the
         diagnostic batches only (see :func:`mgf_sb.pretraining.mgf_forward`).
+    student_masked : torch.Tensor or None
+        (M, T, D) the *student's own* layers read as the target network reads
+        its own (same layers, same normalisation), no prediction head: with
+        ``teacher_masked`` beside it, the log shows how much of the context-only
+        baseline is the student itself (``<scale>_self_context_acc``); the
+        diagnostic batches only.
     input_feats : torch.Tensor or None
         (M, T, F) what the student was fed when it differs from ``feats`` (the
         frame scale's input alterations, :class:`mgf_sb.masking.FrameAlteration`);
@@ -62,6 +68,7 @@ class ObjectiveInputs:
     batch: MGFBatch
     encoder: Optional[torch.nn.Module] = None
     teacher_masked: Optional[torch.Tensor] = None
+    student_masked: Optional[torch.Tensor] = None
     input_feats: Optional[torch.Tensor] = None
     band_mask: Optional[torch.Tensor] = None
     diagnostics: bool = False
@@ -175,6 +182,11 @@ class MaskedPrediction(torch.nn.Module):
         """(N,) centre of each unit in its sequence, in frames (for ``negatives_within_ms``)."""
         raise NotImplementedError
 
+    def no_network_baseline(self, frames, batch):
+        """((N, C) guess of each unit from the visible frames around it, (N,) bool where one exists),
+        in :meth:`units`' order, or None where the scale has none (``<scale>_interp_acc``)."""
+        return None
+
     def forward(self, inputs):
         """Returns ``(loss, stats)`` for one batch (see :class:`ObjectiveInputs`)."""
         if self.target == "teacher":
@@ -204,6 +216,17 @@ class MaskedPrediction(torch.nn.Module):
                 # Context-only baseline: the teacher itself, fed what the student sees, no projection.
                 ctx, _ = self.units(self.teacher_of(inputs.teacher_masked), inputs.batch)
                 stats["context_acc"] = contrast_accuracy(ctx.detach(), tgt, idx, valid)
+                if inputs.student_masked is not None:
+                    # the same read-out of the student's own layers: when it matches context_acc, the
+                    # "context-only baseline" is the student minus its head, not what context gives away
+                    own, _ = self.units(self.teacher_of(inputs.student_masked), inputs.batch)
+                    stats["self_context_acc"] = contrast_accuracy(own.detach(), tgt, idx, valid)
+            if inputs.diagnostics:
+                interp = self.no_network_baseline(tgt_frames, inputs.batch)
+                if interp is not None and bool(interp[1].any()):
+                    # no network at all: the targets next to each unit (what smoothing gives away)
+                    hit = contrast_logits(interp[0], tgt, idx, valid).argmax(1) == 0
+                    stats["interp_acc"] = float(hit[interp[1]].float().mean())
             return loss, stats
         if self.target == "teacher":
             tgt = layer_norm_target(tgt)

@@ -197,6 +197,10 @@ class PhonemeObjective(MaskedPrediction):
     def units(self, x, batch):
         return pool_spans(x, batch.span_start, batch.span_len, batch.span_valid)
 
+    def no_network_baseline(self, frames, batch):
+        return neighbour_means(frames, batch.span_start, batch.span_len, batch.span_valid,
+                               visible_frames(batch, frames.shape[1]))
+
     def unit_positions(self, batch, T):
         """(N,) each span's centre in frames, in the order of :meth:`units`."""
         return span_centres(batch.span_start, batch.span_len, batch.span_valid)
