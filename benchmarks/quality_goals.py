@@ -69,9 +69,15 @@ def design_goals(folder, table, comparisons, vs_random, picks, seeds, slug, ref_
         d = last_epoch_stats(folder, v, seeds, slug)
         if "phoneme_acc" in d and "phoneme_context_acc" in d:
             gap = d["phoneme_acc"] - d["phoneme_context_acc"]
+            evidence = f"student {d['phoneme_acc']:.3f} - context {d['phoneme_context_acc']:.3f} = {gap:+.3f}"
+            if "phoneme_self_context_acc" in d:
+                # the same read-out of the student's own layers: the baseline is then the student minus its head
+                evidence += f"; the student's own layers read the same way {d['phoneme_self_context_acc']:.3f}"
+            if "phoneme_interp_acc" in d:
+                evidence += (f"; no network (the visible neighbours' targets) {d['phoneme_interp_acc']:.3f}: "
+                             f"student {d['phoneme_acc'] - d['phoneme_interp_acc']:+.3f} over it")
             goals.append(_goal(f"{v}: phoneme student >= its context-only baseline + {PHONEME_MARGIN} (valid)",
-                               gap >= PHONEME_MARGIN, f"student {d['phoneme_acc']:.3f} - context "
-                               f"{d['phoneme_context_acc']:.3f} = {gap:+.3f}"))
+                               gap >= PHONEME_MARGIN, evidence))
     for v in ("full MGF", "frame"):
         d = last_epoch_stats(folder, v, seeds, slug)
         if "frame" in d and "frame_interp_l1" in d:

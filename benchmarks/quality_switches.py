@@ -84,7 +84,7 @@ SWITCHES.update(HIERARCHY)
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,
 # where the student meets its context-only / interpolation baselines (issue "Hierarchy in the network"),
 # and the train split's gradient norms (valid has no gradients). A column shows where any row has it.
-DIAGNOSTICS_VALID = ["phoneme_acc", "phoneme_context_acc", "phoneme_interp_acc", "frame", "frame_interp_l1",
+DIAGNOSTICS_VALID = ["phoneme_acc", "phoneme_context_acc", "phoneme_self_context_acc", "phoneme_interp_acc", "frame", "frame_interp_l1",
                      "frame_band_interp_l1", "encoder_pos_ratio", "utterance_acc", "utterance_same_speaker_negatives"]
 DIAGNOSTICS_TRAIN = ["teacher_init_share", "frame_short_runs", "frame_grad_norm", "phoneme_grad_norm",
                      "utterance_grad_norm"]
@@ -110,6 +110,8 @@ def diagnostics(folder, variant, seeds):
     out.update({k: train[k] for k in DIAGNOSTICS_TRAIN if k in train})
     if "phoneme_acc" in out and "phoneme_context_acc" in out:
         out["phoneme_acc - context"] = out["phoneme_acc"] - out["phoneme_context_acc"]
+    if "phoneme_acc" in out and "phoneme_interp_acc" in out:  # over no network at all (RESULTS.md v3.3)
+        out["phoneme_acc - interp"] = out["phoneme_acc"] - out["phoneme_interp_acc"]
     if out.get("frame_interp_l1") and "frame" in out:
         out["frame / interp"] = out["frame"] / out["frame_interp_l1"]
     return out
@@ -128,8 +130,9 @@ def report(rows, variant, seeds, baseline, steps):
         cells += [r["test"].get(m) for m in ("phones", "speakers", "eer", "emotion")]
         lines.append(f"| {r['group']} | `{' '.join(r['switches'])}` | "
                      + " | ".join(quality.fmt_diff(c) for c in cells) + f" | {r['decision']} |")
-    order = (["phoneme_acc", "phoneme_context_acc", "phoneme_acc - context"] + DIAGNOSTICS_VALID[2:5]
-             + ["frame / interp"] + DIAGNOSTICS_VALID[5:] + DIAGNOSTICS_TRAIN)
+    order = (["phoneme_acc", "phoneme_context_acc", "phoneme_acc - context"] + DIAGNOSTICS_VALID[2:4]
+             + ["phoneme_acc - interp"] + DIAGNOSTICS_VALID[4:6] + ["frame / interp"] + DIAGNOSTICS_VALID[6:]
+             + DIAGNOSTICS_TRAIN)
     keys = [k for k in order if any(k in r["diagnostics"] for r in rows)]
     lines += ["", "Last-epoch diagnostics, mean over seeds (valid split; the gradient norms and "
               "teacher_init_share / frame_short_runs: train split):", "",

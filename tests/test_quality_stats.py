@@ -141,14 +141,19 @@ def test_switch_diagnostics_read_valid_margins_and_train_gradients_of_every_seed
             "valid loss: 2.0, valid phoneme_acc: 0.10\n"
             f"epoch: 2, lr: 1.00e-03 - train loss: 1.0, train phoneme_acc: 0.99, train phoneme_grad_norm: {grad} - "
             f"valid loss: 1.0, valid phoneme_acc: {acc}, valid phoneme_context_acc: {ctx}, valid frame: {frame}, "
-            f"valid frame_interp_l1: {interp}\n")
+            f"valid frame_interp_l1: {interp}, valid phoneme_interp_acc: 0.5\n")
     d = quality_switches.diagnostics(str(tmp_path), "full MGF", [0, 1])
+    assert d["phoneme_acc - interp"] == pytest.approx(0.41)
     assert d["phoneme_acc"] == pytest.approx(0.91)  # valid, last epoch, mean of the two seeds
     assert d["phoneme_acc - context"] == pytest.approx(0.09) and d["frame / interp"] == pytest.approx(0.86)
     assert d["phoneme_grad_norm"] == pytest.approx(2.0)  # train: valid has no gradients
     text = quality_switches.report([{"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
                                      "diagnostics": d}], "full MGF", [0, 1], str(tmp_path), 10)
     assert "phoneme_acc - context" in text
+    head = next(line for line in text.splitlines() if line.startswith("| group | phoneme_acc"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[1:] == ["phoneme_acc", "phoneme_context_acc", "phoneme_acc - context", "phoneme_interp_acc",
+                        "phoneme_acc - interp", "frame", "frame_interp_l1", "frame / interp", "phoneme_grad_norm"]
     assert "utterance_grad_norm" not in text  # no row has it: no column
 
 
@@ -384,7 +389,8 @@ def test_design_goals_read_the_intervals_and_the_runs_validation_diagnostics(tmp
 
     def log_line(acc, ctx, frame, interp):
         return (f"epoch: 3, lr: 1.00e-03, step: 540 - train loss: 1.0 - valid loss: 0.9, valid phoneme_acc: {acc}, "
-                f"valid phoneme_context_acc: {ctx}, valid frame: {frame}, valid frame_interp_l1: {interp}\n")
+                f"valid phoneme_context_acc: {ctx}, valid phoneme_self_context_acc: {ctx + 0.01}, "
+                f"valid phoneme_interp_acc: 0.5, valid frame: {frame}, valid frame_interp_l1: {interp}\n")
 
     for seed, (acc, ctx) in enumerate([(0.95, 0.70), (0.93, 0.86)]):  # mean gap 0.16: met
         run = tmp_path / "runs" / quality.slug("full MGF") / f"seed{seed}"
@@ -402,7 +408,9 @@ def test_design_goals_read_the_intervals_and_the_runs_validation_diagnostics(tmp
                                                 ref_row="ref")}
     status = {k: g["status"] for k, g in goals.items()}
     assert status["full MGF: phoneme student >= its context-only baseline + 0.15 (valid)"] == "met"
-    assert "+0.160" in goals["full MGF: phoneme student >= its context-only baseline + 0.15 (valid)"]["evidence"]
+    evidence = goals["full MGF: phoneme student >= its context-only baseline + 0.15 (valid)"]["evidence"]
+    assert "+0.160" in evidence
+    assert "own layers read the same way 0.790" in evidence and "student +0.440 over it" in evidence
     assert status["full MGF: frame L1 <= 0.8 x its interpolation baseline (valid)"] == "met"  # 0.40/0.55 = 0.73
     assert status["utterance scale alone above random-init on speakers (resolved)"] == "NOT met"
     assert status["utterance scale alone above random-init on emotion (resolved)"] == "met"
