@@ -62,8 +62,23 @@ class Step:
 
     @property
     def signature(self):
-        return {"command": [os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO) else c
-                            for c in self.command[1:]]}
+        return canonical_signature({"command": self.command[1:]})
+
+
+def _in_repo(arg):
+    """An absolute path inside this repository -> relative to it; any other argument as it is."""
+    if isinstance(arg, str) and os.path.isabs(arg) and (arg == REPO or arg.startswith(REPO + os.sep)):
+        return os.path.relpath(arg, REPO)
+    return arg
+
+
+def canonical_signature(sig):
+    """A recorded or computed signature with this repository's absolute paths made relative, so that a
+    mark written by a run started from another checkout (a snapshot whose repository did not hold the
+    output folder, so it recorded the folder's absolute path) still matches the same command here."""
+    if not isinstance(sig, dict) or not isinstance(sig.get("command"), list):
+        return sig
+    return {**sig, "command": [_in_repo(c) for c in sig["command"]]}
 
 
 def yaml_value(v):
@@ -126,7 +141,7 @@ def step_status(step, output):
     mark = read_mark(step)
     if mark is None:
         return "todo"
-    if mark.get("signature") != step.signature:
+    if canonical_signature(mark.get("signature")) != step.signature:
         return "changed"
     try:
         output(step)

@@ -54,6 +54,30 @@ def test_marks_skip_finished_steps_and_changed_settings_stop(tmp_path):
     assert any(p.startswith("a.replaced-") for p in os.listdir(tmp_path))  # moved aside, not deleted
 
 
+def test_a_mark_written_from_another_checkout_matches_the_same_command_here(tmp_path, monkeypatch):
+    """A run started from a snapshot records its output folder (outside that snapshot) as an absolute
+    path; run from the repository that holds the folder, the same command makes it relative. Both are
+    the same step (done), while a different folder or argument is still a change."""
+    repo = tmp_path / "repo"
+    out = repo / "results" / "a"
+    monkeypatch.setattr(grid, "REPO", str(repo))
+    step = grid.Step(name="a", kind="probe", folder=str(out),
+                     command=[sys.executable, str(repo / "tool.py"), "--out", str(out)])
+    assert step.signature["command"] == ["tool.py", "--out", os.path.join("results", "a")]
+    os.makedirs(out)
+    (out / "out.txt").write_text("a")
+    snapshot_mark = {"signature": {"command": ["tool.py", "--out", str(out)]}}  # as the snapshot recorded it
+    import json
+    (out / grid.MARK_FILE).write_text(json.dumps(snapshot_mark))
+    assert grid.step_status(step, _output) == "done"
+    other = {"signature": {"command": ["tool.py", "--out", str(tmp_path / "elsewhere")]}}
+    (out / grid.MARK_FILE).write_text(json.dumps(other))
+    assert grid.step_status(step, _output) == "changed"
+    sibling = {"signature": {"command": ["tool.py", "--out", str(repo) + "2/results/a"]}}  # not inside the repo
+    (out / grid.MARK_FILE).write_text(json.dumps(sibling))
+    assert grid.step_status(step, _output) == "changed"
+
+
 def test_real_runner_records_cpu_seconds(tmp_path):
     (step,) = _steps(tmp_path, ["real"])
     step.command = [sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass\n"
