@@ -79,6 +79,11 @@ HIERARCHY["hierarchy_views"] = HIERARCHY["depth_hierarchy"] + HIERARCHY["view_ch
 # (layer 0, right after the positional term: RESULTS.md "Where the speaker goes")
 HIERARCHY["views_weight"] = HIERARCHY["view_channel"] + ["utterance_weight=0.2"]
 HIERARCHY["views_input"] = HIERARCHY["view_channel"] + ["utterance_weight=0.2", "utterance_layer=0"]
+# their controls and doses: the weight without the views; the input block read at a larger weight; the
+# whole hierarchy (frame scale low, phoneme top, utterance scale at the input block)
+HIERARCHY["weight_only"] = ["utterance_weight=0.2"]
+HIERARCHY["views_input_strong"] = HIERARCHY["view_channel"] + ["utterance_weight=0.5", "utterance_layer=0"]
+HIERARCHY["views_input_depth"] = HIERARCHY["views_input"] + ["frame_layer=1"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,
