@@ -67,8 +67,8 @@ def pretraining_summary(epoch, epochs, lr, train, valid):
     Example
     -------
     >>> pretraining_summary(3, 20, 0.0019, {"loss": 2.5, "frame": 0.81, "phoneme": 2.31,
-    ...     "phoneme_acc": 0.42, "phoneme_context_acc": 0.30}, {"loss": 2.4})
-    'epoch 3/20: train loss 2.50 (frame 0.810, phoneme 2.31), valid loss 2.40; phoneme acc 0.420 vs context baseline 0.300 (+0.120); lr 1.90e-03'
+    ...     "phoneme_acc": 0.42, "phoneme_context_acc": 0.30, "phoneme_interp_acc": 0.25}, {"loss": 2.4})
+    'epoch 3/20: train loss 2.50 (frame 0.810, phoneme 2.31), valid loss 2.40; phoneme acc 0.420 vs context baseline 0.300 (+0.120), vs no network 0.250 (+0.170); lr 1.90e-03'
     """
     scales = ", ".join(f"{s} {plain_number(float(train[s]))}" for s in SCALES if s in train)
     line = f"epoch {epoch}/{epochs}: train loss {plain_number(float(train['loss']))}"
@@ -79,4 +79,7 @@ def pretraining_summary(epoch, epochs, lr, train, valid):
     if "phoneme_acc" in train and "phoneme_context_acc" in train:
         acc, base = float(train["phoneme_acc"]), float(train["phoneme_context_acc"])
         line += f"; phoneme acc {plain_number(acc)} vs context baseline {plain_number(base)} ({acc - base:+.3f})"
+        if "phoneme_interp_acc" in train:  # the neighbours' targets, no network (docs/method.md)
+            interp = float(train["phoneme_interp_acc"])
+            line += f", vs no network {plain_number(interp)} ({acc - interp:+.3f})"
     return line + f"; lr {plain_number(float(lr))}"
