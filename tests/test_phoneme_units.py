@@ -222,7 +222,9 @@ def test_units_none_is_bit_identical_to_the_old_code_path():
     loss_new, stats_new = new(inputs)
     torch.manual_seed(1)
     loss_old, stats_old = old(inputs)
-    assert torch.equal(loss_new, loss_old) and stats_new == stats_old
+    # the same loss and statistics; the no-network baseline is a diagnostic added since (no random draw)
+    assert torch.equal(loss_new, loss_old) and "interp_acc" in stats_new
+    assert {k: v for k, v in stats_new.items() if k != "interp_acc"} == stats_old
     (g_new,) = torch.autograd.grad(loss_new, hidden)
     (g_old,) = torch.autograd.grad(loss_old, hidden)
     assert torch.equal(g_new, g_old)
