@@ -122,9 +122,54 @@ def diagnostics(folder, variant, seeds):
     return out
 
 
+def random_probes(folder, seeds, data, metrics):
+    """{"random": {seed: probe}} of the random-init encoder in ``folder`` (its probes carry no epoch),
+    at one layer for the row as every other row, or {} where none is there."""
+    out = {}
+    for seed in seeds:
+        path = quality.probe_file(folder, f"random/seed{seed}")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[seed] = json.load(f)
+    if not out:
+        return {}
+    probes = {"random": out}
+    quality.choose_per_variant(probes, data, metrics)
+    return probes
+
+
+def vs_random_markdown(rows, variant):
+    """Each group's (and the baseline's) ``variant`` minus the random-init encoder, test split: the
+    distance to the design goals that are stated against random init."""
+    have = [r for r in rows if r.get("vs_random")]
+    if not have:
+        return []
+    lines = ["", f"{variant} minus the random-init encoder (test; paired bootstrap over items and seeds, 95 %; "
+             "▲/▼: resolved better / worse than random):", "",
+             "| group | phones | speakers | EER (lower is better) | emotion |", "|---|---|---|---|---|"]
+    for r in have:
+        cells = []
+        for m in ("phones", "speakers", "eer", "emotion"):
+            c = r["vs_random"].get(m)
+            if c is None:
+                cells.append("n/a")
+                continue
+            better = c["resolved"] and ((c["diff"] < 0) if m == "eer" else (c["diff"] > 0))
+            worse = c["resolved"] and not better
+            cells.append(f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]" + (" ▲" if better else " ▼" if worse else ""))
+        lines.append(f"| {r['group']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def quality_path(path):
+    """``path`` relative to the repository where it is inside it, else as it is (a snapshot's run)."""
+    rel = os.path.relpath(path, REPO)
+    return path if rel.startswith("..") else rel
+
+
 def report(rows, variant, seeds, baseline, steps):
     lines = [f"# Objectives switches, one group at a time ({variant}, seeds {seeds}, {steps} steps)", "",
-             f"Switch minus baseline (`{os.path.relpath(baseline, REPO)}`: today's defaults), accuracy points, "
+             f"Switch minus baseline (`{quality_path(baseline)}`: today's defaults), accuracy points, "
              "paired bootstrap over utterances and seeds (95 %); ▲/▼ resolved. Defaults move on **dev** only "
              "(one probe resolved up, none resolved down); test shown beside it.", "",
              "| group | switches | dev phones | dev speakers | dev emotion | test phones | test speakers | "
@@ -139,6 +184,7 @@ def report(rows, variant, seeds, baseline, steps):
              + ["phoneme_acc - interp"] + DIAGNOSTICS_VALID[4:6] + ["frame / interp"] + DIAGNOSTICS_VALID[6:]
              + DIAGNOSTICS_TRAIN)
     keys = [k for k in order if any(k in r["diagnostics"] for r in rows)]
+    lines += vs_random_markdown(rows, variant)
     lines += ["", "Last-epoch diagnostics, mean over seeds (valid split; the gradient norms and "
               "teacher_init_share / frame_short_runs: train split):", "",
               "| group | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -204,9 +250,15 @@ def main(argv=None):
         for split in ("dev", "test"):
             row[split] = quality.compare(probes, args.variant, args.variant, done, split=split, probes_b=probes_base)
         row["decision"] = decide(row["dev"])
+        random = random_probes(baseline, seeds, data, metrics)
+        if random:  # the design goals are stated against random init: each group's distance to it (test)
+            row["vs_random"] = quality.compare(probes, args.variant, "random", done, probes_b=random)
+            base_vs_random = quality.compare(probes_base, args.variant, "random", done, probes_b=random)
         rows.append(row)
     base_row = {"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
                 "diagnostics": diagnostics(baseline, args.variant, seeds)}
+    if rows and "vs_random" in rows[-1]:
+        base_row["vs_random"] = base_vs_random
     text = report([base_row] + rows, args.variant, seeds, baseline, steps)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "switches.md"), "w") as f:

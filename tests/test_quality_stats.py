@@ -157,6 +157,27 @@ def test_switch_diagnostics_read_valid_margins_and_train_gradients_of_every_seed
     assert "utterance_grad_norm" not in text  # no row has it: no column
 
 
+def test_switch_report_states_each_group_against_random_init_with_the_direction_of_each_probe():
+    """The design goals are stated against the random-init encoder: each group's row minus random, with
+    EER's direction reversed (lower is better) and a probe a row lacks shown as n/a."""
+    import quality_switches
+
+    iv = lambda d, lo, hi: {"diff": d, "low": lo, "high": hi, "resolved": lo > 0 or hi < 0}  # noqa: E731
+    rows = [{"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "", "diagnostics": {},
+             "vs_random": {"phones": iv(6.0, 5.0, 7.0), "speakers": iv(-4.0, -6.0, -2.0), "eer": iv(-9.0, -11.0, -7.0)}},
+            {"group": "views", "switches": ["view_channel=True"], "dev": {}, "test": {}, "decision": "keep",
+             "diagnostics": {}, "vs_random": {"phones": iv(5.0, 4.0, 6.0), "speakers": iv(0.5, -1.0, 2.0),
+                                              "eer": iv(3.0, 1.0, 5.0), "emotion": iv(1.0, -2.0, 4.0)}}]
+    text = quality_switches.report(rows, "full MGF", [0, 1], "/elsewhere/default", 10)
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+             for line in text.split("minus the random-init encoder")[1].split("Last-epoch")[0].splitlines()
+             if line.startswith("| ")}
+    assert table["baseline"] == ["+6.00 [+5.00, +7.00] ▲", "-4.00 [-6.00, -2.00] ▼", "-9.00 [-11.00, -7.00] ▲", "n/a"]
+    assert table["views"] == ["+5.00 [+4.00, +6.00] ▲", "+0.50 [-1.00, +2.00]", "+3.00 [+1.00, +5.00] ▼",
+                              "+1.00 [-2.00, +4.00]"]
+    assert "`/elsewhere/default`" in text  # a baseline outside the repository: its own path, not ../../
+
+
 def test_every_switch_group_names_settings_of_the_pretraining_yaml():
     import quality_switches
     from conftest import REPO
