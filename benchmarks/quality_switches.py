@@ -229,7 +229,7 @@ def main(argv=None):
     corpus = build_corpus(args.cache or os.path.join("~", ".cache", "mgf_sb", "quality"), budget.corpus, log=quality.log)
     data = ProbeData(corpus, speaker_split=budget.speaker_split, n_trials=budget.n_trials)
     rows = []
-    random = None  # the random-init rows, loaded and chosen once (the same for every group)
+    randoms = {}  # the random-init rows, loaded and chosen once per set of per-variant metrics
     for group in args.groups:
         folder = os.path.join(out, group)
         quality.main(common + ["--out", folder, "--baselines_from", baseline, "--set", *SWITCHES[group]])
@@ -251,8 +251,9 @@ def main(argv=None):
         for split in ("dev", "test"):
             row[split] = quality.compare(probes, args.variant, args.variant, done, split=split, probes_b=probes_base)
         row["decision"] = decide(row["dev"])
-        if random is None:
-            random = random_probes(baseline, seeds, data, metrics)
+        if metrics not in randoms:
+            randoms[metrics] = random_probes(baseline, seeds, data, metrics)
+        random = randoms[metrics]
         if random:  # the design goals are stated against random init: each group's distance to it (test)
             row["vs_random"] = quality.compare(probes, args.variant, "random", done, probes_b=random)
             base_vs_random = quality.compare(probes_base, args.variant, "random", done, probes_b=random)
