@@ -856,14 +856,17 @@ def utterance_head(run_folder):
     head = UtteranceObjective(
         cfg["d_model"], cfg["n_mels"] * cfg["frame_stack"], loss=cfg["utterance_loss"],
         target=cfg["utterance_target"], layer=cfg["utterance_layer"], proj_dim=cfg["proj_dim"],
-        temperature=cfg["utterance_temperature"], branch=cfg.get("utterance_branch", "none"))
+        temperature=cfg["utterance_temperature"], branch=cfg.get("utterance_branch", "none"),
+        pool=cfg.get("utterance_pool", "mean"))
     state = torch.load(os.path.join(save, ckpts[-1], "objectives.ckpt"), map_location="cpu")
     own = {k[len("utterance."):]: v for k, v in state.items() if k.startswith("utterance.") and "queue" not in k}
     head.load_state_dict(own, strict=False)
     missing = [k for k in head.state_dict() if k not in own and "queue" not in k]
     if missing:
         raise RuntimeError(f"{save}/{ckpts[-1]}/objectives.ckpt has no utterance head weights {missing}")
-    return head.eval(), cfg["utterance_layer"]
+    # "branch": the encoder's last exposed output (its branch's last block; see MGFEncoder.forward)
+    layer = -1 if cfg["utterance_layer"] == "branch" else cfg["utterance_layer"]
+    return head.eval(), layer
 
 
 @torch.no_grad()

@@ -84,6 +84,13 @@ HIERARCHY["views_input"] = HIERARCHY["view_channel"] + ["utterance_weight=0.2", 
 HIERARCHY["weight_only"] = ["utterance_weight=0.2"]
 HIERARCHY["views_input_strong"] = HIERARCHY["view_channel"] + ["utterance_weight=0.5", "utterance_layer=0"]
 HIERARCHY["views_input_depth"] = HIERARCHY["views_input"] + ["frame_layer=1"]
+# the utterance scale on its own branch (x-vector TDNN blocks on the input projection, statistics
+# pooling), sharing only the input projection with the trunk: the trade above (speakers for phones
+# through the shared layers) should not arise. At today's weight (Adam: the branch's own weights learn
+# at any weight; the weight sets only its pull on the input projection), and at 0.2
+HIERARCHY["tdnn_branch"] = HIERARCHY["view_channel"] + ["branch_layers=4", "utterance_layer=branch",
+                                                        "utterance_pool=mean_std"]
+HIERARCHY["tdnn_branch_weight"] = HIERARCHY["tdnn_branch"] + ["utterance_weight=0.2"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

@@ -25,6 +25,55 @@ class _NoWeightsMHA(MultiheadAttention):
 
 
 POS_NORMS = ("none", "weight")
+# x-vector's first four frame layers, (kernel, dilation): the utterance branch's blocks; blocks past
+# the fourth are (1, 1), frame-wise
+BRANCH_KERNELS = ((5, 1), (3, 2), (3, 3), (1, 1))
+
+
+class TDNNBranch(torch.nn.Module):
+    """The utterance scale's own path: x-vector-style TDNN blocks beside the Transformer.
+
+    It reads the input projection of every frame (no mask, no positional term: the
+    speaker is still there, RESULTS.md "Where the speaker goes") and shares nothing
+    else with the trunk, so the utterance loss does not pull the masked scales'
+    layers toward "which voice" (the trade measured in RESULTS.md v3.3). Each block
+    is ``Conv1d`` (zero "same" padding) -> ReLU -> LayerNorm, and frames past a
+    sequence's length are zeroed after every block, so a frame's output does not
+    depend on its batch (SpeechBrain's ``TDNNBlock`` pads by reflection and
+    normalises with batch statistics that would count the padding). At 50 Hz the
+    four x-vector blocks see 15 frames (300 ms).
+
+    Arguments
+    ---------
+    d_model : int
+        Input and output channels of every block (the exposed layers all have one size).
+    num_blocks : int
+
+    Example
+    -------
+    >>> branch = TDNNBranch(8, 2)
+    >>> hs = branch(torch.randn(3, 20, 8), torch.tensor([20, 7, 1]))
+    >>> len(hs), hs[-1].shape, float(hs[-1][1, 7:].abs().sum())
+    (2, torch.Size([3, 20, 8]), 0.0)
+    """
+
+    def __init__(self, d_model, num_blocks=4):
+        super().__init__()
+        kernels = [BRANCH_KERNELS[i] if i < len(BRANCH_KERNELS) else (1, 1) for i in range(num_blocks)]
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv1d(d_model, d_model, k, dilation=d, padding=d * (k - 1) // 2) for k, d in kernels
+        )
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d_model) for _ in kernels)
+
+    def forward(self, x, n_frames):
+        """(B, T, D) embedding, (B,) valid frames -> list of ``num_blocks`` tensors (B, T, D)."""
+        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < n_frames.to(x.device)[:, None])[..., None]
+        out = []
+        h = x.masked_fill(~valid, 0.0)
+        for conv, norm in zip(self.convs, self.norms):
+            h = norm(torch.relu(conv(h.transpose(1, 2)).transpose(1, 2))).masked_fill(~valid, 0.0)
+            out.append(h)
+        return out
 
 
 class ConvPositionalEncoding(torch.nn.Module):
@@ -87,6 +136,10 @@ class MGFEncoder(torch.nn.Module):
     conv_pos_scale_init : float, optional
         Initial value of a learnable scalar gate on the positional term
         (None, default: no gate).
+    branch_layers : int
+        Blocks of the utterance scale's own :class:`TDNNBranch` (0, default: no
+        branch). Its blocks are exposed after the Transformer's layers (see
+        :meth:`forward`), so probes and weighted-sum heads see them as layers.
 
     Example
     -------
@@ -94,6 +147,9 @@ class MGFEncoder(torch.nn.Module):
     >>> hs = enc(torch.randn(3, 50, 80), torch.tensor([50, 40, 10]))
     >>> len(hs), hs[-1].shape
     (3, torch.Size([3, 50, 32]))
+    >>> enc = MGFEncoder(input_size=80, d_model=32, num_layers=2, nhead=4, d_ffn=64, branch_layers=2)
+    >>> len(enc(torch.randn(3, 50, 80), torch.tensor([50, 40, 10]))), enc.num_outputs
+    (5, 5)
     """
 
     def __init__(
@@ -109,6 +165,7 @@ class MGFEncoder(torch.nn.Module):
         conv_pos_groups=16,
         conv_pos_norm="none",
         conv_pos_scale_init=None,
+        branch_layers=0,
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -128,6 +185,10 @@ class MGFEncoder(torch.nn.Module):
             self.config["conv_pos_norm"] = conv_pos_norm
         if conv_pos_scale_init is not None:
             self.config["conv_pos_scale_init"] = float(conv_pos_scale_init)
+        if int(branch_layers) < 0:
+            raise ValueError(f"branch_layers must be >= 0, got {branch_layers} (hparams/mgf.yaml)")
+        if int(branch_layers) > 0:
+            self.config["branch_layers"] = int(branch_layers)
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -148,23 +209,36 @@ class MGFEncoder(torch.nn.Module):
         for layer in self.transformer.layers:
             if type(layer.self_att) is MultiheadAttention:
                 layer.self_att.__class__ = _NoWeightsMHA
+        # built last, so an encoder without it draws the same initial weights as before the switch
+        self.branch = TDNNBranch(d_model, int(branch_layers)) if int(branch_layers) > 0 else None
 
     @property
     def num_layers(self):
+        """Transformer layers (the trunk's outputs are these plus the input embedding)."""
         return self.config["num_layers"]
+
+    @property
+    def num_branch_layers(self):
+        return self.config.get("branch_layers", 0)
+
+    @property
+    def num_outputs(self):
+        """Tensors :meth:`forward` returns: input embedding, each layer, each branch block."""
+        return self.num_layers + 1 + self.num_branch_layers
 
     @property
     def output_size(self):
         return self.config["d_model"]
 
-    def _embed(self, feats, n_frames, mask=None):
-        """The input block before the positional term: (embedding x, padding mask), both (B, T, ...)."""
+    def _embed(self, feats, n_frames, mask=None, unmasked=False):
+        """The input block before the positional term: (embedding x, padding mask), both (B, T, ...);
+        with ``unmasked``, also the embedding before the mask: (x, pad, x_unmasked)."""
         T = feats.shape[1]
         pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
-        x = self.input_proj(feats)
-        if mask is not None:
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
-        return x.masked_fill(pad[..., None], 0.0), pad
+        clean = self.input_proj(feats)
+        x = clean if mask is None else torch.where(mask[..., None], self.mask_emb.to(clean.dtype), clean)
+        x = x.masked_fill(pad[..., None], 0.0)
+        return (x, pad, clean) if unmasked else (x, pad)
 
     @torch.no_grad()
     def pos_ratio(self, feats, n_frames, mask=None):
@@ -198,7 +272,7 @@ class MGFEncoder(torch.nn.Module):
             return 0.0
         return float(ratio[valid].mean())
 
-    def forward(self, feats, n_frames, mask=None):
+    def forward(self, feats, n_frames, mask=None, branch=True):
         """Encodes features.
 
         Arguments
@@ -208,16 +282,24 @@ class MGFEncoder(torch.nn.Module):
         n_frames : torch.LongTensor
             (B,) valid frames per sequence.
         mask : torch.BoolTensor, optional
-            (B, T) frames replaced by the mask embedding before encoding.
+            (B, T) frames replaced by the mask embedding before encoding (the
+            Transformer's input only: the branch reads every frame).
+        branch : bool
+            Also run the utterance branch, if the encoder has one (the target
+            network reads the Transformer's layers only and passes False).
 
         Returns
         -------
         list of torch.Tensor
-            ``num_layers + 1`` tensors (B, T, d_model): the input embedding, then
-            each layer; the last one after the final LayerNorm.
+            ``num_outputs`` tensors (B, T, d_model): the input embedding, then
+            each layer, the last one after the final LayerNorm; then, with a
+            branch, each of its blocks (``num_layers + 1`` tensors without it).
         """
-        x, pad = self._embed(feats, n_frames, mask)
+        x, pad, clean = self._embed(feats, n_frames, mask, unmasked=True)
         x = x + self.pos(x)
         x = self.dropout(self.input_norm(x))
         out, _, hidden = self.transformer(x, src_key_padding_mask=pad)
-        return list(hidden[:-1]) + [out]
+        layers = list(hidden[:-1]) + [out]
+        if branch and self.branch is not None:
+            layers += self.branch(clean, n_frames)
+        return layers

@@ -143,7 +143,7 @@ def load_classifier_folder(folder):
             f"head_config.json says n_classes={head['n_classes']}"
         )
     features, encoder, config = load_upstream_folder(os.path.join(folder, "upstream"))
-    num_layers = 1 if encoder is None else encoder.num_layers + 1
+    num_layers = 1 if encoder is None else encoder.num_outputs
     out_size = features.output_size if encoder is None else encoder.output_size
     if (head["num_layers"], head["input_size"]) != (num_layers, out_size):
         raise ValueError(

@@ -275,8 +275,9 @@ class _MGFPretrained(Pretrained):
 
     @property
     def num_layers(self):
-        """Representations returned for ``layer=None`` (input embedding + each layer; 1 for fbank)."""
-        return self.mods.encoder.num_layers + 1 if self.has_encoder else 1
+        """Representations returned for ``layer=None`` (input embedding + each layer + each
+        utterance-branch block; 1 for fbank)."""
+        return self.mods.encoder.num_outputs if self.has_encoder else 1
 
     @property
     def frame_rate(self):

@@ -71,6 +71,8 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     feats, n_frames = feats_u[batch.source], n_u[batch.source]
     student, band = (feats, None) if alteration is None else alteration(feats, n_frames)
     hidden = encoder(student, n_frames, mask=batch.input_mask)
+    n_trunk = unwrap(encoder).num_layers + 1  # the utterance branch's blocks come after the trunk's layers
+    hidden, branch = hidden[:n_trunk], hidden[n_trunk:] or None
     teacher = None
     if needs_teacher:
         if getattr(target, "input", "unmasked") == "complement":
@@ -84,7 +86,7 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
     if needs_teacher and context_baseline:
         teacher_masked = target(unwrap(encoder), student, n_frames, mask=batch.input_mask)
         student_masked = target.read([h.detach() for h in hidden], n_frames)
-    return ObjectiveInputs(hidden=hidden, feats=feats, teacher=teacher, batch=batch, encoder=unwrap(encoder),
+    return ObjectiveInputs(hidden=hidden, branch=branch, feats=feats, teacher=teacher, batch=batch, encoder=unwrap(encoder),
                           teacher_masked=teacher_masked, student_masked=student_masked,
                           input_feats=None if alteration is None else student,
                           band_mask=band, diagnostics=context_baseline)

@@ -193,6 +193,8 @@ ADDED_SETTINGS = {
     "view_channel_noise_floor_db": [30.0, 50.0], "view_gap_strict": False,
     # phoneme-scale unit targets (HuBERT's form; issue 33 part 3): off = span-vs-span InfoNCE
     "phoneme_units": "none", "phoneme_n_units": 100, "phoneme_units_source": "teacher", "phoneme_units_decay": 0.99,
+    # the utterance scale's own branch (issue 33, "each scale at its own depth"): off = no branch, mean pooling
+    "branch_layers": 0, "utterance_pool": "mean",
 }
 
 

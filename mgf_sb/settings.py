@@ -42,6 +42,8 @@ class Want:
     above, below : float or None
         Exclusive bounds.
     choices : tuple of str
+        For ``choice``: the words allowed; for a number kind: words allowed besides
+        the number (``utterance_layer``: a layer index or ``branch``).
     optional : bool
         null (None) is allowed too.
     """
@@ -55,7 +57,7 @@ class Want:
             return self.optional
         if self.kind == "switch":
             return isinstance(v, bool)
-        if self.kind == "choice":
+        if self.kind == "choice" or isinstance(v, str):
             return isinstance(v, str) and v in self.choices
         if self.kind == "whole list":
             return isinstance(v, list) and len(v) > 0 and all(Want("whole").accepts(x) for x in v)
@@ -81,6 +83,7 @@ class Want:
                       f"< {_num(self.below)}" if self.below is not None else None]
             bounds = [b for b in bounds if b]
             text += f" {' and '.join(bounds)}" if bounds else ""
+            text += "".join(f" or {c}" for c in self.choices)
         return text + (" (or null)" if self.optional else "")
 
 
@@ -164,7 +167,9 @@ RULES = {
     "layerdrop_prob": FRACTION,
     "bilstm_dropout": FRACTION,
     "layer": Want("whole", optional=True),
-    "utterance_layer": Want("whole"),
+    "utterance_layer": Want("whole", choices=("branch",)),  # branch: the encoder's utterance branch
+    "branch_layers": COUNT0,
+    "utterance_pool": Want("choice", choices=("mean", "mean_std")),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},
     **{f"{s}_loss": SCALE_LOSS for s in ("frame", "phoneme", "word")},

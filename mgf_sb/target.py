@@ -315,7 +315,7 @@ class TargetNetwork(torch.nn.Module):
         was_training = net.training
         net.eval()
         try:
-            hidden = net(feats, n_frames, mask=mask)
+            hidden = net(feats, n_frames, mask=mask, branch=False)  # targets come from the trunk
         finally:
             net.train(was_training)
         return self.read(hidden, n_frames)

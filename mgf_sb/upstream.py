@@ -233,10 +233,10 @@ class Upstream(torch.nn.Module):
 
     @property
     def num_layers(self):
-        """Number of representations returned (input embedding + each layer)."""
+        """Number of representations returned (input embedding + each layer + each utterance-branch block)."""
         if self.hf:
             return int(self.encoder.config.num_hidden_layers) + 1
-        return 1 if self.encoder is None else self.encoder.num_layers + 1
+        return 1 if self.encoder is None else self.encoder.num_outputs
 
     @property
     def frame_rate(self):

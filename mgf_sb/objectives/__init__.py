@@ -52,6 +52,10 @@ class ScaleSet(torch.nn.ModuleDict):
         The teacher, when scales have their own target layers
         (``<scale>_target_layers``): each objective is told which slot of the
         teacher's output is its target (not registered as a submodule).
+    encoder : MGFEncoder, optional
+        Checked only (not registered): an utterance branch (``branch_layers``) must
+        have its reader (``utterance_layer: branch``) and the reader its branch, so
+        a wrong pairing stops here, not in the first step.
 
     Besides the scales' own statistics, :meth:`forward` reports
     ``encoder_pos_ratio`` on diagnostic batches: the mean per-frame
@@ -59,7 +63,7 @@ class ScaleSet(torch.nn.ModuleDict):
     (:meth:`mgf_sb.encoder.MGFEncoder.pos_ratio`, on what the student sees).
     """
 
-    def __init__(self, objectives, enabled, weights, target=None):
+    def __init__(self, objectives, enabled, weights, target=None, encoder=None):
         unknown = set(enabled) - set(objectives)
         if unknown:
             raise ValueError(f"enabled names unknown scales {sorted(unknown)}; known: {sorted(objectives)}")
@@ -70,6 +74,15 @@ class ScaleSet(torch.nn.ModuleDict):
         super().__init__(active)
         self.weights = {k: float(weights[k]) for k in active}
         utt = active.get("utterance")
+        reads_branch = getattr(utt, "layer", None) == "branch"
+        has_branch = getattr(encoder, "num_branch_layers", 0) > 0
+        if encoder is not None and reads_branch and not has_branch:
+            raise ValueError("utterance_layer=branch reads the encoder's utterance branch, but the encoder has "
+                             "none: set branch_layers (e.g. --branch_layers=4) in hparams/mgf.yaml")
+        if has_branch and not reads_branch:
+            # its weights would never train (and DDP stops on parameters that get no gradient)
+            raise ValueError(f"branch_layers={encoder.num_branch_layers} gives the encoder an utterance branch that "
+                             "no scale reads: set utterance_layer=branch (with use_utterance=True), or branch_layers=0")
         if (utt is not None and getattr(utt, "needs_teacher", False) and target is not None
                 and hasattr(target, "normalised_over_time") and target.normalised_over_time("utterance")):
             # Its mean over time is 0 for every view: the loss would sit at its chance value for the whole run.

@@ -60,6 +60,9 @@ class ObjectiveInputs:
         A diagnostic batch (every validation batch, every ``diagnostics_every``
         training steps): the costlier statistics (``encoder_pos_ratio``) are
         measured on these only.
+    branch : list of torch.Tensor or None
+        The encoder's utterance branch (``branch_layers``), each block (M, T, D), computed
+        on the unmasked input embedding; None: the encoder has none.
     """
 
     hidden: List[torch.Tensor]
@@ -72,6 +75,7 @@ class ObjectiveInputs:
     input_feats: Optional[torch.Tensor] = None
     band_mask: Optional[torch.Tensor] = None
     diagnostics: bool = False
+    branch: Optional[List[torch.Tensor]] = None
 
 
 class MaskedPrediction(torch.nn.Module):

@@ -115,8 +115,10 @@ class UtteranceObjective(torch.nn.Module):
         ``other_view`` (with infonce), ``fbank`` (the other view's log-Mel mean
         and std) or ``teacher`` (the other view's pooled target-network output),
         the last two with l1/l2.
-    layer : int
-        Encoder layer pooled (-1: last).
+    layer : int or str
+        Encoder layer pooled (-1: last), or ``branch``: the last block of the
+        encoder's own utterance branch (``branch_layers``; :class:`~mgf_sb.encoder.TDNNBranch`),
+        which shares only the input projection with the masked scales' layers.
     proj_dim : int
     temperature : float
     branch : str
@@ -126,10 +128,14 @@ class UtteranceObjective(torch.nn.Module):
         infonce: also contrast against the last ``queue_size`` view embeddings
         of earlier training batches (a MoCo-style queue of detached negatives;
         0: the batch's own views only, gathered over DDP processes).
+    pool : str
+        ``mean`` (the frames' mean) or ``mean_std`` (mean and standard deviation, as
+        x-vectors pool: a speaker's spread over time is part of the voice); the
+        ``attentive`` branch pools its own way and takes ``mean`` only.
     """
 
     def __init__(self, d_model, feat_dim, loss="infonce", target="other_view", layer=-1, proj_dim=256, temperature=0.1,
-                 branch="none", queue_size=0):
+                 branch="none", queue_size=0, pool="mean"):
         super().__init__()
         ok = {("infonce", "other_view"), ("l1", "fbank"), ("l2", "fbank"), ("l1", "teacher"), ("l2", "teacher"),
               ("cosine", "teacher")}
@@ -140,14 +146,21 @@ class UtteranceObjective(torch.nn.Module):
             )
         if branch not in ("none", "attentive"):
             raise ValueError(f"utterance_branch must be 'none' or 'attentive', got {branch!r}")
+        if pool not in ("mean", "mean_std") or (pool == "mean_std" and branch == "attentive"):
+            raise ValueError(f"utterance_pool must be 'mean' or 'mean_std' ('mean' with utterance_branch=attentive), "
+                             f"got {pool!r} (hparams/mgf.yaml)")
+        if not (layer == "branch" or isinstance(layer, int)):
+            raise ValueError(f"utterance_layer must be an encoder output index or 'branch', got {layer!r} "
+                             f"(hparams/mgf.yaml)")
         if int(queue_size) < 0:
             raise ValueError(f"utterance_queue_size must be >= 0, got {queue_size}")
         self.loss_type, self.target, self.layer = loss, target, layer
         self.temperature = temperature
         self.pool = AttentivePool(d_model) if branch == "attentive" else None
+        self.pool_std = pool == "mean_std"
         out_dim = {"other_view": proj_dim, "fbank": 2 * feat_dim, "teacher": d_model}[target]
         self.proj = torch.nn.Sequential(
-            torch.nn.Linear(d_model, d_model),
+            torch.nn.Linear(2 * d_model if self.pool_std else d_model, d_model),
             GlobalBatchNorm1d(d_model),  # global batch statistics under DDP
             torch.nn.ReLU(),
             torch.nn.Linear(d_model, out_dim),
@@ -167,7 +180,16 @@ class UtteranceObjective(torch.nn.Module):
         """(M, T, D) encoder layer -> (M, D) pooled view (before the projection MLP)."""
         if self.pool is not None:
             return self.pool(hidden, n_frames)
-        return masked_mean(hidden, n_frames)
+        return masked_mean_std(hidden, n_frames) if self.pool_std else masked_mean(hidden, n_frames)
+
+    def layer_of(self, inputs):
+        """The (M, T, D) encoder output this scale pools (``layer``)."""
+        if self.layer != "branch":
+            return inputs.hidden[self.layer]
+        if not inputs.branch:
+            raise ValueError("utterance_layer=branch reads the encoder's utterance branch, but the encoder has "
+                             "none: set branch_layers (e.g. --branch_layers=4) in hparams/mgf.yaml")
+        return inputs.branch[-1]
 
     @torch.no_grad()
     def _enqueue(self, keys):
@@ -180,7 +202,7 @@ class UtteranceObjective(torch.nn.Module):
         """Returns ``(loss, stats)``; see :class:`~mgf_sb.objectives.base.ObjectiveInputs`."""
         batch = inputs.batch
         n = batch.n_frames.to(inputs.feats.device)
-        hidden = inputs.hidden[self.layer]
+        hidden = self.layer_of(inputs)
         partner = batch.partner.to(hidden.device)
         has = partner >= 0
         if hidden.shape[0] < 2 and not bool(has.any()):  # one view alone (BatchNorm needs two): no loss
