@@ -1,0 +1,165 @@
+"""The utterance scale's own branch (issue 33, "each scale at its own depth ... on its own branch").
+
+``branch_layers`` gives the encoder x-vector TDNN blocks beside the Transformer, on the input
+projection; ``utterance_layer: branch`` makes the utterance scale read them. What must hold: the
+branch shares only the input projection with the trunk (so the utterance loss cannot pull the
+masked scales' layers), sees every frame (no mask), does not depend on its batch, is exposed as
+layers after the trunk's (probes, heads, inference, export see it), and a wrong pairing of the two
+settings stops at start-up.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from mgf_sb.encoder import MGFEncoder, TDNNBranch
+from mgf_sb.objectives import FrameObjective, ObjectiveInputs, ScaleSet, UtteranceObjective
+from mgf_sb.target import TargetNetwork
+from test_pretrain import parse_log, recipe, run, small_corpus  # noqa: F401  (fixtures of the pretraining tests)
+
+
+def encoder(branch_layers=3, seed=0):
+    torch.manual_seed(seed)
+    return MGFEncoder(16, d_model=16, num_layers=2, nhead=2, d_ffn=32, conv_pos_kernel=5, conv_pos_groups=4,
+                      dropout=0.0, branch_layers=branch_layers).eval()
+
+
+def test_default_encoder_is_unchanged_and_the_branch_is_built_last():
+    """branch_layers=0: no new parameter or config key; with a branch, the trunk draws the same initial
+    weights as without (the branch is built last), so a switch compares like with like."""
+    plain, branched = encoder(0), encoder(3)
+    assert plain.branch is None and "branch_layers" not in plain.config and plain.num_outputs == 3
+    assert branched.config["branch_layers"] == 3 and branched.num_outputs == 6
+    trunk = {k: v for k, v in branched.state_dict().items() if not k.startswith("branch.")}
+    assert trunk.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in trunk.items())
+    x, n = torch.randn(2, 30, 16), torch.tensor([30, 20])
+    out_p, out_b = plain(x, n), branched(x, n)
+    assert len(out_b) == 6 and all(torch.equal(a, b) for a, b in zip(out_p, out_b[:3]))
+    assert len(branched(x, n, branch=False)) == 3
+
+
+def test_branch_sees_every_frame_and_not_its_batch():
+    enc = encoder()
+    x, n = torch.randn(3, 40, 16), torch.tensor([40, 25, 9])
+    mask = torch.rand(3, 40) < 0.5
+    masked, clean = enc(x, n, mask=mask), enc(x, n)
+    assert not torch.allclose(masked[-4], clean[-4])  # the trunk sees the mask ...
+    assert all(torch.equal(a, b) for a, b in zip(masked[3:], clean[3:]))  # ... the branch does not
+    alone = enc(x[1:2, :25], n[1:2])
+    for b_batch, b_alone in zip(clean[3:], alone[3:]):
+        torch.testing.assert_close(b_batch[1, :25], b_alone[0], atol=1e-5, rtol=1e-5)
+        b_batch = b_batch.detach()
+        assert float(b_batch[1, 25:].abs().sum()) == 0.0 and float(b_batch[2, 9:].abs().sum()) == 0.0
+
+
+def test_tdnn_receptive_field_is_the_x_vector_one():
+    """The four x-vector blocks see +-7 frames: a change at frame 20 moves frames 13..27 only."""
+    torch.manual_seed(0)
+    branch = TDNNBranch(8, 4).eval()
+    x, n = torch.randn(1, 41, 8), torch.tensor([41])
+    y = x.clone()
+    y[0, 20] += 5.0
+    moved = (branch(x, n)[-1] - branch(y, n)[-1]).abs().sum(-1)[0] > 1e-6
+    assert torch.nonzero(moved).flatten().tolist() == list(range(13, 28))
+
+
+def _batch(n_utts=4, frames=30):
+    """A tiny batch of 2 views per utterance (rows 2u and 2u+1 partners)."""
+    from types import SimpleNamespace
+
+    partner = torch.tensor([i + 1 if i % 2 == 0 else i - 1 for i in range(2 * n_utts)])
+    return SimpleNamespace(n_frames=torch.full((2 * n_utts,), frames), partner=partner,
+                           utt=torch.arange(2 * n_utts) // 2, speaker=None,
+                           input_mask=torch.zeros(2 * n_utts, frames, dtype=torch.bool))
+
+
+def test_utterance_loss_on_the_branch_reaches_only_the_input_projection_and_the_branch():
+    """The point of the design: the utterance scale's gradient does not enter the Transformer layers
+    (nor the positional term), so it cannot trade the masked scales' phones for speakers there."""
+    enc = encoder().train()
+    utt = UtteranceObjective(16, 16, layer="branch", pool="mean_std", proj_dim=8)
+    batch = _batch()
+    feats = torch.randn(8, 30, 16)
+    hidden = enc(feats, batch.n_frames)
+    inputs = ObjectiveInputs(hidden=hidden[:3], branch=hidden[3:], feats=feats, teacher=None, batch=batch)
+    loss, stats = utt(inputs)
+    loss.backward()
+    touched = {k.split(".")[0] for k, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"input_proj", "branch"}
+    assert stats["pairs"] == 8.0
+
+
+def test_the_branch_pooling_is_mean_and_std():
+    utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
+    h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
+    pooled = utt.pooled(h, torch.tensor([2]))
+    assert pooled.shape == (1, 8) and float(pooled[0, 0]) == 2.0 and abs(float(pooled[0, 4]) - 1.0) < 1e-6
+
+
+def test_the_teacher_reads_the_trunk_only():
+    enc = encoder()
+    target = TargetNetwork(mode="online", top_k_layers=1)
+    x, n = torch.randn(2, 30, 16), torch.tensor([30, 20])
+    torch.testing.assert_close(target(enc, x, n), target.read(enc(x, n)[:3], n))
+
+
+def test_wrong_pairings_stop_at_start_up_naming_the_fix():
+    utt_branch = UtteranceObjective(16, 16, layer="branch")
+    with pytest.raises(ValueError, match="branch_layers"):
+        ScaleSet({"utterance": utt_branch}, {"utterance": True}, {"utterance": 1.0}, encoder=encoder(0))
+    with pytest.raises(ValueError, match="utterance_layer=branch"):
+        ScaleSet({"utterance": UtteranceObjective(16, 16)}, {"utterance": True}, {"utterance": 1.0},
+                 encoder=encoder(3))
+    with pytest.raises(ValueError, match="utterance_layer=branch"):  # the branch would never train
+        ScaleSet({"utterance": utt_branch, "frame": FrameObjective(16, 16)}, {"utterance": False, "frame": True},
+                 {"utterance": 1.0, "frame": 1.0}, encoder=encoder(3))
+    ScaleSet({"utterance": utt_branch}, {"utterance": True}, {"utterance": 1.0}, encoder=encoder(3))
+    with pytest.raises(ValueError, match="mean_std"):
+        UtteranceObjective(16, 16, pool="max")
+    with pytest.raises(ValueError, match="branch_layers must be >= 0"):
+        encoder(-1)
+
+
+def test_settings_accept_branch_and_refuse_a_typo():
+    from mgf_sb.settings import RULES
+
+    assert RULES["utterance_layer"].accepts("branch") and RULES["utterance_layer"].accepts(-1)
+    assert not RULES["utterance_layer"].accepts("brunch") and not RULES["utterance_layer"].accepts(1.5)
+    assert "or branch" in RULES["utterance_layer"].describe()
+
+
+def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
+    from mgf_sb.recipe import command_settings
+    from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
+
+    now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
+    keys = ("branch_layers", "utterance_pool")
+    assert all(ADDED_SETTINGS[k] == now[k] for k in keys)
+    assert settings_changes({k: v for k, v in now.items() if k not in keys}, now) == {}
+
+
+def test_tiny_run_with_the_branch_trains_exports_and_loads_with_its_layers(recipe, small_corpus, tmp_path):  # noqa: F811
+    """As a user runs it: pretraining with the branch, then the pretrained folder through
+    speechbrain.inference (our interface) and the probes' Upstream: the branch's blocks are layers."""
+    from mgf_sb.export import export
+    from mgf_sb.inference import MGFEncoder as MGFEncoderInterface
+    from mgf_sb.upstream import Upstream
+
+    out = str(tmp_path / "branch")
+    log = run(recipe, out, small_corpus, number_of_epochs=1, branch_layers=2, utterance_layer="branch",
+              utterance_pool="mean_std", view_channel=True)
+    assert np.isfinite(log[0]["train"]["utterance"]) and log[0]["train"]["utterance_grad_norm"] > 0
+    folder = os.path.join(out, "pretrained")
+    up = Upstream(folder)
+    assert up.num_layers == 2 + 1 + 2
+    wav = torch.randn(1, 16000)
+    layers, n = up(wav, torch.ones(1))
+    assert len(layers) == 5 and layers[-1].shape == layers[0].shape
+    export(folder, str(tmp_path / "model"))
+    enc = MGFEncoderInterface.from_hparams(source=str(tmp_path / "model"), savedir=str(tmp_path / "inf"))
+    assert enc.num_layers == 5
+    assert enc.encode_batch(wav, layer=None).shape[0] == 5
