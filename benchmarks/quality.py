@@ -246,6 +246,30 @@ def snapshot_run(step):
             pass
 
 
+def random_reference_variant(variants):
+    """The variant whose runs give the random-init rows their shape and normaliser: full MGF where it
+    is run, else the first variant (a folder of other variants then has random rows of its shape)."""
+    return "full MGF" if "full MGF" in variants else variants[0]
+
+
+def encoder_architecture(folder):
+    """The encoder config of a pretrained folder (``mgf_config.json``), or None where unreadable."""
+    try:
+        with open(os.path.join(folder, "mgf_config.json")) as f:
+            return json.load(f)["encoder"]
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+
+
+def same_architecture(folder_a, folder_b):
+    """Whether two pretrained folders hold encoders of one shape: then their random-init rows (drawn
+    from the seed and the shape alone) are the same, and one folder may reuse the other's. A switch
+    that changes the shape (``branch_layers``, ...) gets its own random-init rows. False where either
+    is unreadable."""
+    a = encoder_architecture(folder_a)
+    return a is not None and a == encoder_architecture(folder_b)
+
+
 def run_output(step):
     """A pretraining step's result: its last epoch's snapshot (raises while it is missing)."""
     snapshot_run(step)
@@ -928,7 +952,7 @@ def plan(budget, out, corpus_ready, resemblyzer, baselines_from=None, train_ref=
             probes.append((_probe_key(v, seed, budget.epochs), "encoder"))
             if seed == seed0 and v in budget.curve_variants:
                 probes += [(_probe_key(v, seed, e), "encoder") for e in curve_epochs(budget)]
-        if "full MGF" in budget.variants:
+        if budget.variants:
             probes.append((f"random/seed{seed}", "random"))
         probes += [(f"fbank/seed{seed}", "fbank"), (f"fbank+-5/seed{seed}", "fbank+-5")]
     probes.append((f"{ENERGY}/seed{seed0}", "energy"))
@@ -1117,9 +1141,13 @@ def main(argv=None):
                 return res
             log(f"  probe {key}: written by an earlier version of the probes; probing again")
         shared = key.split("/")[0] in ("fbank", "fbank+-5", "random", ENERGY, CEILING, REF_KEY) and args.baselines_from
+        if shared and key.startswith("random/"):  # only where this folder's encoder is the baseline's shape
+            base_ref = os.path.join(args.baselines_from, "runs", slug("full MGF"), f"seed{kw.get('seed')}",
+                                    "snapshots", f"epoch{budget.epochs}")
+            shared = same_architecture(kw.get("reference"), base_ref)
         if shared and os.path.isfile(os.path.join(args.baselines_from, "probes", os.path.basename(path))):
             # fbank, the level and the ceiling need no pretraining; the random encoder is drawn from the
-            # seed and the encoder shape alone: all the same in every folder made with the same budget.
+            # seed and the encoder shape alone: the same in every folder of the same budget and shape.
             with open(os.path.join(args.baselines_from, "probes", os.path.basename(path))) as f:
                 res = json.load(f)
             if probe_is_current(res, phone_candidates=args.phone_candidates):
@@ -1175,7 +1203,7 @@ def main(argv=None):
             return
         final = step.result_path
         jobs_ = [(_probe_key(variant, seed, budget.epochs), {"kind": "encoder", "source": final, "seed": seed})]
-        if variant == "full MGF":
+        if variant == random_reference_variant(budget.variants):
             jobs_.append((f"random/seed{seed}", {"kind": "random", "reference": final, "seed": seed}))
         if seed == seed0 and variant in budget.curve_variants:
             for e in curve_epochs(budget):
@@ -1229,7 +1257,7 @@ def main(argv=None):
         rec = run_record(r)
         timing["pretrain_cpu"] += rec["cpu_seconds"] if status[r.name] == "ran" else 0.0
         run_records.setdefault(variant, []).append(rec)
-        if variant == "full MGF":
+        if variant == random_reference_variant(budget.variants):
             rnd = probe(f"random/seed{seed}", kind="random", reference=r.result_path, seed=seed)
             if rnd is not None:
                 probes.setdefault("random", {})[seed] = rnd

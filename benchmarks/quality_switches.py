@@ -149,6 +149,8 @@ def vs_random_markdown(rows, variant):
     """Each group's (and the baseline's) ``variant`` minus the random-init encoder, test split: the
     distance to the design goals that are stated against random init."""
     have = [r for r in rows if r.get("vs_random")]
+    have += [{"group": f"{r['group']} (random init of its own shape)", "vs_random": r["vs_random_same_shape"]}
+             for r in rows if r.get("vs_random_same_shape")]
     if not have:
         return []
     lines = ["", f"{variant} minus the random-init encoder (test; paired bootstrap over items and seeds, 95 %; "
@@ -264,6 +266,9 @@ def main(argv=None):
         if random:  # the design goals are stated against random init: each group's distance to it (test)
             row["vs_random"] = quality.compare(probes, args.variant, "random", done, probes_b=random)
             base_vs_random = quality.compare(probes_base, args.variant, "random", done, probes_b=random)
+        own = random_probes(folder, done, data, metrics)  # a group that changes the encoder's shape
+        if own:  # has random-init rows of its own shape (quality.py probes them in its folder)
+            row["vs_random_same_shape"] = quality.compare(probes, args.variant, "random", done, probes_b=own)
         rows.append(row)
     base_row = {"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
                 "diagnostics": diagnostics(baseline, args.variant, seeds)}

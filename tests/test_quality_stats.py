@@ -167,7 +167,9 @@ def test_switch_report_states_each_group_against_random_init_with_the_direction_
              "vs_random": {"phones": iv(6.0, 5.0, 7.0), "speakers": iv(-4.0, -6.0, -2.0), "eer": iv(-9.0, -11.0, -7.0)}},
             {"group": "views", "switches": ["view_channel=True"], "dev": {}, "test": {}, "decision": "keep",
              "diagnostics": {}, "vs_random": {"phones": iv(5.0, 4.0, 6.0), "speakers": iv(0.5, -1.0, 2.0),
-                                              "eer": iv(3.0, 1.0, 5.0), "emotion": iv(1.0, -2.0, 4.0)}}]
+                                              "eer": iv(3.0, 1.0, 5.0), "emotion": iv(1.0, -2.0, 4.0)},
+             # a group that changes the encoder's shape is also read against random init of its own shape
+             "vs_random_same_shape": {"speakers": iv(-3.0, -5.0, -1.0)}}]
     text = quality_switches.report(rows, "full MGF", [0, 1], "/elsewhere/default", 10)
     table = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
              for line in text.split("minus the random-init encoder")[1].split("Last-epoch")[0].splitlines()
@@ -175,7 +177,28 @@ def test_switch_report_states_each_group_against_random_init_with_the_direction_
     assert table["baseline"] == ["+6.00 [+5.00, +7.00] ▲", "-4.00 [-6.00, -2.00] ▼", "-9.00 [-11.00, -7.00] ▲", "n/a"]
     assert table["views"] == ["+5.00 [+4.00, +6.00] ▲", "+0.50 [-1.00, +2.00]", "+3.00 [+1.00, +5.00] ▼",
                               "+1.00 [-2.00, +4.00]"]
+    assert table["views (random init of its own shape)"] == ["n/a", "-3.00 [-5.00, -1.00] ▼", "n/a", "n/a"]
     assert "`/elsewhere/default`" in text  # a baseline outside the repository: its own path, not ../../
+
+
+def test_random_init_rows_are_reused_only_for_an_encoder_of_the_same_shape(tmp_path):
+    """The random-init encoder is drawn from the seed and the shape: a switch that changes the shape
+    (the utterance branch) must not borrow the baseline's random rows."""
+    import json
+
+    import quality
+
+    def folder(name, **encoder):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "mgf_config.json").write_text(json.dumps({"encoder": {"d_model": 8, **encoder}}))
+        return str(path)
+
+    a, b, c = folder("a"), folder("b"), folder("c", branch_layers=4)
+    assert quality.same_architecture(a, b) and not quality.same_architecture(a, c)
+    assert not quality.same_architecture(a, str(tmp_path / "missing"))
+    assert quality.random_reference_variant(["phoneme", "full MGF"]) == "full MGF"
+    assert quality.random_reference_variant(["utterance"]) == "utterance"
 
 
 def test_every_switch_group_names_settings_of_the_pretraining_yaml():
