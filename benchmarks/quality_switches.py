@@ -91,6 +91,10 @@ HIERARCHY["views_input_depth"] = HIERARCHY["views_input"] + ["frame_layer=1"]
 HIERARCHY["tdnn_branch"] = HIERARCHY["view_channel"] + ["branch_layers=4", "utterance_layer=branch",
                                                         "utterance_pool=mean_std"]
 HIERARCHY["tdnn_branch_weight"] = HIERARCHY["tdnn_branch"] + ["utterance_weight=0.2"]
+# the reference TDNN's choices where the branch differs from it (RESULTS.md v3.4): BatchNorm, which
+# keeps each frame's level (LayerNorm per frame erases it), and more negatives (a queue of earlier views)
+HIERARCHY["tdnn_branch_bn"] = HIERARCHY["tdnn_branch"] + ["branch_norm=batch"]
+HIERARCHY["tdnn_branch_bn_queue"] = HIERARCHY["tdnn_branch_bn"] + ["utterance_queue_size=256"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

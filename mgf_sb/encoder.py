@@ -30,6 +30,30 @@ POS_NORMS = ("none", "weight")
 BRANCH_KERNELS = ((5, 1), (3, 2), (3, 3), (1, 1))
 
 
+BRANCH_NORMS = ("layer", "batch")
+
+
+class ValidFramesBatchNorm(torch.nn.Module):
+    """BatchNorm over the valid frames of a batch: statistics per channel from every frame of every
+    sequence up to its length (the padding neither counts nor changes), all DDP processes together
+    (:class:`~mgf_sb.distributed.GlobalBatchNorm1d`); running statistics in eval mode, so a frame's
+    output does not depend on its batch at inference. Unlike LayerNorm it keeps each frame's level
+    and spectral offset, where a speaker partly lives (the reference TDNN normalises the same way)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        from mgf_sb.distributed import GlobalBatchNorm1d
+
+        self.bn = GlobalBatchNorm1d(channels)
+
+    def forward(self, h, valid):
+        """(B, T, C), (B, T, 1) bool -> (B, T, C), zero past each length."""
+        flat = valid.squeeze(-1)
+        out = h.new_zeros(h.shape)
+        out[flat] = self.bn(h[flat]).to(h.dtype)
+        return out
+
+
 class TDNNBranch(torch.nn.Module):
     """The utterance scale's own path: x-vector-style TDNN blocks beside the Transformer.
 
@@ -48,6 +72,9 @@ class TDNNBranch(torch.nn.Module):
     d_model : int
         Input and output channels of every block (the exposed layers all have one size).
     num_blocks : int
+    norm : str
+        ``layer`` (LayerNorm over each frame's channels) or ``batch``
+        (:class:`ValidFramesBatchNorm`, x-vector's choice: keeps each frame's level).
 
     Example
     -------
@@ -57,13 +84,17 @@ class TDNNBranch(torch.nn.Module):
     (2, torch.Size([3, 20, 8]), 0.0)
     """
 
-    def __init__(self, d_model, num_blocks=4):
+    def __init__(self, d_model, num_blocks=4, norm="layer"):
         super().__init__()
+        if norm not in BRANCH_NORMS:
+            raise ValueError(f"branch_norm must be one of {BRANCH_NORMS}, got {norm!r} (hparams/mgf.yaml)")
         kernels = [BRANCH_KERNELS[i] if i < len(BRANCH_KERNELS) else (1, 1) for i in range(num_blocks)]
         self.convs = torch.nn.ModuleList(
             torch.nn.Conv1d(d_model, d_model, k, dilation=d, padding=d * (k - 1) // 2) for k, d in kernels
         )
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d_model) for _ in kernels)
+        self.batch_norm = norm == "batch"
+        self.norms = torch.nn.ModuleList(
+            ValidFramesBatchNorm(d_model) if self.batch_norm else torch.nn.LayerNorm(d_model) for _ in kernels)
 
     def forward(self, x, n_frames):
         """(B, T, D) embedding, (B,) valid frames -> list of ``num_blocks`` tensors (B, T, D)."""
@@ -71,7 +102,8 @@ class TDNNBranch(torch.nn.Module):
         out = []
         h = x.masked_fill(~valid, 0.0)
         for conv, norm in zip(self.convs, self.norms):
-            h = norm(torch.relu(conv(h.transpose(1, 2)).transpose(1, 2))).masked_fill(~valid, 0.0)
+            h = torch.relu(conv(h.transpose(1, 2)).transpose(1, 2))
+            h = norm(h, valid) if self.batch_norm else norm(h).masked_fill(~valid, 0.0)
             out.append(h)
         return out
 
@@ -140,6 +172,8 @@ class MGFEncoder(torch.nn.Module):
         Blocks of the utterance scale's own :class:`TDNNBranch` (0, default: no
         branch). Its blocks are exposed after the Transformer's layers (see
         :meth:`forward`), so probes and weighted-sum heads see them as layers.
+    branch_norm : str
+        The branch's normalisation, ``layer`` (default) or ``batch``.
 
     Example
     -------
@@ -166,6 +200,7 @@ class MGFEncoder(torch.nn.Module):
         conv_pos_norm="none",
         conv_pos_scale_init=None,
         branch_layers=0,
+        branch_norm="layer",
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -189,6 +224,8 @@ class MGFEncoder(torch.nn.Module):
             raise ValueError(f"branch_layers must be >= 0, got {branch_layers} (hparams/mgf.yaml)")
         if int(branch_layers) > 0:
             self.config["branch_layers"] = int(branch_layers)
+            if branch_norm != "layer":
+                self.config["branch_norm"] = branch_norm
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -210,7 +247,7 @@ class MGFEncoder(torch.nn.Module):
             if type(layer.self_att) is MultiheadAttention:
                 layer.self_att.__class__ = _NoWeightsMHA
         # built last, so an encoder without it draws the same initial weights as before the switch
-        self.branch = TDNNBranch(d_model, int(branch_layers)) if int(branch_layers) > 0 else None
+        self.branch = TDNNBranch(d_model, int(branch_layers), branch_norm) if int(branch_layers) > 0 else None
 
     @property
     def num_layers(self):

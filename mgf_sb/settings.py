@@ -169,6 +169,7 @@ RULES = {
     "layer": Want("whole", optional=True),
     "utterance_layer": Want("whole", choices=("branch",)),  # branch: the encoder's utterance branch
     "branch_layers": COUNT0,
+    "branch_norm": Want("choice", choices=("layer", "batch")),
     "utterance_pool": Want("choice", choices=("mean", "mean_std")),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},
