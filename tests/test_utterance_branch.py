@@ -21,10 +21,10 @@ from mgf_sb.target import TargetNetwork
 from test_pretrain import parse_log, recipe, run, small_corpus  # noqa: F401  (fixtures of the pretraining tests)
 
 
-def encoder(branch_layers=3, seed=0):
+def encoder(branch_layers=3, seed=0, **kw):
     torch.manual_seed(seed)
     return MGFEncoder(16, d_model=16, num_layers=2, nhead=2, d_ffn=32, conv_pos_kernel=5, conv_pos_groups=4,
-                      dropout=0.0, branch_layers=branch_layers).eval()
+                      dropout=0.0, branch_layers=branch_layers, **kw).eval()
 
 
 def test_default_encoder_is_unchanged_and_the_branch_is_built_last():
@@ -42,8 +42,9 @@ def test_default_encoder_is_unchanged_and_the_branch_is_built_last():
     assert len(branched(x, n, branch=False)) == 3
 
 
-def test_branch_sees_every_frame_and_not_its_batch():
-    enc = encoder()
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_branch_sees_every_frame_and_not_its_batch(norm):
+    enc = encoder(branch_norm=norm)
     x, n = torch.randn(3, 40, 16), torch.tensor([40, 25, 9])
     mask = torch.rand(3, 40) < 0.5
     masked, clean = enc(x, n, mask=mask), enc(x, n)
@@ -54,6 +55,23 @@ def test_branch_sees_every_frame_and_not_its_batch():
         torch.testing.assert_close(b_batch[1, :25], b_alone[0], atol=1e-5, rtol=1e-5)
         b_batch = b_batch.detach()
         assert float(b_batch[1, 25:].abs().sum()) == 0.0 and float(b_batch[2, 9:].abs().sum()) == 0.0
+
+
+def test_batch_norm_statistics_come_from_the_valid_frames_only():
+    """Training mode: the padding neither enters the statistics nor leaves the zeros, so a batch with
+    longer padding normalises its valid frames exactly as the same frames packed without padding."""
+    enc = encoder(branch_norm="batch").train()
+    x = torch.randn(2, 30, 16)
+    short = enc(x, torch.tensor([30, 12]))[3]
+    packed = enc(torch.cat([x[:1], torch.cat([x[1:, :12], torch.randn(1, 18, 16)], 1)]), torch.tensor([30, 12]))[3]
+    torch.testing.assert_close(short, packed)
+    valid = short[1, :12].detach()
+    assert float(short[1, 12:].detach().abs().sum()) == 0.0
+    # the statistics are the valid frames': every channel has mean 0 and variance 1 over them
+    frames = torch.cat([short[0].detach(), valid])
+    torch.testing.assert_close(frames.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(frames.var(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+    assert "branch_norm" in enc.config and "branch_norm" not in encoder().config  # the default's folder as before
 
 
 def test_tdnn_receptive_field_is_the_x_vector_one():
@@ -122,6 +140,8 @@ def test_wrong_pairings_stop_at_start_up_naming_the_fix():
         UtteranceObjective(16, 16, pool="max")
     with pytest.raises(ValueError, match="branch_layers must be >= 0"):
         encoder(-1)
+    with pytest.raises(ValueError, match="branch_norm"):
+        encoder(2, branch_norm="group")
 
 
 def test_settings_accept_branch_and_refuse_a_typo():
@@ -137,7 +157,7 @@ def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
     from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
 
     now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
-    keys = ("branch_layers", "utterance_pool")
+    keys = ("branch_layers", "branch_norm", "utterance_pool")
     assert all(ADDED_SETTINGS[k] == now[k] for k in keys)
     assert settings_changes({k: v for k, v in now.items() if k not in keys}, now) == {}
 
