@@ -429,6 +429,40 @@ def train(pretrain_folder, out, settings=None, threads=None, device="cpu", on_ch
     return {**res, "reused": False}
 
 
+def random_init(pretrain_folder, out, settings=None, calibration_batches=20, log=print):
+    """The reference's own random-init row: the TDNN with the weights its training starts from (same
+    seed), nothing trained, its BatchNorm statistics calibrated on ``calibration_batches`` crop batches
+    of the pretraining audio (as the random-init MGF encoder keeps a normaliser fitted to the corpus),
+    written as a finished model (``steps`` 0, ``random_init`` True) that the probes read as any other.
+    It says how much of the reference's speaker skill its training adds over its architecture."""
+    settings = settings or RefSettings()
+    train_dir = os.path.join(pretrain_folder, "train")
+    folder = train_dir if os.path.isdir(train_dir) else pretrain_folder
+    paths = list_audio(folder)
+    torch.manual_seed(settings.seed)
+    model = TDNN(settings.n_mels, tuple(settings.channels), settings.emb_dim, settings.proj_dim)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = None  # a cumulative average over the calibration batches
+    sampler = CropSampler(load_audio(paths), settings.batch_size, settings.crop_seconds, settings.seed)
+    chan_gen = torch.Generator().manual_seed(int(settings.seed) + 7919)
+    fbank = make_fbank(settings.n_mels)
+    model.train()
+    with torch.no_grad():
+        for _ in range(int(calibration_batches)):
+            feats = random_log_mel_channel(fbank(sampler.next()), settings.n_knots, settings.eq_db, settings.gain_db,
+                                           tuple(settings.noise_floor_db), generator=chan_gen)
+            model(feats)
+    want = {**settings.as_dict(), "data": data_fingerprint(folder, paths), "n_utterances": len(paths)}
+    os.makedirs(out, exist_ok=True)
+    res = {"settings": want, "model": model.state_dict(), "steps": 0, "cpu_seconds": 0.0, "random_init": True,
+           "calibration_batches": int(calibration_batches), "n_parameters": n_parameters(model),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _save(res, os.path.join(out, MODEL_FILE))
+    log(f"[speaker ref] {out}: random init (seed {settings.seed}), BatchNorm calibrated on {calibration_batches} batches")
+    return res
+
+
 def finished_model(out):
     """The finished model's dict in run folder ``out``; raises FileNotFoundError when unfinished."""
     path = os.path.join(out, MODEL_FILE)
