@@ -205,3 +205,22 @@ def test_a_folder_with_baselines_from_never_trains_the_reference(tmp_path):
     assert [k for k, _, _ in pl["ref_probes"]] == [f"{quality.REF_KEY}/seed0"]
     own = quality.plan(budget, str(out), True, False)
     assert [s for _, s, _, done in own["ref_runs"] if not done] == budget.speaker_ref["seeds"]
+
+
+def test_random_init_is_the_training_start_with_calibrated_batch_norm(tmp_path):
+    """The reference's own random-init row: the weights its training starts from (same seed), the
+    BatchNorm statistics fitted to the corpus (not the 0 / 1 of a fresh layer), readable by the probes."""
+    folder = make_corpus(str(tmp_path))
+    res = ref.random_init(folder, str(tmp_path / "random"), TINY, calibration_batches=3, log=quiet)
+    assert res["steps"] == 0 and res["random_init"]
+    torch.manual_seed(TINY.seed)
+    start = ref.TDNN(TINY.n_mels, TINY.channels, TINY.emb_dim, TINY.proj_dim).state_dict()
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    for k, v in start.items():
+        if not k.endswith(stats):
+            assert torch.equal(res["model"][k], v), k
+    mean = res["model"]["input_norm.running_mean"]
+    assert float(mean.abs().mean()) > 1.0  # log-Mel in dB: far from a fresh layer's 0
+    rep = qp.Representation(None, "speaker_ref", source=str(tmp_path / "random"))
+    pooled = qp.pool(rep, [voice(np.random.default_rng(2), 0.8)], batch_size=1)
+    assert len(pooled) == 5 and all(torch.isfinite(p).all() for p in pooled)
