@@ -95,6 +95,9 @@ HIERARCHY["tdnn_branch_weight"] = HIERARCHY["tdnn_branch"] + ["utterance_weight=
 # keeps each frame's level (LayerNorm per frame erases it), and more negatives (a queue of earlier views)
 HIERARCHY["tdnn_branch_bn"] = HIERARCHY["tdnn_branch"] + ["branch_norm=batch"]
 HIERARCHY["tdnn_branch_bn_queue"] = HIERARCHY["tdnn_branch_bn"] + ["utterance_queue_size=256"]
+# the branch on its own input projection: the utterance scale alone with a branch verifies within ~1.3 points
+# of the reference, full MGF's shared-projection branch does not (the masked scales shape the projection)
+HIERARCHY["tdnn_branch_own"] = HIERARCHY["tdnn_branch"] + ["branch_input=own"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

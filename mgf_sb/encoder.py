@@ -174,6 +174,10 @@ class MGFEncoder(torch.nn.Module):
         :meth:`forward`), so probes and weighted-sum heads see them as layers.
     branch_norm : str
         The branch's normalisation, ``layer`` (default) or ``batch``.
+    branch_input : str
+        ``shared`` (default): the branch reads the trunk's input projection (the one
+        parameter the two paths share); ``own``: a projection of its own, so nothing the
+        masked scales train reaches the branch, nor the utterance loss the trunk.
 
     Example
     -------
@@ -201,6 +205,7 @@ class MGFEncoder(torch.nn.Module):
         conv_pos_scale_init=None,
         branch_layers=0,
         branch_norm="layer",
+        branch_input="shared",
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -226,6 +231,10 @@ class MGFEncoder(torch.nn.Module):
             self.config["branch_layers"] = int(branch_layers)
             if branch_norm != "layer":
                 self.config["branch_norm"] = branch_norm
+            if branch_input != "shared":
+                self.config["branch_input"] = branch_input
+        if branch_input not in ("shared", "own"):
+            raise ValueError(f"branch_input must be 'shared' or 'own', got {branch_input!r} (hparams/mgf.yaml)")
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -248,6 +257,8 @@ class MGFEncoder(torch.nn.Module):
                 layer.self_att.__class__ = _NoWeightsMHA
         # built last, so an encoder without it draws the same initial weights as before the switch
         self.branch = TDNNBranch(d_model, int(branch_layers), branch_norm) if int(branch_layers) > 0 else None
+        own = self.branch is not None and branch_input == "own"
+        self.branch_proj = torch.nn.Linear(input_size, d_model) if own else None
 
     @property
     def num_layers(self):
@@ -338,5 +349,7 @@ class MGFEncoder(torch.nn.Module):
         out, _, hidden = self.transformer(x, src_key_padding_mask=pad)
         layers = list(hidden[:-1]) + [out]
         if branch and self.branch is not None:
+            if self.branch_proj is not None:
+                clean = self.branch_proj(feats)
             layers += self.branch(clean, n_frames)
         return layers

@@ -194,7 +194,8 @@ ADDED_SETTINGS = {
     # phoneme-scale unit targets (HuBERT's form; issue 33 part 3): off = span-vs-span InfoNCE
     "phoneme_units": "none", "phoneme_n_units": 100, "phoneme_units_source": "teacher", "phoneme_units_decay": 0.99,
     # the utterance scale's own branch (issue 33, "each scale at its own depth"): off = no branch, mean pooling
-    "branch_layers": 0, "branch_norm": "layer", "utterance_pool": "mean",
+    "branch_layers": 0, "branch_norm": "layer", "branch_input": "shared",
+    "utterance_pool": "mean",
 }
 
 

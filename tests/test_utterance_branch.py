@@ -111,6 +111,23 @@ def test_utterance_loss_on_the_branch_reaches_only_the_input_projection_and_the_
     assert stats["pairs"] == 8.0
 
 
+def test_an_own_input_projection_shares_nothing_with_the_trunk():
+    """branch_input=own: the utterance loss reaches the branch and its own projection only, the trunk's
+    outputs are those of the same encoder without a branch, and the trunk's initial weights are unchanged."""
+    enc, plain = encoder(branch_input="own").train(), encoder(0)
+    assert enc.config["branch_input"] == "own" and "branch_input" not in encoder().config
+    x, n = torch.randn(8, 30, 16), torch.tensor([30] * 8)
+    hidden = enc(x, n)
+    assert all(torch.equal(a, b) for a, b in zip(plain.train()(x, n), hidden[:3]))
+    utt = UtteranceObjective(16, 16, layer="branch", pool="mean_std", proj_dim=8)
+    loss, _ = utt(ObjectiveInputs(hidden=hidden[:3], branch=hidden[3:], feats=x, teacher=None, batch=_batch()))
+    loss.backward()
+    touched = {k.split(".")[0] for k, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"branch_proj", "branch"}
+    with pytest.raises(ValueError, match="branch_input"):
+        encoder(2, branch_input="separate")
+
+
 def test_the_branch_pooling_is_mean_and_std():
     utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
     h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
@@ -157,7 +174,7 @@ def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
     from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
 
     now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
-    keys = ("branch_layers", "branch_norm", "utterance_pool")
+    keys = ("branch_layers", "branch_norm", "branch_input", "utterance_pool")
     assert all(ADDED_SETTINGS[k] == now[k] for k in keys)
     assert settings_changes({k: v for k, v in now.items() if k not in keys}, now) == {}
 
