@@ -98,6 +98,9 @@ HIERARCHY["tdnn_branch_bn_queue"] = HIERARCHY["tdnn_branch_bn"] + ["utterance_qu
 # the branch on its own input projection: the utterance scale alone with a branch verifies within ~1.3 points
 # of the reference, full MGF's shared-projection branch does not (the masked scales shape the projection)
 HIERARCHY["tdnn_branch_own"] = HIERARCHY["tdnn_branch"] + ["branch_input=own"]
+# ... and the reverse: the utterance scale owns the lowest level (alone with a branch it put the speaker
+# there, EER 22.4), the masked scales read it through an adapter of their own (RESULTS.md v3.4)
+HIERARCHY["tdnn_branch_only_input"] = HIERARCHY["tdnn_branch"] + ["branch_input=branch_only"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

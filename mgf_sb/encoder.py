@@ -31,6 +31,7 @@ BRANCH_KERNELS = ((5, 1), (3, 2), (3, 3), (1, 1))
 
 
 BRANCH_NORMS = ("layer", "batch")
+BRANCH_INPUTS = ("shared", "own", "branch_only")
 
 
 class ValidFramesBatchNorm(torch.nn.Module):
@@ -177,7 +178,11 @@ class MGFEncoder(torch.nn.Module):
     branch_input : str
         ``shared`` (default): the branch reads the trunk's input projection (the one
         parameter the two paths share); ``own``: a projection of its own, so nothing the
-        masked scales train reaches the branch, nor the utterance loss the trunk.
+        masked scales train reaches the branch, nor the utterance loss the trunk;
+        ``branch_only``: the input projection is the utterance scale's alone (the trunk
+        reads it through a linear adapter of its own, started as the identity, with the
+        projection's gradient stopped): the lowest level is shaped for the speaker and the
+        masked scales, losing no information (the projection has full rank), adapt to it.
 
     Example
     -------
@@ -233,8 +238,8 @@ class MGFEncoder(torch.nn.Module):
                 self.config["branch_norm"] = branch_norm
             if branch_input != "shared":
                 self.config["branch_input"] = branch_input
-        if branch_input not in ("shared", "own"):
-            raise ValueError(f"branch_input must be 'shared' or 'own', got {branch_input!r} (hparams/mgf.yaml)")
+        if branch_input not in BRANCH_INPUTS:
+            raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {branch_input!r} (hparams/mgf.yaml)")
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -259,6 +264,12 @@ class MGFEncoder(torch.nn.Module):
         self.branch = TDNNBranch(d_model, int(branch_layers), branch_norm) if int(branch_layers) > 0 else None
         own = self.branch is not None and branch_input == "own"
         self.branch_proj = torch.nn.Linear(input_size, d_model) if own else None
+        self.trunk_adapter = None
+        if self.branch is not None and branch_input == "branch_only":
+            self.trunk_adapter = torch.nn.Linear(d_model, d_model)
+            with torch.no_grad():  # the identity: at init the trunk sees what it sees without the switch
+                self.trunk_adapter.weight.copy_(torch.eye(d_model))
+                self.trunk_adapter.bias.zero_()
 
     @property
     def num_layers(self):
@@ -284,7 +295,10 @@ class MGFEncoder(torch.nn.Module):
         T = feats.shape[1]
         pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
         clean = self.input_proj(feats)
-        x = clean if mask is None else torch.where(mask[..., None], self.mask_emb.to(clean.dtype), clean)
+        # branch_input: branch_only: the masked scales' gradient stops here; they read the projection through
+        # their adapter
+        trunk = clean if self.trunk_adapter is None else self.trunk_adapter(clean.detach())
+        x = trunk if mask is None else torch.where(mask[..., None], self.mask_emb.to(trunk.dtype), trunk)
         x = x.masked_fill(pad[..., None], 0.0)
         return (x, pad, clean) if unmasked else (x, pad)
 

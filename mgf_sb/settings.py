@@ -170,7 +170,7 @@ RULES = {
     "utterance_layer": Want("whole", choices=("branch",)),  # branch: the encoder's utterance branch
     "branch_layers": COUNT0,
     "branch_norm": Want("choice", choices=("layer", "batch")),
-    "branch_input": Want("choice", choices=("shared", "own")),
+    "branch_input": Want("choice", choices=("shared", "own", "branch_only")),
     "utterance_pool": Want("choice", choices=("mean", "mean_std")),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},

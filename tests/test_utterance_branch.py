@@ -128,6 +128,26 @@ def test_an_own_input_projection_shares_nothing_with_the_trunk():
         encoder(2, branch_input="separate")
 
 
+def test_branch_only_input_projection_is_the_utterance_scales_and_the_trunk_adapts_to_it():
+    """branch_input=branch_only: the masked scales' gradient (any loss on the trunk's layers) stops at the
+    adapter and never reaches the input projection; the utterance loss does; at init the adapter is the
+    identity, so the trunk computes what an encoder without the switch computes."""
+    enc, plain = encoder(branch_input="branch_only").train(), encoder(0).train()
+    x, n = torch.randn(8, 30, 16), torch.tensor([30] * 8)
+    mask = torch.rand(8, 30) < 0.3
+    hidden = enc(x, n, mask=mask)
+    for a, b in zip(plain(x, n, mask=mask), hidden[:3]):
+        torch.testing.assert_close(a, b)
+    grads = torch.autograd.grad(sum(h.sum() for h in hidden[:3]), [enc.input_proj.weight, enc.trunk_adapter.weight],
+                                allow_unused=True)
+    assert grads[0] is None and grads[1].abs().sum() > 0
+    utt = UtteranceObjective(16, 16, layer="branch", pool="mean_std", proj_dim=8)
+    loss, _ = utt(ObjectiveInputs(hidden=hidden[:3], branch=hidden[3:], feats=x, teacher=None, batch=_batch()))
+    loss.backward()
+    touched = {k.split(".")[0] for k, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"input_proj", "branch"}
+
+
 def test_the_branch_pooling_is_mean_and_std():
     utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
     h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
