@@ -334,7 +334,7 @@ class MGFEncoder(torch.nn.Module):
             return 0.0
         return float(ratio[valid].mean())
 
-    def forward(self, feats, n_frames, mask=None, branch=True):
+    def forward(self, feats, n_frames, mask=None, branch=True, views=None):
         """Encodes features.
 
         Arguments
@@ -349,6 +349,12 @@ class MGFEncoder(torch.nn.Module):
         branch : bool
             Also run the utterance branch, if the encoder has one (the target
             network reads the Transformer's layers only and passes False).
+        views : tuple, optional
+            ``(feats_u, n_u)``: (U, T, input_size) features and (U,) frames the
+            branch reads instead of ``feats`` (pretraining passes each distinct
+            view once, not each of its K mask copies: the branch sees no mask, so
+            the copies would give it the same rows K times). Its blocks are then
+            (U, T, d_model), one row per view.
 
         Returns
         -------
@@ -363,7 +369,9 @@ class MGFEncoder(torch.nn.Module):
         out, _, hidden = self.transformer(x, src_key_padding_mask=pad)
         layers = list(hidden[:-1]) + [out]
         if branch and self.branch is not None:
-            if self.branch_proj is not None:
-                clean = self.branch_proj(feats)
-            layers += self.branch(clean, n_frames)
+            branch_feats, branch_frames = (feats, n_frames) if views is None else views
+            proj = self.input_proj if self.branch_proj is None else self.branch_proj
+            if views is not None or self.branch_proj is not None:
+                clean = proj(branch_feats)
+            layers += self.branch(clean, branch_frames)
         return layers

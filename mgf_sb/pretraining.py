@@ -70,9 +70,10 @@ def mgf_forward(features, encoder, target, batch, needs_teacher, epoch=None, con
         feats_u, n_u = features(batch.wavs, batch.wav_lens, epoch=epoch, channel=channel)
     feats, n_frames = feats_u[batch.source], n_u[batch.source]
     student, band = (feats, None) if alteration is None else alteration(feats, n_frames)
-    hidden = encoder(student, n_frames, mask=batch.input_mask)
+    # the utterance branch sees no mask: it reads each distinct view once, not each of its mask copies
+    hidden = encoder(student, n_frames, mask=batch.input_mask, views=(feats_u, n_u))
     n_trunk = unwrap(encoder).num_layers + 1  # the utterance branch's blocks come after the trunk's layers
-    hidden, branch = hidden[:n_trunk], hidden[n_trunk:] or None
+    hidden, branch = hidden[:n_trunk], [b[batch.source] for b in hidden[n_trunk:]] or None
     teacher = None
     if needs_teacher:
         if getattr(target, "input", "unmasked") == "complement":

@@ -148,6 +148,42 @@ def test_branch_only_input_projection_is_the_utterance_scales_and_the_trunk_adap
     assert touched == {"input_proj", "branch"}
 
 
+@pytest.mark.parametrize("branch_input", ["shared", "own", "branch_only"])
+def test_pretraining_runs_the_branch_once_per_view_not_per_mask_copy(branch_input):
+    """mgf_forward hands the branch each distinct view once (U rows, not the K * U mask copies) and gives
+    every copy its view's rows: the same blocks, and the same utterance-loss gradient, as running the
+    branch on every copy."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from mgf_sb.batch import MGFCollate
+    from mgf_sb.pretraining import mgf_forward
+
+    tiny = dict(d_model=32, num_layers=2, nhead=4, d_ffn=64, proj_dim=32, conv_pos_kernel=9, conv_pos_groups=4,
+                branch_layers=2, branch_input=branch_input, utterance_layer="branch", output_folder="unused")
+    with open(os.path.join(REPO, "hparams", "mgf.yaml")) as f:
+        hp = load_hyperpyyaml(f, tiny)
+    features, enc = hp["features"].train(), hp["encoder"].eval()  # eval encoder: no dropout, copies comparable
+    target = hp["target"].attach(enc)
+    torch.manual_seed(0)
+    batch = MGFCollate(**hp["collate_args"])([{"id": str(i), "sig": torch.randn(32000)} for i in range(3)])
+    U, M = batch.wavs.shape[0], batch.source.numel()
+    assert M > U  # there are mask copies to save
+    rows = []
+    hook = enc.branch.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    x = mgf_forward(features, enc, target, batch, False, epoch=1)
+    hook.remove()
+    assert rows == [U]
+    per_copy = enc(x.feats, batch.n_frames, mask=batch.input_mask)[enc.num_layers + 1 :]
+    assert len(x.branch) == len(per_copy) == 2
+    for once, every in zip(x.branch, per_copy):
+        assert once.shape == every.shape == (M,) + once.shape[1:]
+        torch.testing.assert_close(once, every)
+    proj = enc.input_proj if enc.branch_proj is None else enc.branch_proj
+    g_once = torch.autograd.grad(x.branch[-1].pow(2).sum(), proj.weight)[0]
+    g_every = torch.autograd.grad(per_copy[-1].pow(2).sum(), proj.weight)[0]
+    torch.testing.assert_close(g_once, g_every)
+
+
 def test_the_branch_pooling_is_mean_and_std():
     utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
     h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
