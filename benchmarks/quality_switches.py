@@ -101,6 +101,10 @@ HIERARCHY["tdnn_branch_own"] = HIERARCHY["tdnn_branch"] + ["branch_input=own"]
 # ... and the reverse: the utterance scale owns the lowest level (alone with a branch it put the speaker
 # there, EER 22.4), the masked scales read it through an adapter of their own (RESULTS.md v3.4)
 HIERARCHY["tdnn_branch_only_input"] = HIERARCHY["tdnn_branch"] + ["branch_input=branch_only"]
+# ... which cost the phones 1.8 points (the trunk reads the speaker's projection through one linear map):
+# a non-linear reading, or a projection of the masked scales' own beside it (both start as the linear one)
+HIERARCHY["tdnn_branch_only_mlp"] = HIERARCHY["tdnn_branch_only_input"] + ["trunk_adapter=mlp"]
+HIERARCHY["tdnn_branch_only_own"] = HIERARCHY["tdnn_branch_only_input"] + ["trunk_adapter=own_proj"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

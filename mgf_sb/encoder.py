@@ -32,6 +32,7 @@ BRANCH_KERNELS = ((5, 1), (3, 2), (3, 3), (1, 1))
 
 BRANCH_NORMS = ("layer", "batch")
 BRANCH_INPUTS = ("shared", "own", "branch_only")
+TRUNK_ADAPTERS = ("linear", "mlp", "own_proj")
 
 
 class ValidFramesBatchNorm(torch.nn.Module):
@@ -183,6 +184,14 @@ class MGFEncoder(torch.nn.Module):
         reads it through a linear adapter of its own, started as the identity, with the
         projection's gradient stopped): the lowest level is shaped for the speaker and the
         masked scales, losing no information (the projection has full rank), adapt to it.
+    trunk_adapter : str
+        How the trunk reads the projection with ``branch_input: branch_only``:
+        ``linear`` (default, the adapter alone); ``mlp``: the adapter plus a residual
+        MLP of the projection (LayerNorm, ``d_ffn``, GELU; its output layer started at
+        zero), a non-linear reading; ``own_proj``: the adapter plus a projection of the
+        features that the masked scales train (started at zero), so they again shape
+        a path from the features of their own while the utterance scale keeps the
+        projection. Both start as ``linear`` does.
 
     Example
     -------
@@ -211,6 +220,7 @@ class MGFEncoder(torch.nn.Module):
         branch_layers=0,
         branch_norm="layer",
         branch_input="shared",
+        trunk_adapter="linear",
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -238,8 +248,16 @@ class MGFEncoder(torch.nn.Module):
                 self.config["branch_norm"] = branch_norm
             if branch_input != "shared":
                 self.config["branch_input"] = branch_input
+            if trunk_adapter != "linear":
+                self.config["trunk_adapter"] = trunk_adapter
         if branch_input not in BRANCH_INPUTS:
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {branch_input!r} (hparams/mgf.yaml)")
+        if trunk_adapter not in TRUNK_ADAPTERS:
+            raise ValueError(f"trunk_adapter must be one of {TRUNK_ADAPTERS}, got {trunk_adapter!r} (hparams/mgf.yaml)")
+        if trunk_adapter != "linear" and not (int(branch_layers) > 0 and branch_input == "branch_only"):
+            raise ValueError(f"trunk_adapter={trunk_adapter} shapes how the trunk reads an input projection that the "
+                             "utterance branch owns: set branch_layers (e.g. 4) and branch_input=branch_only, or "
+                             "trunk_adapter=linear (hparams/mgf.yaml)")
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -270,6 +288,19 @@ class MGFEncoder(torch.nn.Module):
             with torch.no_grad():  # the identity: at init the trunk sees what it sees without the switch
                 self.trunk_adapter.weight.copy_(torch.eye(d_model))
                 self.trunk_adapter.bias.zero_()
+        # built after the adapter (a linear-adapter encoder draws the same weights as before the switch);
+        # its output starts at zero, so at init the trunk reads what the linear adapter gives it
+        self.trunk_residual = None
+        if trunk_adapter == "mlp":
+            self.trunk_residual = torch.nn.Sequential(torch.nn.LayerNorm(d_model), torch.nn.Linear(d_model, d_ffn),
+                                                      torch.nn.GELU(), torch.nn.Linear(d_ffn, d_model))
+        elif trunk_adapter == "own_proj":
+            self.trunk_residual = torch.nn.Linear(input_size, d_model)
+        if self.trunk_residual is not None:
+            last = self.trunk_residual[-1] if trunk_adapter == "mlp" else self.trunk_residual
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
 
     @property
     def num_layers(self):
@@ -298,6 +329,9 @@ class MGFEncoder(torch.nn.Module):
         # branch_input: branch_only: the masked scales' gradient stops here; they read the projection through
         # their adapter
         trunk = clean if self.trunk_adapter is None else self.trunk_adapter(clean.detach())
+        if self.trunk_residual is not None:  # trunk_adapter: mlp reads the projection, own_proj the features
+            own = self.config["trunk_adapter"] == "own_proj"
+            trunk = trunk + self.trunk_residual(feats if own else clean.detach())
         x = trunk if mask is None else torch.where(mask[..., None], self.mask_emb.to(trunk.dtype), trunk)
         x = x.masked_fill(pad[..., None], 0.0)
         return (x, pad, clean) if unmasked else (x, pad)

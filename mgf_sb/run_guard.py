@@ -195,6 +195,7 @@ ADDED_SETTINGS = {
     "phoneme_units": "none", "phoneme_n_units": 100, "phoneme_units_source": "teacher", "phoneme_units_decay": 0.99,
     # the utterance scale's own branch (issue 33, "each scale at its own depth"): off = no branch, mean pooling
     "branch_layers": 0, "branch_norm": "layer", "branch_input": "shared",
+    "trunk_adapter": "linear",
     "utterance_pool": "mean",
 }
 

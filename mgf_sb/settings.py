@@ -171,6 +171,7 @@ RULES = {
     "branch_layers": COUNT0,
     "branch_norm": Want("choice", choices=("layer", "batch")),
     "branch_input": Want("choice", choices=("shared", "own", "branch_only")),
+    "trunk_adapter": Want("choice", choices=("linear", "mlp", "own_proj")),
     "utterance_pool": Want("choice", choices=("mean", "mean_std")),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},

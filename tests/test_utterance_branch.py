@@ -184,6 +184,39 @@ def test_pretraining_runs_the_branch_once_per_view_not_per_mask_copy(branch_inpu
     torch.testing.assert_close(g_once, g_every)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "own_proj"])
+def test_a_stronger_trunk_adapter_starts_as_the_linear_one_and_leaves_the_projection_to_the_utterance_scale(kind):
+    """trunk_adapter=mlp / own_proj: at init every output equals the linear adapter's (the residual starts
+    at zero and is built last, so every other weight is drawn as before); the masked scales' gradient
+    trains the residual and the adapter, never the input projection (the utterance scale's)."""
+    lin, enc = encoder(branch_input="branch_only").train(), encoder(branch_input="branch_only",
+                                                                       trunk_adapter=kind).train()
+    assert enc.config["trunk_adapter"] == kind and "trunk_adapter" not in lin.config
+    x, n = torch.randn(8, 30, 16), torch.tensor([30] * 8)
+    mask = torch.rand(8, 30) < 0.3
+    hidden = enc(x, n, mask=mask)
+    for a, b in zip(lin(x, n, mask=mask), hidden):
+        torch.testing.assert_close(a, b)
+    params = [enc.input_proj.weight, enc.trunk_adapter.weight] + list(enc.trunk_residual.parameters())
+    grads = torch.autograd.grad(sum(h.sum() for h in hidden[:3]), params, allow_unused=True)
+    assert grads[0] is None and grads[1].abs().sum() > 0
+    assert grads[-1].abs().sum() > 0 and grads[-2].abs().sum() > 0  # the residual's output layer learns
+    # and it then changes what the trunk reads (a residual stuck at zero would be the linear adapter)
+    with torch.no_grad():
+        for p in enc.trunk_residual.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert not torch.allclose(enc(x, n, mask=mask)[1], lin(x, n, mask=mask)[1])
+
+
+def test_a_stronger_trunk_adapter_needs_the_projection_given_to_the_branch():
+    with pytest.raises(ValueError, match="branch_input=branch_only"):
+        encoder(trunk_adapter="mlp")
+    with pytest.raises(ValueError, match="branch_layers"):
+        encoder(0, trunk_adapter="own_proj")
+    with pytest.raises(ValueError, match="trunk_adapter must be one of"):
+        encoder(branch_input="branch_only", trunk_adapter="deep")
+
+
 def test_the_branch_pooling_is_mean_and_std():
     utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
     h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
@@ -230,7 +263,7 @@ def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
     from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
 
     now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
-    keys = ("branch_layers", "branch_norm", "branch_input", "utterance_pool")
+    keys = ("branch_layers", "branch_norm", "branch_input", "trunk_adapter", "utterance_pool")
     assert all(ADDED_SETTINGS[k] == now[k] for k in keys)
     assert settings_changes({k: v for k, v in now.items() if k not in keys}, now) == {}
 
