@@ -184,13 +184,29 @@ def vs_random_markdown(rows, variant):
     return lines
 
 
+def versus_markdown(rows, versus):
+    """Each group minus the group ``versus`` (both switches on today's defaults, same seeds): which of two
+    switches is better, paired, dev and test (e.g. a stronger adapter minus the linear one)."""
+    have = [r for r in rows if r.get("vs_group")]
+    if not have:
+        return []
+    lines = ["", f"Each group minus **{versus}** (paired bootstrap over items and seeds, 95 %; ▲/▼ resolved):", "",
+             "| group | dev phones | dev speakers | dev emotion | test phones | test speakers | "
+             "test EER (lower is better) | test emotion |", "|---|---|---|---|---|---|---|---|"]
+    for r in have:
+        cells = [r["vs_group"]["dev"].get(m) for m in ("phones", "speakers", "emotion")]
+        cells += [r["vs_group"]["test"].get(m) for m in ("phones", "speakers", "eer", "emotion")]
+        lines.append(f"| {r['group']} | " + " | ".join(quality.fmt_diff(c) for c in cells) + " |")
+    return lines
+
+
 def quality_path(path):
     """``path`` relative to the repository where it is inside it, else as it is (a snapshot's run)."""
     rel = os.path.relpath(path, REPO)
     return path if rel.startswith("..") else rel
 
 
-def report(rows, variant, seeds, baseline, steps):
+def report(rows, variant, seeds, baseline, steps, versus=None):
     lines = [f"# Objectives switches, one group at a time ({variant}, seeds {seeds}, {steps} steps)", "",
              f"Switch minus baseline (`{quality_path(baseline)}`: today's defaults), accuracy points, "
              "paired bootstrap over utterances and seeds (95 %); ▲/▼ resolved. Defaults move on **dev** only "
@@ -208,6 +224,7 @@ def report(rows, variant, seeds, baseline, steps):
              + DIAGNOSTICS_TRAIN)
     keys = [k for k in order if any(k in r["diagnostics"] for r in rows)]
     lines += vs_random_markdown(rows, variant)
+    lines += versus_markdown(rows, versus)
     lines += ["", "Last-epoch diagnostics, mean over seeds (valid split; the gradient norms and "
               "teacher_init_share / frame_short_runs: train split):", "",
               "| group | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -227,7 +244,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="default results/quality/switches-<budget>")
     p.add_argument("--cache", default=None)
     p.add_argument("--report_only", action="store_true", help="compare what is finished; train nothing")
+    p.add_argument("--versus", default=None, choices=list(SWITCHES),
+                   help="also report each group minus this group (one of --groups): which of two switches wins")
     args, rest = p.parse_known_args(argv)  # the rest goes to quality.py (--jobs, --threads, --device...)
+    if args.versus and args.versus not in args.groups:
+        raise SystemExit(f"--versus {args.versus}: give it in --groups too (it is compared as a group)")
     budget = quality.BUDGETS[args.budget]
     seeds = args.seeds or budget.seeds
     baseline = os.path.abspath(args.baseline or os.path.join(REPO, "results", "quality", args.budget))
@@ -251,7 +272,7 @@ def main(argv=None):
 
     corpus = build_corpus(args.cache or os.path.join("~", ".cache", "mgf_sb", "quality"), budget.corpus, log=quality.log)
     data = ProbeData(corpus, speaker_split=budget.speaker_split, n_trials=budget.n_trials)
-    rows = []
+    rows, group_probes = [], {}
     randoms = {}  # the random-init rows, loaded and chosen once per set of per-variant metrics
     for group in args.groups:
         folder = os.path.join(out, group)
@@ -265,6 +286,7 @@ def main(argv=None):
             for r in p.get(args.variant, {}).values()) else ())
         quality.choose_per_variant(probes_base, data, metrics)
         quality.choose_per_variant(probes, data, metrics)
+        group_probes[group] = probes
         done = sorted(set(probes[args.variant]) & set(probes_base[args.variant]))
         if not done:
             quality.log(f"{group}: no finished seed; left out")
@@ -284,11 +306,18 @@ def main(argv=None):
         if own:  # has random-init rows of its own shape (quality.py probes them in its folder)
             row["vs_random_same_shape"] = quality.compare(probes, args.variant, "random", done, probes_b=own)
         rows.append(row)
+    for row in rows:
+        other = group_probes.get(args.versus)
+        if args.versus and row["group"] != args.versus and other:
+            done = sorted(set(group_probes[row["group"]][args.variant]) & set(other[args.variant]))
+            if done:
+                row["vs_group"] = {split: quality.compare(group_probes[row["group"]], args.variant, args.variant, done,
+                                                          split=split, probes_b=other) for split in ("dev", "test")}
     base_row = {"group": "baseline", "switches": [], "dev": {}, "test": {}, "decision": "",
                 "diagnostics": diagnostics(baseline, args.variant, seeds)}
     if rows and "vs_random" in rows[-1]:
         base_row["vs_random"] = base_vs_random
-    text = report([base_row] + rows, args.variant, seeds, baseline, steps)
+    text = report([base_row] + rows, args.variant, seeds, baseline, steps, versus=args.versus)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "switches.md"), "w") as f:
         f.write(text)

@@ -126,6 +126,22 @@ def test_a_switch_moves_a_default_only_on_a_resolved_dev_gain_without_a_resolved
     assert quality_switches.decide({"phones": down, "speakers": flat}) == "keep"
 
 
+def test_versus_reports_each_group_minus_another_and_refuses_one_not_run():
+    """--versus G: a table of each group minus G (dev and test, paired), only for rows that have it;
+    G must be one of --groups, refused before anything runs."""
+    import quality_switches
+
+    c = {"diff": -1.5, "low": -2.0, "high": -1.0, "resolved": True}
+    rows = [{"group": "a", "vs_group": {"dev": {"phones": c}, "test": {"phones": c, "eer": c}}}, {"group": "b"}]
+    lines = quality_switches.versus_markdown(rows, "b")
+    table = [ln for ln in lines if ln.startswith("| a |")]
+    assert len(table) == 1 and table[0].count("-1.50 [-2.00, -1.00] ▼") == 3 and table[0].count("n/a") == 4
+    assert "minus **b**" in "\n".join(lines) and not any(ln.startswith("| b |") for ln in lines)
+    assert quality_switches.versus_markdown([{"group": "b"}], "b") == []
+    with pytest.raises(SystemExit, match="give it in --groups"):
+        quality_switches.main(["--groups", "tdnn_branch", "--versus", "tdnn_branch_own", "--dry_run"])
+
+
 def test_switch_diagnostics_read_valid_margins_and_train_gradients_of_every_seed(tmp_path):
     """Each group's diagnostics: the valid split's student and baselines (and their margins) and the
     train split's gradient norms, averaged over the seeds' last epochs; the report shows a column
