@@ -105,6 +105,9 @@ HIERARCHY["tdnn_branch_only_input"] = HIERARCHY["tdnn_branch"] + ["branch_input=
 # a non-linear reading, or a projection of the masked scales' own beside it (both start as the linear one)
 HIERARCHY["tdnn_branch_only_mlp"] = HIERARCHY["tdnn_branch_only_input"] + ["trunk_adapter=mlp"]
 HIERARCHY["tdnn_branch_only_own"] = HIERARCHY["tdnn_branch_only_input"] + ["trunk_adapter=own_proj"]
+# ... or a tenth of the masked scales' gradient let back into the projection (wav2vec 2.0 scales its
+# feature encoder's gradient by 0.1): between branch_only (none) and the shared projection (all)
+HIERARCHY["tdnn_branch_only_grad"] = HIERARCHY["tdnn_branch_only_input"] + ["trunk_projection_grad=0.1"]
 SWITCHES.update(HIERARCHY)
 
 # last-epoch diagnostics shown beside each group (those its switches should move): the valid split's,

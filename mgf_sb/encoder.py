@@ -151,6 +151,11 @@ class ConvPositionalEncoding(torch.nn.Module):
         return out if self.scale is None else out * self.scale.to(out.dtype)
 
 
+def scale_grad(x, scale):
+    """``x`` unchanged forward; its gradient times ``scale`` backward (wav2vec 2.0's ``feature_grad_mult``)."""
+    return x if scale == 1 else x.detach() + scale * (x - x.detach())
+
+
 class MGFEncoder(torch.nn.Module):
     """Transformer encoder over features, with a learned mask embedding.
 
@@ -192,6 +197,10 @@ class MGFEncoder(torch.nn.Module):
         features that the masked scales train (started at zero), so they again shape
         a path from the features of their own while the utterance scale keeps the
         projection. Both start as ``linear`` does.
+    trunk_projection_grad : float
+        With ``branch_input: branch_only``, the share of the masked scales' gradient that
+        reaches the input projection through the adapter (0, default: none, the
+        projection is the utterance scale's alone; 1: all of it, as ``shared`` does).
 
     Example
     -------
@@ -221,6 +230,7 @@ class MGFEncoder(torch.nn.Module):
         branch_norm="layer",
         branch_input="shared",
         trunk_adapter="linear",
+        trunk_projection_grad=0.0,
     ):
         super().__init__()
         # Kept verbatim so a checkpoint folder can rebuild this module (see pretrained_folder.py).
@@ -250,6 +260,8 @@ class MGFEncoder(torch.nn.Module):
                 self.config["branch_input"] = branch_input
             if trunk_adapter != "linear":
                 self.config["trunk_adapter"] = trunk_adapter
+            if float(trunk_projection_grad) != 0.0:
+                self.config["trunk_projection_grad"] = float(trunk_projection_grad)
         if branch_input not in BRANCH_INPUTS:
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {branch_input!r} (hparams/mgf.yaml)")
         if trunk_adapter not in TRUNK_ADAPTERS:
@@ -258,6 +270,12 @@ class MGFEncoder(torch.nn.Module):
             raise ValueError(f"trunk_adapter={trunk_adapter} shapes how the trunk reads an input projection that the "
                              "utterance branch owns: set branch_layers (e.g. 4) and branch_input=branch_only, or "
                              "trunk_adapter=linear (hparams/mgf.yaml)")
+        if not 0.0 <= float(trunk_projection_grad) <= 1.0:
+            raise ValueError(f"trunk_projection_grad must be in [0, 1], got {trunk_projection_grad} (hparams/mgf.yaml)")
+        if float(trunk_projection_grad) != 0.0 and not (int(branch_layers) > 0 and branch_input == "branch_only"):
+            raise ValueError(f"trunk_projection_grad={trunk_projection_grad} lets the masked scales' gradient back into "
+                             "an input projection that the utterance branch owns: set branch_layers (e.g. 4) and "
+                             "branch_input=branch_only, or trunk_projection_grad=0 (hparams/mgf.yaml)")
         self.input_proj = torch.nn.Linear(input_size, d_model)
         self.mask_emb = torch.nn.Parameter(torch.empty(d_model).uniform_(-0.1, 0.1))
         self.pos = ConvPositionalEncoding(d_model, conv_pos_kernel, conv_pos_groups, norm=conv_pos_norm,
@@ -328,10 +346,13 @@ class MGFEncoder(torch.nn.Module):
         clean = self.input_proj(feats)
         # branch_input: branch_only: the masked scales' gradient stops here; they read the projection through
         # their adapter
-        trunk = clean if self.trunk_adapter is None else self.trunk_adapter(clean.detach())
+        # (or a share of it: trunk_projection_grad)
+        share = self.config.get("trunk_projection_grad", 0.0)
+        read = clean.detach() if share == 0.0 else scale_grad(clean, share)
+        trunk = clean if self.trunk_adapter is None else self.trunk_adapter(read)
         if self.trunk_residual is not None:  # trunk_adapter: mlp reads the projection, own_proj the features
             own = self.config["trunk_adapter"] == "own_proj"
-            trunk = trunk + self.trunk_residual(feats if own else clean.detach())
+            trunk = trunk + self.trunk_residual(feats if own else read)
         x = trunk if mask is None else torch.where(mask[..., None], self.mask_emb.to(trunk.dtype), trunk)
         x = x.masked_fill(pad[..., None], 0.0)
         return (x, pad, clean) if unmasked else (x, pad)

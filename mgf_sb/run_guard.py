@@ -196,6 +196,7 @@ ADDED_SETTINGS = {
     # the utterance scale's own branch (issue 33, "each scale at its own depth"): off = no branch, mean pooling
     "branch_layers": 0, "branch_norm": "layer", "branch_input": "shared",
     "trunk_adapter": "linear",
+    "trunk_projection_grad": 0.0,
     "utterance_pool": "mean",
 }
 

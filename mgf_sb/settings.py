@@ -172,6 +172,7 @@ RULES = {
     "branch_norm": Want("choice", choices=("layer", "batch")),
     "branch_input": Want("choice", choices=("shared", "own", "branch_only")),
     "trunk_adapter": Want("choice", choices=("linear", "mlp", "own_proj")),
+    "trunk_projection_grad": Want("number", lo=0, hi=1),
     "utterance_pool": Want("choice", choices=("mean", "mean_std")),
     # scales
     **{f"{s}_weight": NON_NEGATIVE for s in ("frame", "phoneme", "word", "utterance")},

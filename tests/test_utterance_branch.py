@@ -217,6 +217,30 @@ def test_a_stronger_trunk_adapter_needs_the_projection_given_to_the_branch():
         encoder(branch_input="branch_only", trunk_adapter="deep")
 
 
+def test_trunk_projection_grad_lets_that_share_of_the_masked_scales_gradient_into_the_projection():
+    """trunk_projection_grad=s: the same outputs as branch_only's (s=0); a loss on the trunk's layers
+    reaches the input projection with s times the gradient it has at s=1, none at s=0."""
+    x, n = torch.randn(4, 30, 16), torch.tensor([30, 25, 20, 30])
+    mask = torch.rand(4, 30) < 0.3
+    grads = {}
+    for share in (0.0, 0.1, 1.0):
+        enc = encoder(branch_input="branch_only", trunk_projection_grad=share).train()
+        hidden = enc(x, n, mask=mask)
+        if share == 0.0:
+            ref = [h.detach() for h in hidden]
+            assert "trunk_projection_grad" not in enc.config
+        for a, b in zip(ref, hidden):
+            torch.testing.assert_close(a, b)
+        g = torch.autograd.grad(sum(h.pow(2).sum() for h in hidden[:3]), enc.input_proj.weight, allow_unused=True)[0]
+        grads[share] = torch.zeros_like(enc.input_proj.weight) if g is None else g
+    assert float(grads[0.0].abs().sum()) == 0.0 and float(grads[1.0].abs().sum()) > 0
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0])
+    with pytest.raises(ValueError, match="branch_input=branch_only"):
+        encoder(trunk_projection_grad=0.1)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        encoder(branch_input="branch_only", trunk_projection_grad=1.5)
+
+
 def test_the_branch_pooling_is_mean_and_std():
     utt = UtteranceObjective(4, 4, layer="branch", pool="mean_std")
     h = torch.tensor([[[1.0, 0, 0, 0], [3.0, 0, 0, 0], [100.0, 0, 0, 0]]])
@@ -263,7 +287,7 @@ def test_new_keys_are_off_in_the_yaml_and_no_change_for_an_older_run():
     from mgf_sb.run_guard import ADDED_SETTINGS, settings_changes
 
     now = command_settings([os.path.join(REPO, "hparams", "mgf.yaml")])
-    keys = ("branch_layers", "branch_norm", "branch_input", "trunk_adapter", "utterance_pool")
+    keys = ("branch_layers", "branch_norm", "branch_input", "trunk_adapter", "trunk_projection_grad", "utterance_pool")
     assert all(ADDED_SETTINGS[k] == now[k] for k in keys)
     assert settings_changes({k: v for k, v in now.items() if k not in keys}, now) == {}
 
