@@ -309,9 +309,9 @@ def main(argv=None):
         if own:  # has random-init rows of its own shape (quality.py probes them in its folder)
             row["vs_random_same_shape"] = quality.compare(probes, args.variant, "random", done, probes_b=own)
         rows.append(row)
+    other = group_probes.get(args.versus)  # None without --versus
     for row in rows:
-        other = group_probes.get(args.versus)
-        if args.versus and row["group"] != args.versus and other:
+        if other and row["group"] != args.versus:
             done = sorted(set(group_probes[row["group"]][args.variant]) & set(other[args.variant]))
             if done:
                 row["vs_group"] = {split: quality.compare(group_probes[row["group"]], args.variant, args.variant, done,

@@ -266,13 +266,14 @@ class MGFEncoder(torch.nn.Module):
             raise ValueError(f"branch_input must be one of {BRANCH_INPUTS}, got {branch_input!r} (hparams/mgf.yaml)")
         if trunk_adapter not in TRUNK_ADAPTERS:
             raise ValueError(f"trunk_adapter must be one of {TRUNK_ADAPTERS}, got {trunk_adapter!r} (hparams/mgf.yaml)")
-        if trunk_adapter != "linear" and not (int(branch_layers) > 0 and branch_input == "branch_only"):
+        branch_only = int(branch_layers) > 0 and branch_input == "branch_only"  # the trunk reads through an adapter
+        if trunk_adapter != "linear" and not branch_only:
             raise ValueError(f"trunk_adapter={trunk_adapter} shapes how the trunk reads an input projection that the "
                              "utterance branch owns: set branch_layers (e.g. 4) and branch_input=branch_only, or "
                              "trunk_adapter=linear (hparams/mgf.yaml)")
         if not 0.0 <= float(trunk_projection_grad) <= 1.0:
             raise ValueError(f"trunk_projection_grad must be in [0, 1], got {trunk_projection_grad} (hparams/mgf.yaml)")
-        if float(trunk_projection_grad) != 0.0 and not (int(branch_layers) > 0 and branch_input == "branch_only"):
+        if float(trunk_projection_grad) != 0.0 and not branch_only:
             raise ValueError(f"trunk_projection_grad={trunk_projection_grad} lets the masked scales' gradient back into "
                              "an input projection that the utterance branch owns: set branch_layers (e.g. 4) and "
                              "branch_input=branch_only, or trunk_projection_grad=0 (hparams/mgf.yaml)")
@@ -301,7 +302,7 @@ class MGFEncoder(torch.nn.Module):
         own = self.branch is not None and branch_input == "own"
         self.branch_proj = torch.nn.Linear(input_size, d_model) if own else None
         self.trunk_adapter = None
-        if self.branch is not None and branch_input == "branch_only":
+        if branch_only:
             self.trunk_adapter = torch.nn.Linear(d_model, d_model)
             with torch.no_grad():  # the identity: at init the trunk sees what it sees without the switch
                 self.trunk_adapter.weight.copy_(torch.eye(d_model))
@@ -343,16 +344,16 @@ class MGFEncoder(torch.nn.Module):
         with ``unmasked``, also the embedding before the mask: (x, pad, x_unmasked)."""
         T = feats.shape[1]
         pad = torch.arange(T, device=feats.device)[None, :] >= n_frames.to(feats.device)[:, None]
-        clean = self.input_proj(feats)
-        # branch_input: branch_only: the masked scales' gradient stops here; they read the projection through
-        # their adapter
-        # (or a share of it: trunk_projection_grad)
-        share = self.config.get("trunk_projection_grad", 0.0)
-        read = clean.detach() if share == 0.0 else scale_grad(clean, share)
-        trunk = clean if self.trunk_adapter is None else self.trunk_adapter(read)
-        if self.trunk_residual is not None:  # trunk_adapter: mlp reads the projection, own_proj the features
-            own = self.config["trunk_adapter"] == "own_proj"
-            trunk = trunk + self.trunk_residual(feats if own else read)
+        clean = trunk = self.input_proj(feats)
+        if self.trunk_adapter is not None:
+            # branch_input: branch_only: the masked scales' gradient stops at the projection (or a share of it
+            # passes: trunk_projection_grad); they read it through their adapter
+            share = self.config.get("trunk_projection_grad", 0.0)
+            read = clean.detach() if share == 0.0 else scale_grad(clean, share)
+            trunk = self.trunk_adapter(read)
+            if self.trunk_residual is not None:  # trunk_adapter: mlp reads the projection, own_proj the features
+                own = self.config["trunk_adapter"] == "own_proj"
+                trunk = trunk + self.trunk_residual(feats if own else read)
         x = trunk if mask is None else torch.where(mask[..., None], self.mask_emb.to(trunk.dtype), trunk)
         x = x.masked_fill(pad[..., None], 0.0)
         return (x, pad, clean) if unmasked else (x, pad)

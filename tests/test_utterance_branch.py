@@ -153,15 +153,11 @@ def test_pretraining_runs_the_branch_once_per_view_not_per_mask_copy(branch_inpu
     """mgf_forward hands the branch each distinct view once (U rows, not the K * U mask copies) and gives
     every copy its view's rows: the same blocks, and the same utterance-loss gradient, as running the
     branch on every copy."""
-    from hyperpyyaml import load_hyperpyyaml
-
     from mgf_sb.batch import MGFCollate
     from mgf_sb.pretraining import mgf_forward
+    from test_utterance_views import load_hparams
 
-    tiny = dict(d_model=32, num_layers=2, nhead=4, d_ffn=64, proj_dim=32, conv_pos_kernel=9, conv_pos_groups=4,
-                branch_layers=2, branch_input=branch_input, utterance_layer="branch", output_folder="unused")
-    with open(os.path.join(REPO, "hparams", "mgf.yaml")) as f:
-        hp = load_hyperpyyaml(f, tiny)
+    hp = load_hparams(branch_layers=2, branch_input=branch_input, utterance_layer="branch")
     features, enc = hp["features"].train(), hp["encoder"].eval()  # eval encoder: no dropout, copies comparable
     target = hp["target"].attach(enc)
     torch.manual_seed(0)
